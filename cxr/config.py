@@ -1,0 +1,25 @@
+"""Hydra helpers shared by the entry points."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = str(PROJECT_ROOT / "configs")
+
+if not OmegaConf.has_resolver("project_root"):
+    OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT))
+
+
+def configure_threads(cfg: DictConfig) -> None:
+    import torch
+
+    threads = cfg.get("num_threads")
+    if threads:
+        torch.set_num_threads(int(threads))
+
+
+def log_config(cfg: DictConfig, log: logging.Logger) -> None:
+    log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))

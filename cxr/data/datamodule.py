@@ -1,0 +1,179 @@
+"""LightningDataModule: index -> patient-safe splits -> decode-once cache -> balanced loaders."""
+from __future__ import annotations
+
+import logging
+from functools import partial
+from typing import Callable, Sequence
+
+import albumentations as A
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, WeightedRandomSampler
+
+from cxr.data.dataset import StandardizedImageDataset, load_standardized
+from cxr.data.index import CLASS_NAMES, assign_splits, check_patient_leakage, index_folder, index_manifest
+from cxr.data.preprocess import Preprocessing
+from cxr.data.synthetic import synthetic_index
+
+log = logging.getLogger(__name__)
+
+
+def balanced_class_weights(targets: Sequence[int], num_classes: int) -> torch.Tensor:
+    """n / (k * n_c) per class (scikit-learn's "balanced"); 0 for a class absent from training."""
+    counts = np.bincount(np.asarray(targets, dtype=int), minlength=num_classes).astype(np.float64)
+    present = counts > 0
+    weights = np.zeros(num_classes)
+    weights[present] = counts.sum() / (present.sum() * counts[present])
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def balanced_sampler(targets: Sequence[int], num_classes: int, seed: int) -> WeightedRandomSampler:
+    """Draw each class equally often in expectation; an epoch keeps the split's length."""
+    targets = np.asarray(targets, dtype=int)
+    counts = np.bincount(targets, minlength=num_classes)
+    per_sample = 1.0 / counts[targets]
+    generator = torch.Generator().manual_seed(seed)
+    return WeightedRandomSampler(torch.as_tensor(per_sample, dtype=torch.double), num_samples=len(targets),
+                                 replacement=True, generator=generator)
+
+
+class ChestXrayDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        index: Callable[[], pd.DataFrame] | pd.DataFrame,
+        preprocessing: Preprocessing,
+        class_names: Sequence[str] = CLASS_NAMES,
+        augment: A.BaseCompose | None = None,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        weighted_sampling: bool = True,
+        use_class_weights: bool = True,
+        val_fraction: float = 0.15,
+        test_fraction: float = 0.15,
+        holdout_sources: Sequence[str] = (),
+        split: str = "test",
+        cache_dir: str | None = None,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self._index_factory = index
+        self.preprocessing = preprocessing
+        self.class_names = list(class_names)
+        self.augment = augment
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.weighted_sampling = weighted_sampling
+        self.use_class_weights = use_class_weights
+        self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
+        self.holdout_sources = list(holdout_sources)
+        self.split = split
+        self.cache_dir = cache_dir
+        self.seed = seed
+        self.index: pd.DataFrame | None = None
+        self._datasets: dict[str, StandardizedImageDataset] = {}
+
+    @classmethod
+    def from_manifest(cls, manifest: str, **kwargs) -> "ChestXrayDataModule":
+        return cls(index=partial(index_manifest, manifest), **kwargs)
+
+    @classmethod
+    def from_folder(cls, root: str, **kwargs) -> "ChestXrayDataModule":
+        return cls(index=partial(index_folder, root), **kwargs)
+
+    @classmethod
+    def from_synthetic(cls, root: str, n_per_class: int = 80, size: int = 128, synthetic_seed: int = 0,
+                       **kwargs) -> "ChestXrayDataModule":
+        return cls(index=partial(synthetic_index, root, n_per_class=n_per_class, size=size, seed=synthetic_seed),
+                   **kwargs)
+
+    # ---- index and splits -------------------------------------------------------------------
+    def build_index(self) -> pd.DataFrame:
+        if self.index is not None:
+            return self.index
+        index = self._index_factory() if callable(self._index_factory) else self._index_factory.copy()
+        unknown = set(index["label"]) - set(self.class_names)
+        if unknown:
+            raise ValueError(f"labels {sorted(unknown)} are not among the model's classes {self.class_names}")
+        check_patient_leakage(index)
+        index = assign_splits(index, self.val_fraction, self.test_fraction, self.seed)
+        check_patient_leakage(index)
+        if self.holdout_sources:
+            missing = set(self.holdout_sources) - set(index["source"])
+            if missing:
+                raise ValueError(f"holdout_sources {sorted(missing)} not in the data (sources: {sorted(set(index['source']))})")
+            held = index["source"].isin(self.holdout_sources)
+            # Held-out sources never reach train/val; all of their images form the test set.
+            index = index.copy()
+            index.loc[held, "split"] = "test"
+            index.loc[~held & (index["split"] == "test"), "split"] = "unused"
+        index = index.reset_index(drop=True)
+        index["target"] = [self.class_names.index(label) for label in index["label"]]
+        self.index = index
+        return index
+
+    def split_frame(self, split: str) -> pd.DataFrame:
+        frame = self.build_index()
+        part = frame[frame["split"] == split]
+        if part.empty:
+            raise ValueError(f"split {split!r} has no images")
+        return part
+
+    def summary(self) -> dict:
+        """Counts per split, source and label: stored in the checkpoint as the training-data summary."""
+        frame = self.build_index()
+        counts = frame.groupby(["split", "source", "label"]).size()
+        out: dict = {}
+        for (split, source, label), n in counts.items():
+            out.setdefault(split, {}).setdefault(source, {})[label] = int(n)
+        return {"counts": out, "holdout_sources": self.holdout_sources, "class_names": self.class_names}
+
+    # ---- datasets ---------------------------------------------------------------------------
+    def dataset(self, split: str) -> StandardizedImageDataset:
+        if split not in self._datasets:
+            part = self.split_frame(split)
+            images = load_standardized(part["path"].tolist(), self.preprocessing, self.cache_dir)
+            augment = self.augment if split == "train" else None
+            if augment is not None and hasattr(augment, "set_random_seed"):
+                augment.set_random_seed(self.seed)
+            self._datasets[split] = StandardizedImageDataset(images, part["target"].tolist(), self.preprocessing, augment)
+        return self._datasets[split]
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit"):
+            self.dataset("train")
+            self.dataset("val")
+        if stage in (None, "test", "predict"):
+            self.dataset(self.split)
+
+    def class_weights(self) -> torch.Tensor | None:
+        if not self.use_class_weights:
+            return None
+        return balanced_class_weights(self.split_frame("train")["target"], len(self.class_names))
+
+    # ---- loaders ----------------------------------------------------------------------------
+    def _loader(self, dataset, batch_size: int, **kwargs) -> DataLoader:
+        return DataLoader(dataset, batch_size=batch_size, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0, **kwargs)
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = self.dataset("train")
+        if self.weighted_sampling:
+            sampler = balanced_sampler(dataset.targets.numpy(), len(self.class_names), self.seed)
+            return self._loader(dataset, self.batch_size, sampler=sampler, drop_last=len(dataset) > self.batch_size)
+        generator = torch.Generator().manual_seed(self.seed)
+        return self._loader(dataset, self.batch_size, shuffle=True, generator=generator,
+                            drop_last=len(dataset) > self.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset("val"), self.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset(self.split), self.eval_batch_size)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()

@@ -1,0 +1,90 @@
+"""Decode-once image cache and the dataset that augments from it."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Sequence
+
+import albumentations as A
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from cxr.data.decode import ImageDecodeError, decode_image
+from cxr.data.preprocess import Preprocessing
+
+log = logging.getLogger(__name__)
+
+
+class DataCheckError(ValueError):
+    """One or more files of the index cannot be decoded; the message lists them."""
+
+
+def _cache_key(paths: Sequence[str], preprocessing: Preprocessing) -> str:
+    digest = hashlib.sha1(json.dumps(preprocessing.to_dict(), sort_keys=True).encode())
+    for path in paths:
+        stat = Path(path).stat()
+        digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def load_standardized(paths: Sequence[str], preprocessing: Preprocessing, cache_dir: str | Path | None = None,
+                      workers: int = 4) -> np.ndarray:
+    """Decode and standardize every image once: an (N, S, S) uint8 stack.
+
+    This is also the data check: every undecodable file is collected and reported together,
+    with its path, before any training starts. With `cache_dir` the stack is kept on disk
+    (keyed by paths, file sizes/mtimes and preprocessing) and reused by later runs.
+    """
+    cache_file = None
+    if cache_dir is not None:
+        cache_file = Path(cache_dir) / f"standardized-{_cache_key(paths, preprocessing)}.npy"
+        if cache_file.is_file():
+            log.info("reusing image cache %s", cache_file)
+            return np.load(cache_file)
+    size = preprocessing.image_size
+    stack = np.empty((len(paths), size, size), dtype=np.uint8)
+    errors: list[str] = []
+
+    def work(i: int) -> None:
+        try:
+            stack[i] = preprocessing.standardize(decode_image(paths[i]))
+        except ImageDecodeError as exc:
+            errors.append(str(exc))
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(work, range(len(paths))))
+    if errors:
+        shown = "\n  ".join(sorted(errors)[:20])
+        raise DataCheckError(f"{len(errors)} of {len(paths)} image(s) cannot be decoded:\n  {shown}")
+    if cache_file is not None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(".tmp.npy")
+        np.save(tmp, stack)
+        tmp.replace(cache_file)
+    return stack
+
+
+class StandardizedImageDataset(Dataset):
+    """Items are (tensor, class index). Augmentation runs on the cached standardized uint8 image."""
+
+    def __init__(self, images: np.ndarray, targets: Sequence[int], preprocessing: Preprocessing,
+                 augment: A.BasicTransform | None = None):
+        if len(images) != len(targets):
+            raise ValueError(f"{len(images)} images but {len(targets)} targets")
+        self.images = images
+        self.targets = torch.as_tensor(np.asarray(targets), dtype=torch.long)
+        self.preprocessing = preprocessing
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = self.images[i]
+        if self.augment is not None:
+            image = self.augment(image=image)["image"]
+        return self.preprocessing.to_tensor(image), self.targets[i]

@@ -1,0 +1,118 @@
+"""Turn any supported image file (PNG 8/16-bit, JPEG, DICOM; grey, RGB, RGBA, palette) into one
+8-bit greyscale array. Training, evaluation and serving all decode through `decode_image`."""
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+# Refuse decompression bombs by the size the header declares, before any pixel is decoded.
+DEFAULT_MAX_PIXELS = 50_000_000
+DICOM_MAGIC_OFFSET = 128
+
+
+class ImageDecodeError(ValueError):
+    """The bytes are not a decodable image; the message says why."""
+
+    def __init__(self, message: str, code: str = "invalid_image"):
+        super().__init__(message)
+        self.code = code
+
+
+def _check_pixels(width: int, height: int, max_pixels: int) -> None:
+    if width <= 0 or height <= 0:
+        raise ImageDecodeError(f"image has no pixels ({width}x{height})")
+    if width * height > max_pixels:
+        raise ImageDecodeError(
+            f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}",
+            code="image_too_large",
+        )
+
+
+def to_uint8(pixels: np.ndarray) -> np.ndarray:
+    """Scale any numeric greyscale array to uint8 over its own range (16-bit PNGs rarely use all 16 bits)."""
+    if pixels.dtype == np.uint8:
+        return pixels
+    pixels = pixels.astype(np.float64)
+    lo, hi = float(pixels.min()), float(pixels.max())
+    if hi <= lo:
+        return np.zeros(pixels.shape, dtype=np.uint8)
+    return np.round((pixels - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+
+
+def is_dicom(data: bytes) -> bool:
+    return len(data) >= DICOM_MAGIC_OFFSET + 4 and data[DICOM_MAGIC_OFFSET:DICOM_MAGIC_OFFSET + 4] == b"DICM"
+
+
+def _decode_dicom(data: bytes, max_pixels: int) -> np.ndarray:
+    import pydicom
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data))
+    except Exception as exc:  # pydicom raises many types for malformed files
+        raise ImageDecodeError(f"unreadable DICOM file: {exc}") from exc
+    if "PixelData" not in ds:
+        raise ImageDecodeError("DICOM file has no pixel data", code="dicom_without_pixels")
+    _check_pixels(int(ds.get("Columns", 0)), int(ds.get("Rows", 0)), max_pixels)
+    try:
+        pixels = ds.pixel_array
+    except Exception as exc:
+        raise ImageDecodeError(f"cannot decode DICOM pixel data: {exc}") from exc
+    if pixels.ndim == 3 and ds.get("SamplesPerPixel", 1) == 1:
+        pixels = pixels[0]  # multi-frame: the first frame
+    if pixels.ndim == 3:
+        pixels = pixels.mean(axis=-1)
+    pixels = apply_modality_lut(pixels, ds)
+    pixels = apply_voi_lut(pixels, ds, index=0)
+    gray = to_uint8(np.asarray(pixels))
+    if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+        gray = 255 - gray
+    return gray
+
+
+def _decode_raster(data: bytes, max_pixels: int) -> np.ndarray:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            _check_pixels(*image.size, max_pixels)
+            image.load()
+    except ImageDecodeError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageDecodeError(str(exc), code="image_too_large") from exc
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ... for broken files
+        raise ImageDecodeError(f"not a decodable image ({type(exc).__name__}: {exc})") from exc
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        return to_uint8(np.asarray(image))
+    if image.mode in ("P", "PA"):
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA"):
+        # Composite over black: transparent margins read as air, not as bright tissue.
+        background = Image.new("RGBA", image.size, (0, 0, 0, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    return np.asarray(image.convert("L"))
+
+
+def decode_image(source: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode bytes or a file into an HxW uint8 greyscale array, or raise ImageDecodeError."""
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ImageDecodeError(f"cannot read {path}: {exc}", code="unreadable_file") from exc
+        try:
+            return decode_image(data, max_pixels)
+        except ImageDecodeError as exc:
+            raise ImageDecodeError(f"{path}: {exc}", code=exc.code) from exc
+    if not source:
+        raise ImageDecodeError("empty file", code="empty_image")
+    if is_dicom(source):
+        return _decode_dicom(source, max_pixels)
+    return _decode_raster(source, max_pixels)

@@ -1,0 +1,125 @@
+"""Image indexes (a folder of class sub-folders, a manifest CSV) and patient-grouped splits.
+
+An index is a DataFrame with columns `path` (absolute), `label` (canonical class name),
+`split` (train / val / test, or empty), `patient_id` and `source`.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import StratifiedGroupKFold
+
+log = logging.getLogger(__name__)
+
+CLASS_NAMES = ("normal", "pneumonia", "tuberculosis")
+SPLITS = ("train", "val", "test")
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".bmp", ".tif", ".tiff"}
+LABEL_ALIASES = {
+    "normal": "normal", "healthy": "normal", "no_finding": "normal", "no finding": "normal",
+    "pneumonia": "pneumonia",
+    "tuberculosis": "tuberculosis", "tb": "tuberculosis", "turberculosis": "tuberculosis",
+}
+COLUMNS = ["path", "label", "split", "patient_id", "source"]
+
+
+class LeakageError(ValueError):
+    """A patient appears in more than one split."""
+
+
+def canonical_label(name: str) -> str | None:
+    return LABEL_ALIASES.get(str(name).strip().lower())
+
+
+def _label_or_raise(name: str, where: str) -> str:
+    label = canonical_label(name)
+    if label is None:
+        raise ValueError(f"{where}: unknown label {name!r}; expected one of {sorted(LABEL_ALIASES)}")
+    return label
+
+
+def index_folder(root: str | Path) -> pd.DataFrame:
+    """`root/<class>/*` or `root/<split>/<class>/*`; class folder names are matched case-insensitively."""
+    root = Path(root).expanduser().resolve()
+    if not root.is_dir():
+        raise FileNotFoundError(f"data folder {root} does not exist")
+    split_dirs = {d.name.lower(): d for d in root.iterdir() if d.is_dir() and d.name.lower() in SPLITS}
+    groups = split_dirs.items() if split_dirs else [("", root)]
+    rows = []
+    for split, base in groups:
+        for class_dir in sorted(d for d in base.iterdir() if d.is_dir()):
+            label = canonical_label(class_dir.name)
+            if label is None:
+                log.warning("ignoring folder %s: not a known class name", class_dir)
+                continue
+            for file in sorted(class_dir.rglob("*")):
+                if file.is_file() and file.suffix.lower() in IMAGE_SUFFIXES:
+                    rows.append({"path": str(file), "label": label, "split": split,
+                                 "patient_id": "", "source": root.name})
+    if not rows:
+        raise ValueError(f"no images found under {root} (expected class sub-folders such as NORMAL/, PNEUMONIA/, TB/)")
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def index_manifest(manifest: str | Path) -> pd.DataFrame:
+    """A CSV with `path` (relative to the CSV) and `label`; optional `split`, `patient_id`, `source`."""
+    manifest = Path(manifest).expanduser().resolve()
+    if not manifest.is_file():
+        raise FileNotFoundError(f"manifest {manifest} does not exist")
+    table = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    missing = {"path", "label"} - set(table.columns)
+    if missing:
+        raise ValueError(f"{manifest}: missing column(s) {sorted(missing)}")
+    frame = pd.DataFrame({
+        "path": [str((manifest.parent / p).resolve()) for p in table["path"]],
+        "label": [_label_or_raise(v, f"{manifest} row {i + 2}") for i, v in enumerate(table["label"])],
+        "split": table["split"].str.strip().str.lower() if "split" in table else "",
+        "patient_id": table["patient_id"] if "patient_id" in table else "",
+        "source": table["source"] if "source" in table else manifest.parent.name,
+    })
+    bad_splits = set(frame["split"]) - set(SPLITS) - {""}
+    if bad_splits:
+        raise ValueError(f"{manifest}: unknown split value(s) {sorted(bad_splits)}; use {SPLITS}")
+    return frame
+
+
+def check_patient_leakage(index: pd.DataFrame) -> None:
+    """Raise LeakageError naming the first patients whose images sit in more than one split."""
+    known = index[(index["patient_id"] != "") & (index["split"] != "")]
+    splits_per_patient = known.groupby("patient_id")["split"].nunique()
+    leaking = splits_per_patient[splits_per_patient > 1].index.tolist()
+    if leaking:
+        detail = "; ".join(
+            f"{pid} in {sorted(set(known.loc[known['patient_id'] == pid, 'split']))}" for pid in leaking[:5]
+        )
+        raise LeakageError(f"{len(leaking)} patient(s) appear in more than one split: {detail}")
+
+
+def assign_splits(index: pd.DataFrame, val_fraction: float, test_fraction: float, seed: int) -> pd.DataFrame:
+    """Patient-grouped, label-stratified, seeded split of the rows that have no split yet."""
+    index = index.copy()
+    todo = index["split"] == ""
+    if not todo.any():
+        return index
+    part = index[todo]
+    groups = part["patient_id"].where(part["patient_id"] != "", part["path"]).to_numpy()
+    if (part["patient_id"] == "").any():
+        log.warning("%d image(s) have no patient_id: each is treated as its own patient", int((part["patient_id"] == "").sum()))
+    labels = part["label"].to_numpy()
+    splits = np.full(len(part), "train", dtype=object)
+    remaining = np.arange(len(part))
+    for name, fraction in (("test", test_fraction), ("val", val_fraction)):
+        share = fraction / max(1e-9, len(remaining) / len(part))
+        if fraction <= 0 or len(remaining) < 2:
+            continue
+        n_folds = int(min(max(2, round(1 / share)), len(np.unique(groups[remaining]))))
+        if n_folds < 2:
+            continue
+        folds = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+        _, held = next(folds.split(remaining, labels[remaining], groups[remaining]))
+        splits[remaining[held]] = name
+        remaining = np.setdiff1d(remaining, remaining[held])
+    index.loc[todo, "split"] = splits
+    return index

@@ -1,0 +1,37 @@
+"""cxr-eval: evaluate a saved checkpoint on a split of any data config.
+
+    cxr-eval ckpt_path=logs/train/runs/.../checkpoints/best.ckpt data=manifest data.manifest=m.csv data.split=test
+"""
+from __future__ import annotations
+
+import logging
+
+import hydra
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from cxr.config import CONFIG_DIR, configure_threads, log_config
+from cxr.evaluation.evaluate import evaluate
+from cxr.inference import load_classifier
+
+log = logging.getLogger("cxr.eval")
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
+def main(cfg: DictConfig) -> float | None:
+    log_config(cfg, log)
+    configure_threads(cfg)
+    classifier = load_classifier(cfg.ckpt_path)
+    # Preprocessing and class order come from the checkpoint, never from the data config.
+    datamodule = instantiate(cfg.data, _partial_=True)(preprocessing=classifier.preprocessing,
+                                                       class_names=classifier.class_names, augment=None)
+    metrics = evaluate(classifier, datamodule, datamodule.split, cfg.paths.output_dir,
+                       title=f"{classifier.spec['backbone']} on {datamodule.split} split")
+    log.info("accuracy %.4f, macro AUROC %s, n %d -> %s", metrics["accuracy"], metrics["macro_auroc"], metrics["n"],
+             cfg.paths.output_dir)
+    print(f"{cfg.paths.output_dir}/metrics.json")
+    return metrics["macro_auroc"]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""Figures for the evaluation report: row-normalised confusion matrix and one-vs-rest ROC curves."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torchmetrics.functional.classification import binary_roc  # noqa: E402
+
+
+def plot_confusion_matrix(matrix: Sequence[Sequence[int]], class_names: Sequence[str], path: Path, title: str = "") -> None:
+    counts = np.asarray(matrix, dtype=float)
+    rows = counts.sum(axis=1, keepdims=True)
+    normalised = np.divide(counts, rows, out=np.zeros_like(counts), where=rows > 0)
+    fig, ax = plt.subplots(figsize=(4.8, 4.2))
+    ax.imshow(normalised, cmap="Blues", vmin=0, vmax=1)
+    for i in range(len(class_names)):
+        for j in range(len(class_names)):
+            ax.text(j, i, f"{normalised[i, j]:.2f}\n({int(counts[i, j])})", ha="center", va="center",
+                    color="white" if normalised[i, j] > 0.5 else "black", fontsize=9)
+    ax.set_xticks(range(len(class_names)), class_names, rotation=20)
+    ax.set_yticks(range(len(class_names)), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true (rows sum to 1)")
+    ax.set_title(title or "Confusion matrix (row-normalised)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_roc_curves(probs: np.ndarray, targets: np.ndarray, class_names: Sequence[str], aurocs: dict, path: Path,
+                    title: str = "") -> None:
+    fig, ax = plt.subplots(figsize=(4.8, 4.4))
+    for c, name in enumerate(class_names):
+        positive = np.asarray(targets) == c
+        if aurocs.get(name) is None:
+            continue
+        fpr, tpr, _ = binary_roc(torch.as_tensor(probs[:, c], dtype=torch.float32), torch.as_tensor(positive, dtype=torch.long))
+        ax.plot(fpr.numpy(), tpr.numpy(), label=f"{name} (AUC {aurocs[name]:.3f})")
+    ax.plot([0, 1], [0, 1], "k--", linewidth=0.8)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title(title or "One-vs-rest ROC")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

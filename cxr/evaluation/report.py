@@ -1,0 +1,69 @@
+"""Write an evaluation: metrics.json, report.md, predictions.csv and the figures, into one folder."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cxr.evaluation.figures import plot_confusion_matrix, plot_roc_curves
+from cxr.evaluation.metrics import compute_metrics, metrics_by_group
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}%"
+
+
+def _num(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
+def markdown_report(metrics: dict, title: str) -> str:
+    lines = [f"# {title}", "", f"n = {metrics['n']} images; accuracy {_pct(metrics['accuracy'])}; "
+             f"macro AUROC {_num(metrics['macro_auroc'])}; pneumonia-vs-normal AUROC {_num(metrics['pneumonia_vs_normal_auroc'])}", "",
+             "| Class | Precision | Recall | F1 | AUC | Support |", "|---|---|---|---|---|---|"]
+    for name in metrics["classes"]:
+        c = metrics["per_class"][name]
+        lines.append(f"| {name} | {_pct(c['precision'])} | {_pct(c['recall'])} | {_pct(c['f1'])} | {_pct(c['auroc'])} | {c['support']} |")
+    m = metrics["macro_avg"]
+    lines.append(f"| **Macro avg** | {_pct(m['precision'])} | {_pct(m['recall'])} | {_pct(m['f1'])} | "
+                 f"{_pct(metrics['macro_auroc'])} | {metrics['n']} |")
+    lines += ["", "Confusion matrix (rows = true, columns = predicted):", "",
+              "| true \\ predicted | " + " | ".join(metrics["classes"]) + " |",
+              "|---|" + "---|" * len(metrics["classes"])]
+    for name, row in zip(metrics["classes"], metrics["confusion_matrix"]):
+        lines.append(f"| {name} | " + " | ".join(str(v) for v in row) + " |")
+    if metrics.get("per_source"):
+        lines += ["", "## Per source", "",
+                  "| Source | n | Accuracy | Pneumonia-vs-normal AUROC | " +
+                  " | ".join(f"recall {c}" for c in metrics["classes"]) + " | " +
+                  " | ".join(f"called {c}" for c in metrics["classes"]) + " |",
+                  "|---|---|---|---|" + "---|" * (2 * len(metrics["classes"]))]
+        for source, s in metrics["per_source"].items():
+            recalls = " | ".join(_pct(s["per_class"][c]["recall"]) if s["per_class"][c]["support"] else "–" for c in metrics["classes"])
+            called = " | ".join(_pct(s["per_class"][c]["called"]) for c in metrics["classes"])
+            lines.append(f"| {source} | {s['n']} | {_pct(s['accuracy'])} | {_num(s['pneumonia_vs_normal_auroc'])} | {recalls} | {called} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out_dir: str | Path, probs: np.ndarray, frame: pd.DataFrame, class_names: list[str],
+                 title: str = "Evaluation", extra: dict | None = None) -> dict:
+    """`frame` has one row per image (columns path, label, source, target) in the order of `probs`."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    targets = frame["target"].to_numpy()
+    metrics = compute_metrics(probs, targets, class_names)
+    metrics["per_source"] = metrics_by_group(probs, targets, frame["source"].astype(str).to_numpy(), class_names)
+    metrics.update(extra or {})
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (out_dir / "report.md").write_text(markdown_report(metrics, title))
+    predictions = frame[["path", "label", "source"]].copy()
+    for c, name in enumerate(class_names):
+        predictions[f"p_{name}"] = probs[:, c]
+    predictions["predicted"] = [class_names[i] for i in probs.argmax(axis=1)]
+    predictions.to_csv(out_dir / "predictions.csv", index=False)
+    plot_confusion_matrix(metrics["confusion_matrix"], class_names, out_dir / "confusion_matrix.png", f"{title}: confusion matrix")
+    plot_roc_curves(probs, targets, class_names, {n: metrics["per_class"][n]["auroc"] for n in class_names},
+                    out_dir / "roc_curves.png", f"{title}: one-vs-rest ROC")
+    return metrics

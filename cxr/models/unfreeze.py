@@ -1,0 +1,83 @@
+"""Progressive unfreezing: train the head first, then open the backbone stage by stage, top down.
+
+Frozen BatchNorm layers stay in eval mode (their ImageNet running statistics are used and kept),
+rather than Lightning's default of normalising frozen layers with batch statistics; a stage's
+BatchNorm layers start training when the stage is unfrozen (`train_bn`).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import lightning as L
+from lightning.pytorch.callbacks import BaseFinetuning
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+log = logging.getLogger(__name__)
+
+
+def backbone_stages(net: nn.Module) -> list[nn.Module]:
+    """The backbone's stages, deepest (closest to the head) first.
+
+    EfficientNet-style timm models: [conv_head + bn2, blocks[-1], ..., blocks[0], conv_stem + bn1].
+    Other models: their top-level children except the classifier, in reverse order.
+    """
+    head = net.default_cfg.get("classifier", "classifier") if hasattr(net, "default_cfg") else "classifier"
+    if hasattr(net, "blocks") and hasattr(net, "conv_stem"):
+        top = [m for name in ("conv_head", "bn2") if isinstance(m := getattr(net, name, None), nn.Module)]
+        stem = [m for name in ("conv_stem", "bn1") if isinstance(m := getattr(net, name, None), nn.Module)]
+        stages = ([nn.ModuleList(top)] if top else []) + list(reversed(list(net.blocks))) + [nn.ModuleList(stem)]
+        return stages
+    return [m for name, m in reversed(list(net.named_children())) if name != head and any(True for _ in m.parameters())]
+
+
+class ProgressiveUnfreezing(BaseFinetuning):
+    """At epoch `unfreeze_at[i]`, unfreeze the next `stages_per_step[i]` stages (or all that remain, if -1)."""
+
+    def __init__(self, unfreeze_at: Sequence[int] = (1, 3, 5), stages_per_step: Sequence[int] = (2, 3, -1),
+                 backbone_lr_factor: float | None = None, train_bn: bool = True):
+        super().__init__()
+        if len(unfreeze_at) != len(stages_per_step):
+            raise ValueError("unfreeze_at and stages_per_step need the same length")
+        if list(unfreeze_at) != sorted(unfreeze_at):
+            raise ValueError(f"unfreeze_at must be increasing, got {list(unfreeze_at)}")
+        self.unfreeze_at = list(unfreeze_at)
+        self.stages_per_step = list(stages_per_step)
+        self.backbone_lr_factor = backbone_lr_factor
+        self.train_bn = train_bn
+        self.n_unfrozen = 0
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "n_unfrozen": self.n_unfrozen}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.n_unfrozen = state_dict.pop("n_unfrozen", 0)
+        super().load_state_dict(state_dict)
+
+    def freeze_before_training(self, pl_module: L.LightningModule) -> None:
+        self.freeze(backbone_stages(pl_module.net), train_bn=False)
+
+    def finetune_function(self, pl_module: L.LightningModule, epoch: int, optimizer) -> None:
+        stages = backbone_stages(pl_module.net)
+        for at, count in zip(self.unfreeze_at, self.stages_per_step):
+            if epoch != at:
+                continue
+            end = len(stages) if count < 0 else min(len(stages), self.n_unfrozen + count)
+            opening = stages[self.n_unfrozen:end]
+            if not opening:
+                continue
+            factor = self.backbone_lr_factor if self.backbone_lr_factor is not None else pl_module.backbone_lr_factor
+            head_lr = optimizer.param_groups[0]["lr"]
+            self.unfreeze_and_add_param_group(opening, optimizer, lr=head_lr * factor, initial_denom_lr=1.0,
+                                              train_bn=self.train_bn)
+            log.info("epoch %d: unfroze backbone stages %d..%d of %d (lr %.2e)", epoch, self.n_unfrozen, end - 1,
+                     len(stages), head_lr * factor)
+            self.n_unfrozen = end
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        # trainer.fit puts every module in train mode each epoch; keep frozen BatchNorm on its running stats.
+        for module in pl_module.net.modules():
+            if isinstance(module, _BatchNorm) and not any(p.requires_grad for p in module.parameters()):
+                module.eval()

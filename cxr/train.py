@@ -1,0 +1,80 @@
+"""cxr-train: fit a classifier, then evaluate its best checkpoint on the test split.
+
+    cxr-train                                   # embedded synthetic data, a few minutes on CPU
+    cxr-train experiment=lite0_harmonized       # real data, see configs/experiment/
+    cxr-train -m experiment=... model.dropout=0.2,0.3
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import hydra
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from cxr.config import CONFIG_DIR, configure_threads, log_config
+from cxr.evaluation.evaluate import evaluate
+from cxr.inference import load_classifier
+
+log = logging.getLogger("cxr.train")
+
+
+def train(cfg: DictConfig) -> dict:
+    configure_threads(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    out_dir = Path(cfg.paths.output_dir)
+    preprocessing = instantiate(cfg.preprocess)
+    # Runtime objects go to partials: instantiate() would turn them into OmegaConf nodes.
+    datamodule = instantiate(cfg.data, _partial_=True)(preprocessing=preprocessing, augment=instantiate(cfg.augment))
+    datamodule.setup("fit")  # decodes every train/val image now: a broken file stops here, with its path
+    weights = datamodule.class_weights()
+    model = instantiate(cfg.model, _partial_=True)(class_names=datamodule.class_names, preprocessing=preprocessing,
+                                                   class_weights=None if weights is None else weights.tolist())
+    model.data_summary = datamodule.summary()
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    for logger in loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=datamodule)
+    fit_seconds = time.perf_counter() - start
+    best = out_dir / "checkpoints" / "best.ckpt"
+    checkpoint_cb = trainer.checkpoint_callback
+    if checkpoint_cb is None or not checkpoint_cb.best_model_path:
+        # fast_dev_run and runs without validation keep no best checkpoint: keep the final weights.
+        best.parent.mkdir(parents=True, exist_ok=True)
+        trainer.save_checkpoint(best)
+    elif Path(checkpoint_cb.best_model_path).resolve() != best.resolve():
+        raise RuntimeError(f"best checkpoint is {checkpoint_cb.best_model_path}, expected {best}")
+
+    results = {"best_checkpoint": str(best), "fit_seconds": fit_seconds,
+               "train_images_per_second": len(datamodule.dataset("train")) * trainer.current_epoch / fit_seconds
+               if trainer.current_epoch else None}
+    if cfg.get("test_after_fit", True):
+        trainer.test(model, datamodule=datamodule, ckpt_path=str(best), weights_only=False)
+        results["test"] = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+        metrics = evaluate(load_classifier(best), datamodule, datamodule.split, out_dir / "eval",
+                           title=f"{cfg.get('task_name', 'train')}: {datamodule.split} split")
+        results["eval"] = {k: metrics[k] for k in ("n", "accuracy", "macro_auroc", "pneumonia_vs_normal_auroc")}
+    for logger in loggers:
+        logger.log_metrics({f"summary/{k}": v for k, v in (results.get("eval") or {}).items() if v is not None})
+        logger.finalize("success")
+    return results
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    log_config(cfg, log)
+    results = train(cfg)
+    log.info("results: %s", results)
+    print(results["best_checkpoint"])
+    return (results.get("eval") or {}).get("macro_auroc")
+
+
+if __name__ == "__main__":
+    main()
