@@ -1,0 +1,91 @@
+"""cxr-export: write a checkpoint as ONNX (logits, dynamic batch) with its inference spec.
+
+    cxr-export ckpt_path=PATH [output=model.onnx] [opset=17]
+
+The spec (classes, preprocessing, temperature, ...) is embedded in the ONNX metadata under
+`cxr_spec` and written beside it as `<output>.json`, so an ONNX Runtime server needs nothing else.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from cxr.config import CONFIG_DIR, configure_threads, log_config
+from cxr.inference import Classifier, load_classifier
+
+log = logging.getLogger("cxr.export")
+METADATA_KEY = "cxr_spec"
+INPUT_NAME = "image"
+OUTPUT_NAME = "logits"
+
+
+def onnx_metadata(classifier: Classifier) -> dict:
+    return {**classifier.spec, "checkpoint_sha256": classifier.sha256}
+
+
+def export_onnx(classifier: Classifier, output: str | Path, opset: int = 17) -> Path:
+    import onnx
+
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    size = classifier.preprocessing.image_size
+    dummy = torch.zeros(1, classifier.preprocessing.in_chans, size, size)
+    tmp = output.with_name(output.name + ".tmp")
+    with torch.no_grad():
+        torch.onnx.export(classifier.net, (dummy,), str(tmp), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, opset_version=opset,
+                          dynamo=False)
+    model = onnx.load(str(tmp))
+    meta = model.metadata_props.add()
+    meta.key, meta.value = METADATA_KEY, json.dumps(onnx_metadata(classifier))
+    onnx.checker.check_model(model)
+    onnx.save(model, str(tmp))
+    tmp.replace(output)  # atomic: a reader never sees a half-written model
+    sidecar = output.with_name(output.name + ".json")
+    sidecar.write_text(json.dumps(onnx_metadata(classifier), indent=2))
+    return output
+
+
+def read_onnx_spec(path: str | Path) -> dict:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    for prop in model.metadata_props:
+        if prop.key == METADATA_KEY:
+            return json.loads(prop.value)
+    raise ValueError(f"{path} has no '{METADATA_KEY}' metadata; export it with cxr-export")
+
+
+def max_probability_difference(classifier: Classifier, onnx_path: str | Path, images: list[np.ndarray]) -> float:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    batch = torch.stack([classifier.preprocess(image) for image in images])
+    expected = classifier.probabilities(batch).numpy()
+    logits = session.run([OUTPUT_NAME], {INPUT_NAME: batch.numpy()})[0]
+    got = torch.softmax(torch.from_numpy(logits) / classifier.temperature, dim=1).numpy()
+    return float(np.abs(expected - got).max())
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="export")
+def main(cfg: DictConfig) -> None:
+    log_config(cfg, log)
+    configure_threads(cfg)
+    classifier = load_classifier(cfg.ckpt_path)
+    output = Path(cfg.output) if cfg.get("output") else Path(cfg.ckpt_path).with_suffix(".onnx")
+    export_onnx(classifier, output, opset=int(cfg.opset))
+    rng = np.random.default_rng(0)
+    check = [rng.integers(0, 256, (300, 280), dtype=np.uint8) for _ in range(2)]
+    diff = max_probability_difference(classifier, output, check)
+    log.info("exported %s (max |p_torch - p_onnx| on random images: %.2e)", output, diff)
+    print(output)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""cxr-serve: assemble the LitServer (three LitAPIs, guard, auth, CORS, errors) and run it.
+
+    cxr-serve ckpt_path=best.ckpt [server.port=8000] [server.backend=onnx] [server.api_key=KEY]
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import hydra
+import litserve as ls
+from fastapi import Depends
+from fastapi.exceptions import RequestValidationError
+from litserve.server import RegularRequestHandler
+from omegaconf import DictConfig, OmegaConf
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from cxr import __version__
+from cxr.config import CONFIG_DIR, log_config
+from serve.api import BatchAPI, ExplainAPI, PredictAPI, Settings
+from serve.errors import error_response, http_exception_response
+from serve.middleware import RequestGuard
+from serve.referral import Referral
+from serve.requests import HealthProbe
+
+log = logging.getLogger("serve.app")
+HEALTH_PROBE_TIMEOUT = 10.0
+
+
+def model_info(spec: dict, settings: Settings, server_cfg) -> dict:
+    pre = spec["preprocessing"]
+    referral = Referral.from_spec(spec, settings.review_confidence)
+    return {
+        "architecture": spec["backbone"],
+        "backbone_kwargs": spec.get("backbone_kwargs", {}),
+        "class_names": list(spec["class_names"]),
+        "input": {"size": [pre["in_chans"], pre["image_size"], pre["image_size"]], "channels": pre["in_chans"],
+                  "normalization": {"mean": pre["mean"], "std": pre["std"], "max_pixel_value": 255.0},
+                  "preprocessing": pre},
+        "temperature": float(spec.get("temperature", 1.0)),
+        "thresholds": referral.thresholds or None,
+        "review_confidence": referral.review_confidence,
+        "referral_rule": referral.describe(),
+        "checkpoint_sha256": settings.model_sha256,
+        "backend": settings.backend,
+        "training_data": spec.get("data_summary"),
+        "cxr_version": spec.get("cxr_version"),
+        "package_version": __version__,
+        "limits": {"max_images_per_request": settings.max_images_per_request,
+                   "max_payload_bytes": int(server_cfg.max_payload_bytes), "max_pixels": settings.max_pixels},
+    }
+
+
+def build_server(cfg: DictConfig) -> ls.LitServer:
+    from cxr.inference import load_classifier
+    from serve.backends import ensure_onnx
+
+    s = cfg.server
+    classifier = load_classifier(cfg.ckpt_path)  # fail fast on a bad checkpoint, before any worker starts
+    onnx_path = None
+    if s.backend == "onnx":
+        onnx_path = str(ensure_onnx(cfg.ckpt_path, s.onnx_path, cfg.paths.cache_dir))
+    elif s.backend != "torch":
+        raise ValueError(f"server.backend must be 'torch' or 'onnx', got {s.backend!r}")
+    settings = Settings(ckpt_path=str(Path(cfg.ckpt_path).resolve()), backend=s.backend, onnx_path=onnx_path,
+                        api_key=str(s.api_key) if s.api_key else None,
+                        audit_log=str(Path(s.audit_log).resolve()) if s.audit_log else None,
+                        review_confidence=float(s.review_confidence), max_pixels=int(s.max_pixels),
+                        max_images_per_request=int(s.max_images_per_request),
+                        num_threads=s.torch_threads, model_sha256=classifier.sha256)
+    info = model_info(classifier.spec, settings, s)
+    del classifier
+
+    predict = PredictAPI(settings, max_batch_size=int(s.max_batch_size), batch_timeout=float(s.batch_timeout))
+    apis = [predict, BatchAPI(settings), ExplainAPI(settings)]
+    middlewares = [(RequestGuard, {"paths": [api.api_path for api in apis],
+                                   "max_bytes": int(s.max_payload_bytes), "api_key": settings.api_key})]
+    if s.cors_origins:
+        middlewares.append((CORSMiddleware, {"allow_origins": list(s.cors_origins), "allow_methods": ["GET", "POST"],
+                                             "allow_headers": ["Content-Type", "X-API-Key"]}))
+    server = ls.LitServer(apis, accelerator="cpu", workers_per_device=int(s.workers_per_device),
+                          timeout=float(s.timeout), model_metadata=info, middlewares=middlewares)
+    install_routes(server, predict, info)
+    return server
+
+
+def install_routes(server: ls.LitServer, predict: PredictAPI, info: dict) -> None:
+    app = server.app
+
+    async def on_http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        return http_exception_response(exc.status_code, exc.detail, getattr(exc, "headers", None))
+
+    async def on_validation_error(request: Request, exc: RequestValidationError) -> Response:
+        return error_response(422, "invalid_request", str(exc.errors()))
+
+    async def on_error(request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error on %s", request.url.path)
+        return error_response(500, "internal_error", "internal server error")
+
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(Exception, on_error)
+
+    # Replace LitServe's /health: 200 only when the workers are up *and* a probe image makes the
+    # round trip through the /predict inference queue.
+    app.router.routes = [r for r in app.router.routes if getattr(r, "path", None) != server.healthcheck_path]
+    handler = RegularRequestHandler(predict, server)
+
+    @app.get(server.healthcheck_path)
+    async def health() -> Response:
+        status = getattr(server, "workers_setup_status", None) or {}
+        if not status or not all(v == ls.server.WorkerSetupStatus.READY for v in status.values()):
+            return error_response(503, "not_ready", "model workers are still starting")
+        try:
+            answer = await asyncio.wait_for(handler.handle_request(HealthProbe(), HealthProbe), HEALTH_PROBE_TIMEOUT)
+        except Exception as exc:  # timeout or worker error
+            return error_response(503, "not_answering", f"model did not answer a probe: {type(exc).__name__}")
+        if getattr(answer, "status_code", 500) != 200:
+            return error_response(503, "not_answering", "model probe failed")
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/model/info", dependencies=[Depends(predict.authorize)])
+    async def get_model_info() -> Response:
+        return JSONResponse(info)
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="serve")
+def main(cfg: DictConfig) -> None:
+    log_config(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "server"]), log)
+    log.info("server: %s", {k: ("***" if k == "api_key" and v else v) for k, v in cfg.server.items()})
+    server = build_server(cfg)
+    server.run(host=str(cfg.server.host), port=int(cfg.server.port), num_api_servers=int(cfg.server.num_api_servers),
+               log_level=str(cfg.server.log_level), generate_client_file=False)
+
+
+if __name__ == "__main__":
+    main()

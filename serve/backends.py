@@ -1,0 +1,94 @@
+"""Inference backends: the PyTorch checkpoint, or its ONNX export under ONNX Runtime (CPU).
+
+Both take greyscale uint8 images, apply the checkpoint's own preprocessing, and return calibrated
+probabilities (softmax(logits / temperature)) as an (N, C) array from one forward pass.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from cxr.data.preprocess import Preprocessing
+
+log = logging.getLogger("serve.backends")
+
+
+def _softmax(logits: np.ndarray, temperature: float) -> np.ndarray:
+    z = logits.astype(np.float64) / temperature
+    z -= z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, ckpt_path: str | Path, num_threads: int | None = None):
+        import torch
+
+        from cxr.inference import load_classifier
+
+        if num_threads:
+            torch.set_num_threads(int(num_threads))
+        self.classifier = load_classifier(ckpt_path)
+        self.spec = self.classifier.spec
+        self.preprocessing = self.classifier.preprocessing
+
+    def predict(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        return self.classifier.predict(images)
+
+
+class OnnxBackend:
+    name = "onnx"
+
+    def __init__(self, onnx_path: str | Path, num_threads: int | None = None):
+        import onnxruntime as ort
+
+        from cxr.export import INPUT_NAME, OUTPUT_NAME, read_onnx_spec
+
+        self.spec = read_onnx_spec(onnx_path)
+        self.preprocessing = Preprocessing.from_dict(self.spec["preprocessing"])
+        self.temperature = float(self.spec.get("temperature", 1.0))
+        options = ort.SessionOptions()
+        if num_threads:
+            options.intra_op_num_threads = int(num_threads)
+        options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        self._input, self._output = INPUT_NAME, OUTPUT_NAME
+
+    def predict(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        batch = np.stack([self.preprocessing(image).numpy() for image in images]).astype(np.float32)
+        logits = self.session.run([self._output], {self._input: batch})[0]
+        return _softmax(logits, self.temperature)
+
+
+def onnx_cache_path(cache_dir: str | Path, sha256: str) -> Path:
+    return Path(cache_dir) / "onnx" / f"{sha256[:16]}.onnx"
+
+
+def ensure_onnx(ckpt_path: str | Path, onnx_path: str | Path | None, cache_dir: str | Path) -> Path:
+    """The ONNX file to serve: the configured one, or an export of the checkpoint cached by its hash."""
+    from cxr.export import export_onnx
+    from cxr.inference import file_sha256, load_classifier
+
+    if onnx_path:
+        path = Path(onnx_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"server.onnx_path {path} does not exist")
+        return path
+    path = onnx_cache_path(cache_dir, file_sha256(ckpt_path))
+    if not path.is_file():
+        log.info("exporting %s to %s for the onnx backend", ckpt_path, path)
+        export_onnx(load_classifier(ckpt_path), path)
+    return path
+
+
+def make_backend(kind: str, ckpt_path: str | Path, onnx_path: str | Path | None, num_threads: int | None):
+    if kind == "torch":
+        return TorchBackend(ckpt_path, num_threads)
+    if kind == "onnx":
+        return OnnxBackend(onnx_path, num_threads)
+    raise ValueError(f"server.backend must be 'torch' or 'onnx', got {kind!r}")

@@ -1,0 +1,106 @@
+"""ASGI guard in front of the model endpoints.
+
+LitServe parses the body in the API process before any LitAPI code runs, so an empty or malformed
+body would surface as a 500. The guard answers those itself with a 4xx JSON error, quickly and with
+bounded memory: it checks the API key, media type and declared length first, reads at most
+`max_bytes` of body, checks that JSON / multipart parses, then replays the body downstream.
+"""
+from __future__ import annotations
+
+import hmac
+import json
+
+from starlette.datastructures import Headers
+from starlette.requests import Request
+
+from serve.errors import error_response
+
+MEDIA_TYPES = ("application/json", "multipart/form-data")
+
+
+class RequestGuard:
+    def __init__(self, app, paths: list[str], max_bytes: int, api_key: str | None = None):
+        self.app = app
+        self.paths = set(paths)
+        self.max_bytes = int(max_bytes)
+        self.api_key = api_key or None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in self.paths:
+            return await self.app(scope, receive, send)
+        reply = await self._check(scope, receive)
+        if isinstance(reply, tuple):
+            status, code, message = reply
+            # Close the connection when the body was not read, so the client stops sending it.
+            headers = {"Connection": "close"} if status == 413 else None
+            return await error_response(status, code, message, headers)(scope, receive, send)
+        body = reply
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+    async def _check(self, scope, receive):
+        headers = Headers(scope=scope)
+        if self.api_key:
+            given = headers.get("x-api-key", "")
+            if not hmac.compare_digest(given.encode(), self.api_key.encode()):
+                return 401, "unauthorized", "missing or wrong API key: send it in the X-API-Key header"
+        declared = headers.get("content-length")
+        if declared is not None:
+            try:
+                declared_size = int(declared)
+            except ValueError:
+                return 400, "bad_request", "invalid Content-Length header"
+            if declared_size > self.max_bytes:
+                return 413, "payload_too_large", f"body is {declared_size} bytes; the limit is {self.max_bytes}"
+            if declared_size == 0:
+                return 400, "empty_body", "the request body is empty; send an image"
+        media = headers.get("content-type", "").split(";")[0].strip().lower()
+        if media not in MEDIA_TYPES:
+            return 415, "unsupported_media_type", (f"Content-Type {media or '(none)'} is not supported; send "
+                                                   "multipart/form-data (field 'file' / 'files') or application/json")
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return 400, "bad_request", "client disconnected"
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                return 413, "payload_too_large", f"body exceeds the limit of {self.max_bytes} bytes"
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        if not body.strip():
+            return 400, "empty_body", "the request body is empty; send an image"
+        if media == "application/json":
+            try:
+                parsed = json.loads(body)
+            except (ValueError, UnicodeDecodeError) as exc:
+                return 400, "malformed_json", f"request body is not valid JSON: {exc}"
+            if not isinstance(parsed, dict):
+                return 422, "invalid_request", "JSON body must be an object like {\"image\": \"<base64>\"}"
+            return body
+        sent = False
+
+        async def once():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return {"type": "http.disconnect"}
+
+        try:
+            form = await Request(scope, once).form()
+            await form.close()
+        except Exception as exc:  # multipart errors: missing boundary, truncated parts, ...
+            return 400, "malformed_multipart", f"request body is not valid multipart/form-data: {exc}"
+        return body
