@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 from pathlib import Path
 
 import hydra
@@ -128,11 +129,17 @@ def install_routes(server: ls.LitServer, predict: PredictAPI, info: dict) -> Non
         return JSONResponse(info)
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="serve")
 def main(cfg: DictConfig) -> None:
     log_config(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "server"]), log)
     log.info("server: %s", {k: ("***" if k == "api_key" and v else v) for k, v in cfg.server.items()})
     server = build_server(cfg)
+    # SIGTERM (docker stop, test teardown) takes LitServe's graceful path: workers are stopped too.
+    signal.signal(signal.SIGTERM, _interrupt)
     server.run(host=str(cfg.server.host), port=int(cfg.server.port), num_api_servers=int(cfg.server.num_api_servers),
                log_level=str(cfg.server.log_level), generate_client_file=False)
 

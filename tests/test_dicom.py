@@ -1,0 +1,97 @@
+"""DICOM decoding (built with pydicom at test time): rescale, VOI window, MONOCHROME1, 16-bit, no pixels."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+from cxr.data.decode import ImageDecodeError, decode_image, to_uint8
+
+
+def make_dicom(pixels: np.ndarray | None, photometric: str = "MONOCHROME2", slope: float | None = None,
+               intercept: float | None = None, window: tuple[float, float] | None = None,
+               rows: int | None = None, columns: int | None = None) -> bytes:
+    """A minimal Secondary Capture DICOM file; `pixels=None` leaves out the pixel data."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "DX"
+    ds.PatientID = "TEST"
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    shape = pixels.shape if pixels is not None else (rows or 64, columns or 64)
+    ds.Rows, ds.Columns = rows or shape[0], columns or shape[1]
+    bits = 16 if pixels is None or pixels.dtype != np.uint8 else 8
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, bits, bits - 1, 0
+    if slope is not None:
+        ds.RescaleSlope, ds.RescaleIntercept = slope, intercept or 0
+    if window is not None:
+        ds.WindowCenter, ds.WindowWidth = window
+    if pixels is not None:
+        ds.PixelData = np.ascontiguousarray(pixels).tobytes()
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def gradient16(rows: int = 80, cols: int = 60) -> np.ndarray:
+    """A 16-bit image using ~12 bits, with structure in both directions."""
+    y, x = np.mgrid[0:rows, 0:cols]
+    return (x * 40 + y * 17).astype(np.uint16)
+
+
+def test_monochrome2_16bit_scales_to_full_uint8_range():
+    pixels = gradient16()
+    gray = decode_image(make_dicom(pixels))
+    assert gray.dtype == np.uint8 and gray.shape == pixels.shape
+    assert gray.min() == 0 and gray.max() == 255
+    np.testing.assert_array_equal(gray, to_uint8(pixels))
+
+
+def test_monochrome1_is_inverted():
+    pixels = gradient16()
+    mono2 = decode_image(make_dicom(pixels, "MONOCHROME2"))
+    mono1 = decode_image(make_dicom(pixels, "MONOCHROME1"))
+    np.testing.assert_array_equal(mono1, 255 - mono2)
+    assert mono1[0, 0] == 255  # lowest stored value is white in MONOCHROME1
+
+
+def test_voi_window_clips_outside_values():
+    pixels = gradient16()
+    center, width = 1500.0, 1000.0
+    gray = decode_image(make_dicom(pixels, window=(center, width)))
+    stored = pixels.astype(float)
+    assert np.all(gray[stored <= center - width / 2] == 0)
+    assert np.all(gray[stored >= center + width / 2] == 255)
+    inside = (stored > center - width / 2 + 20) & (stored < center + width / 2 - 20)
+    assert inside.any() and np.all((gray[inside] > 0) & (gray[inside] < 255))
+
+
+def test_rescale_slope_intercept_applied_before_window():
+    pixels = gradient16()
+    # Modality values = 2 * stored - 1000; a window on modality values only makes sense after rescale.
+    gray = decode_image(make_dicom(pixels, slope=2.0, intercept=-1000.0, window=(1000.0, 1000.0)))
+    modality = pixels.astype(float) * 2 - 1000
+    assert np.all(gray[modality <= 500] == 0)
+    assert np.all(gray[modality >= 1500] == 255)
+
+
+def test_dicom_without_pixels_has_its_own_code():
+    with pytest.raises(ImageDecodeError) as info:
+        decode_image(make_dicom(None))
+    assert info.value.code == "dicom_without_pixels"
+
+
+def test_dicom_over_pixel_limit_refused_from_header():
+    # The header claims 60000 x 60000; the (tiny) pixel data is never decoded.
+    data = make_dicom(np.zeros((4, 4), np.uint16), rows=60_000, columns=60_000)
+    with pytest.raises(ImageDecodeError) as info:
+        decode_image(data, max_pixels=1_000_000)
+    assert info.value.code == "image_too_large"
