@@ -1,0 +1,111 @@
+"""ONNX export and the ONNX Runtime backend: metadata, CLI, and parity with PyTorch on real X-rays."""
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import CLASS_NAMES, make_tiny_checkpoint
+from cxr.data.preprocess import Preprocessing
+from cxr.models.module import CHECKPOINT_KEY, ChestXrayClassifier
+from cxr.data.decode import decode_image
+from cxr.export import export_onnx, max_probability_difference, read_onnx_spec
+from cxr.inference import file_sha256, load_classifier
+from serve.backends import OnnxBackend, TorchBackend, ensure_onnx, onnx_cache_path
+
+
+@pytest.fixture(scope="module")
+def sharp_checkpoint(tmp_path_factory):
+    # Temperature 0.05 turns the random net's small logit gaps into confident probabilities, so a
+    # numerical mismatch between runtimes shows up in the probabilities the parity test compares.
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("export") / "sharp.ckpt", temperature=0.05, seed=3)
+
+
+@pytest.fixture(scope="module")
+def exported(sharp_checkpoint, tmp_path_factory):
+    return export_onnx(load_classifier(sharp_checkpoint), tmp_path_factory.mktemp("onnx") / "model.onnx")
+
+
+def real_images(shared_data: Path, n: int = 12) -> list[np.ndarray]:
+    with open(shared_data / "manifest.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    picked, seen = [], {}
+    for row in rows:  # a few per label and source, read in place
+        key = (row["label"], row["source"])
+        if seen.get(key, 0) < 2:
+            seen[key] = seen.get(key, 0) + 1
+            picked.append(decode_image(shared_data / row["path"]))
+        if len(picked) >= n:
+            break
+    return picked
+
+
+def test_metadata_embedded_and_sidecar(sharp_checkpoint, exported):
+    classifier = load_classifier(sharp_checkpoint)
+    spec = read_onnx_spec(exported)
+    sidecar = json.loads(exported.with_name(exported.name + ".json").read_text())
+    assert spec == sidecar
+    assert spec["class_names"] == classifier.class_names
+    assert spec["preprocessing"] == classifier.spec["preprocessing"]
+    assert spec["temperature"] == pytest.approx(0.05)
+    assert spec["checkpoint_sha256"] == file_sha256(sharp_checkpoint)
+
+
+def test_dynamic_batch(exported, sharp_checkpoint):
+    backend = OnnxBackend(exported)
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (80, 70), dtype=np.uint8) for _ in range(5)]
+    assert backend.predict(images[:1]).shape == (1, 3)
+    assert backend.predict(images).shape == (5, 3)
+    np.testing.assert_allclose(backend.predict(images).sum(axis=1), 1.0, atol=1e-5)
+
+
+def production_like_checkpoint(path: Path) -> Path:
+    """The production architecture (tf_efficientnet_lite0, 224 px), random init, sharp temperature."""
+    torch.manual_seed(0)
+    module = ChestXrayClassifier("tf_efficientnet_lite0", CLASS_NAMES, Preprocessing(image_size=224),
+                                 pretrained="none", dropout=0.0)
+    module.temperature = 0.01
+    torch.save({"state_dict": module.state_dict(), CHECKPOINT_KEY: module.inference_spec()}, path)
+    return path
+
+
+@pytest.mark.real_data
+@pytest.mark.slow
+def test_onnx_parity_on_real_images(shared_data, tmp_path):
+    images = real_images(shared_data)
+    assert len(images) >= 6
+    ckpt = production_like_checkpoint(tmp_path / "lite0.ckpt")
+    onnx_path = export_onnx(load_classifier(ckpt), tmp_path / "lite0.onnx")
+    torch_probs = TorchBackend(ckpt).predict(images)
+    onnx_probs = OnnxBackend(onnx_path).predict(images)
+    assert torch_probs.max() > 0.6  # the comparison is not between near-uniform vectors
+    assert np.abs(torch_probs - onnx_probs).max() <= 1e-4
+    assert max_probability_difference(load_classifier(ckpt), onnx_path, images) <= 1e-4
+
+
+def test_ensure_onnx_caches_by_checkpoint_hash(sharp_checkpoint, tmp_path):
+    path = ensure_onnx(sharp_checkpoint, None, tmp_path)
+    assert path == onnx_cache_path(tmp_path, file_sha256(sharp_checkpoint)) and path.is_file()
+    mtime = path.stat().st_mtime_ns
+    assert ensure_onnx(sharp_checkpoint, None, tmp_path).stat().st_mtime_ns == mtime
+    with pytest.raises(FileNotFoundError):
+        ensure_onnx(sharp_checkpoint, tmp_path / "missing.onnx", tmp_path)
+
+
+def test_cli(tmp_path):
+    ckpt = make_tiny_checkpoint(tmp_path / "cli.ckpt")
+    output = tmp_path / "out" / "model.onnx"
+    exe = Path(sys.executable).with_name("cxr-export")
+    result = subprocess.run([str(exe), f"ckpt_path={ckpt}", f"output={output}", f"hydra.run.dir={tmp_path}/run"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == str(output)
+    assert output.is_file() and output.with_name("model.onnx.json").is_file()
+    assert read_onnx_spec(output)["checkpoint_sha256"] == file_sha256(ckpt)

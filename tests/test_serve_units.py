@@ -1,0 +1,84 @@
+"""Fast unit tests of serving pieces: referral rule, audit log across processes, error shapes."""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+
+import numpy as np
+import pytest
+
+from serve.audit import AuditLog
+from serve.errors import http_exception_response
+from serve.referral import Referral
+
+NAMES = ["normal", "pneumonia", "tuberculosis"]
+
+
+def test_low_confidence():
+    rule = Referral(NAMES, 0.6)
+    assert rule.decide(np.array([0.5, 0.3, 0.2])) == ("normal", 0.5, True, "low_confidence: 0.500 < 0.6")
+    label, confidence, needs_review, reason = rule.decide(np.array([0.1, 0.8, 0.1]))
+    assert (label, needs_review, reason) == ("pneumonia", False, None) and confidence == pytest.approx(0.8)
+
+
+def test_threshold_disagreement():
+    rule = Referral(NAMES, 0.6, {"pneumonia": 0.3, "tuberculosis": 0.9})
+    # argmax normal, but pneumonia reaches its threshold
+    _, _, review, reason = rule.decide(np.array([0.65, 0.32, 0.03]))
+    assert review and "threshold_disagreement" in reason and "pneumonia" in reason
+    # argmax tuberculosis below its own threshold
+    _, _, review, reason = rule.decide(np.array([0.1, 0.1, 0.8]))
+    assert review and "tuberculosis 0.800 < threshold 0.9" in reason
+    # agreement: argmax pneumonia above its threshold, nobody else above theirs
+    assert rule.decide(np.array([0.2, 0.75, 0.05]))[2:] == (False, None)
+    # both reasons at once
+    _, _, review, reason = rule.decide(np.array([0.45, 0.4, 0.15]))
+    assert review and reason.startswith("low_confidence") and "threshold_disagreement" in reason
+
+
+def test_thresholds_from_spec_and_validation():
+    spec = {"class_names": NAMES, "thresholds": {"tuberculosis": "0.4"}}
+    assert Referral.from_spec(spec, 0.6).thresholds == {"tuberculosis": 0.4}
+    assert Referral.from_spec({"class_names": NAMES}, 0.6).thresholds == {}
+    with pytest.raises(ValueError):
+        Referral(NAMES, 0.6, {"fracture": 0.5})
+
+
+def _write_many(path: str, worker: int, n: int) -> None:
+    log = AuditLog(path)
+    for i in range(n):  # lines far over PIPE_BUF (4096): only the lock keeps them whole
+        log.write({"worker": worker, "i": i, "padding": "x" * 6000})
+
+
+def test_audit_log_whole_lines_across_processes(tmp_path):
+    path = tmp_path / "audit" / "log.jsonl"
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_write_many, args=(str(path), w, 150)) for w in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    lines = path.read_text().splitlines()
+    assert len(lines) == 600
+    records = [json.loads(line) for line in lines]
+    assert {(r["worker"], r["i"]) for r in records} == {(w, i) for w in range(4) for i in range(150)}
+    assert all("time" in r for r in records)
+
+
+def test_audit_log_disabled_and_picklable(tmp_path):
+    AuditLog(None).write({"a": 1})  # no-op
+    import pickle
+    log = AuditLog(tmp_path / "a.jsonl")
+    log.write({"a": 1})
+    clone = pickle.loads(pickle.dumps(log))
+    clone.write({"a": 2})
+    assert [json.loads(x)["a"] for x in (tmp_path / "a.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_error_shape():
+    response = http_exception_response(404, "Not Found")
+    assert response.status_code == 404
+    assert json.loads(response.body) == {"error": {"code": "not_found", "message": "Not Found"}}
+    response = http_exception_response(422, {"code": "invalid_image", "message": "broken"})
+    assert json.loads(response.body) == {"error": {"code": "invalid_image", "message": "broken"}}
