@@ -1,0 +1,176 @@
+"""Benchmark cxr-serve on loopback with real X-rays (a script, not a test).
+
+    python benchmarks/serve_bench.py --ckpt logs/train/runs/.../checkpoints/best.ckpt [--soak-seconds 120]
+
+Measures, in one run: offline batched model throughput (in-process, no HTTP); /predict throughput and
+p50/p95/p99 latency at 1, 4 and 16 concurrent clients for the torch and onnx backends;
+/predict/explain latency; and a soak at 16 clients counting errors and audit lines.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from serve.testing import start_server  # noqa: E402
+
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cxr"
+
+
+def load_images(data_dir: Path, n: int) -> list[bytes]:
+    with open(data_dir / "manifest.csv", newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["split"] == "test"] or list(csv.DictReader(open(data_dir / "manifest.csv")))
+    rng = np.random.default_rng(0)
+    picked = rng.choice(len(rows), size=min(n, len(rows)), replace=False)
+    return [(data_dir / rows[i]["path"]).read_bytes() for i in picked]
+
+
+def percentiles(latencies: list[float]) -> dict:
+    a = np.array(latencies) * 1000.0
+    return {"p50_ms": float(np.percentile(a, 50)), "p95_ms": float(np.percentile(a, 95)),
+            "p99_ms": float(np.percentile(a, 99)), "mean_ms": float(a.mean())}
+
+
+def offline_throughput(ckpt: str, images: list[bytes], batch_size: int, seconds: float) -> dict:
+    from cxr.data.decode import decode_image
+    from serve.backends import TorchBackend
+
+    backend = TorchBackend(ckpt)
+    grays = [decode_image(b) for b in images]
+    batch = [grays[i % len(grays)] for i in range(batch_size)]
+    backend.predict(batch)  # warm-up
+    done, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        backend.predict(batch)
+        done += batch_size
+    elapsed = time.perf_counter() - started
+    # With decoding too (what the server does per request), for reference.
+    done_dec, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        backend.predict([decode_image(images[(done_dec + i) % len(images)]) for i in range(batch_size)])
+        done_dec += batch_size
+    elapsed_dec = time.perf_counter() - started
+    return {"batch_size": batch_size, "images_per_s": done / elapsed, "images_per_s_with_decode": done_dec / elapsed_dec}
+
+
+def run_load(url: str, path: str, images: list[bytes], clients: int, n_requests: int | None = None,
+             seconds: float | None = None, headers: dict | None = None, data: dict | None = None) -> dict:
+    latencies, errors, lock = [], [], threading.Lock()
+    counter = iter(range(10**9))
+    deadline = time.monotonic() + seconds if seconds else None
+
+    def worker() -> None:
+        session = requests.Session()
+        while True:
+            i = next(counter)
+            if n_requests is not None and i >= n_requests:
+                return
+            if deadline is not None and time.monotonic() >= deadline:
+                return
+            t0 = time.perf_counter()
+            try:
+                r = session.post(url + path, files={"file": ("x.jpg", images[i % len(images)], "image/jpeg")},
+                                 data=data, headers=headers, timeout=60)
+                ok = r.status_code == 200 and "label" in r.json()
+            except Exception as exc:  # connection errors count as errors
+                ok, r = False, exc
+            elapsed = time.perf_counter() - t0
+            with lock:
+                (latencies.append(elapsed) if ok else errors.append(str(getattr(r, "status_code", r))))
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - started
+    out = {"clients": clients, "requests": len(latencies) + len(errors), "errors": len(errors),
+           "throughput_rps": len(latencies) / wall, "wall_s": wall}
+    if latencies:
+        out.update(percentiles(latencies))
+    if errors:
+        out["error_samples"] = errors[:5]
+    return out
+
+
+def audit_count(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def bench_backend(args, backend: str, images: list[bytes], tmp: Path, results: dict) -> None:
+    audit = tmp / f"audit-{backend}.jsonl"
+    overrides = [f"server.backend={backend}", f"server.audit_log={audit}", f"server.max_batch_size={args.max_batch_size}",
+                 f"server.batch_timeout={args.batch_timeout}", f"paths.cache_dir={tmp / 'cache'}"]
+    t0 = time.perf_counter()
+    with start_server(args.ckpt, tmp / backend, *overrides) as server:
+        results[backend] = {"startup_s": time.perf_counter() - t0, "levels": []}
+        run_load(server.url, "/predict", images, 2, n_requests=20)  # warm-up
+        for clients in (1, 4, 16):
+            level = run_load(server.url, "/predict", images, clients, n_requests=args.requests * max(1, clients // 2))
+            results[backend]["levels"].append(level)
+            print(backend, json.dumps(level), flush=True)
+        if backend == "torch":
+            run_load(server.url, "/predict/explain", images, 1, n_requests=3)
+            results["explain"] = run_load(server.url, "/predict/explain", images, 1, n_requests=args.explain_requests)
+            print("explain", json.dumps(results["explain"]), flush=True)
+        if backend == args.soak_backend and args.soak_seconds > 0:
+            before = audit_count(audit)
+            soak = run_load(server.url, "/predict", images, 16, seconds=args.soak_seconds)
+            time.sleep(1.0)
+            soak["audit_lines"] = audit_count(audit) - before
+            soak["lost_audit_lines"] = soak["requests"] - soak["errors"] - soak["audit_lines"]
+            soak["backend"] = backend
+            results["soak"] = soak
+            print("soak", json.dumps(soak), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", required=True)
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--images", type=int, default=64, help="real images cycled through")
+    parser.add_argument("--requests", type=int, default=60, help="requests per client level (x clients/2)")
+    parser.add_argument("--explain-requests", type=int, default=20)
+    parser.add_argument("--soak-seconds", type=float, default=120.0)
+    parser.add_argument("--soak-backend", default="torch", choices=["torch", "onnx"])
+    parser.add_argument("--backends", default="torch,onnx")
+    parser.add_argument("--max-batch-size", type=int, default=8)
+    parser.add_argument("--batch-timeout", type=float, default=0.01)
+    parser.add_argument("--offline-seconds", type=float, default=10.0)
+    parser.add_argument("--output", type=Path, default=None, help="write the results as JSON here")
+    args = parser.parse_args()
+
+    images = load_images(args.data, args.images)
+    results = {"machine": {"platform": platform.platform(), "python": platform.python_version(),
+                           "cpus": os.cpu_count(), "load_avg_at_start": os.getloadavg()},
+               "args": {k: str(v) for k, v in vars(args).items()}, "n_images": len(images),
+               "mean_image_kb": sum(map(len, images)) / len(images) / 1024}
+    results["offline"] = offline_throughput(args.ckpt, images, args.max_batch_size, args.offline_seconds)
+    print("offline", json.dumps(results["offline"]), flush=True)
+    with tempfile.TemporaryDirectory(prefix="cxr-bench-") as tmp:
+        for backend in args.backends.split(","):
+            bench_backend(args, backend, images, Path(tmp), results)
+    results["machine"]["load_avg_at_end"] = os.getloadavg()
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.output:
+        args.output.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
