@@ -82,3 +82,20 @@ def test_error_shape():
     assert json.loads(response.body) == {"error": {"code": "not_found", "message": "Not Found"}}
     response = http_exception_response(422, {"code": "invalid_image", "message": "broken"})
     assert json.loads(response.body) == {"error": {"code": "invalid_image", "message": "broken"}}
+
+
+def test_checkpoint_key_matches_training():
+    from cxr.models.module import CHECKPOINT_KEY
+    from serve.app import CHECKPOINT_KEY as SERVE_KEY
+    assert SERVE_KEY == CHECKPOINT_KEY
+
+
+def test_read_spec_rejects_non_cxr_checkpoints(tmp_path, tiny_checkpoint):
+    import torch
+    from serve.app import read_spec
+    assert read_spec(tiny_checkpoint)["backbone"] == "test_efficientnet"
+    torch.save({"state_dict": {}}, tmp_path / "other.ckpt")
+    with pytest.raises(ValueError):
+        read_spec(tmp_path / "other.ckpt")
+    with pytest.raises(FileNotFoundError):
+        read_spec(tmp_path / "missing.ckpt")
