@@ -34,7 +34,7 @@ class Classifier:
     preprocessing: Preprocessing = field(init=False)
 
     def __post_init__(self) -> None:
-        self.net.eval()
+        self.net = self.net.eval().to(memory_format=torch.channels_last)
         self.preprocessing = Preprocessing.from_dict(self.spec["preprocessing"])
 
     @property
@@ -50,7 +50,7 @@ class Classifier:
 
     @torch.inference_mode()
     def logits(self, batch: torch.Tensor) -> torch.Tensor:
-        return self.net(batch)
+        return self.net(batch.contiguous(memory_format=torch.channels_last))
 
     def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
         return torch.softmax(self.logits(batch) / self.temperature, dim=1)

@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -61,6 +62,7 @@ def train(cfg: DictConfig) -> dict:
         metrics = evaluate(load_classifier(best), datamodule, datamodule.split, out_dir / "eval",
                            title=f"{cfg.get('task_name', 'train')}: {datamodule.split} split")
         results["eval"] = {k: metrics[k] for k in ("n", "accuracy", "macro_auroc", "pneumonia_vs_normal_auroc")}
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     for logger in loggers:
         logger.log_metrics({f"summary/{k}": v for k, v in (results.get("eval") or {}).items() if v is not None})
         logger.finalize("success")

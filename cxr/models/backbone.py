@@ -83,10 +83,24 @@ def _load_file(model: nn.Module, path: Path) -> None:
     log.info("loaded %d tensors from %s", len(usable), path)
 
 
+def init_head(model: nn.Module) -> None:
+    """Small head weights. timm's EfficientNet init draws U(+-1/sqrt(num_classes)): with 3 classes and
+    1280 features that starts fine-tuning at logits of several units and wastes the first epoch."""
+    for name, param in model.named_parameters():
+        if name in head_parameter_names(model):
+            nn.init.trunc_normal_(param, std=0.01) if param.ndim > 1 else nn.init.zeros_(param)
+
+
 def create_backbone(backbone: str, num_classes: int, pretrained: str = "none", dropout: float = 0.0,
                     in_chans: int = 3, **kwargs) -> nn.Module:
     """A timm classifier with `num_classes` outputs and dropout `dropout` before its head."""
-    pretrained = str(pretrained)
+    model = _create_with_weights(backbone, num_classes, str(pretrained), dropout, in_chans, **kwargs)
+    init_head(model)
+    return model
+
+
+def _create_with_weights(backbone: str, num_classes: int, pretrained: str, dropout: float, in_chans: int,
+                         **kwargs) -> nn.Module:
     if pretrained == "timm":
         try:
             return timm.create_model(backbone, pretrained=True, num_classes=num_classes, drop_rate=dropout,

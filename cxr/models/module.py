@@ -41,6 +41,7 @@ class ChestXrayClassifier(L.LightningModule):
         scheduler: Callable | None = None,
         backbone_lr_factor: float = 0.1,
         backbone_kwargs: dict | None = None,
+        channels_last: bool = True,
     ):
         super().__init__()
         self.class_names = list(class_names)
@@ -48,6 +49,10 @@ class ChestXrayClassifier(L.LightningModule):
         self.backbone_name = backbone
         self.net = create_backbone(backbone, len(self.class_names), pretrained=pretrained, dropout=dropout,
                                    in_chans=self.preprocessing.in_chans, **(backbone_kwargs or {}))
+        # channels_last convolutions run several times faster on CPU for EfficientNet-style nets.
+        self.channels_last = channels_last
+        if channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
         self.head_names = set(head_parameter_names(self.net))
         weights = None if class_weights is None else torch.as_tensor(list(class_weights), dtype=torch.float32)
         self.register_buffer("class_weights", weights, persistent=False)
@@ -62,6 +67,8 @@ class ChestXrayClassifier(L.LightningModule):
         self.test_metrics = classification_metrics(len(self.class_names)).clone(prefix="test/")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.net(x)
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,60 @@
+"""Starting weights: packaged ImageNet weights really are ImageNet weights; missing ones fail loudly."""
+import numpy as np
+import pytest
+import timm
+import torch
+
+from cxr.data.preprocess import Preprocessing
+from cxr.models.backbone import PretrainedWeightsError, _packaged_state_dict, create_backbone
+
+
+def test_packaged_weights_classify_a_cat_photo():
+    skimage_data = pytest.importorskip("skimage.data")
+    cat = skimage_data.chelsea()  # a tabby cat photo shipped with scikit-image
+    net = create_backbone("tf_efficientnet_lite0", num_classes=1000, pretrained="packaged").eval()
+    # Our loader trains its own head; put the package's ImageNet head back to read ImageNet classes.
+    state = _packaged_state_dict()
+    net.classifier.weight.data.copy_(state["_fc.weight"])
+    net.classifier.bias.data.copy_(state["_fc.bias"])
+    prep = Preprocessing(image_size=224, mean=(0.5,) * 3, std=(0.5,) * 3)
+    rgb = torch.stack([torch.as_tensor(prep._normalize(image=cat)["image"])])
+    with torch.no_grad():
+        top = net(rgb).softmax(1)[0].topk(3).indices.tolist()
+    assert top[0] in range(281, 286)  # ImageNet's domestic-cat classes (tabby, tiger cat, ..., Egyptian cat)
+
+
+def test_packaged_backbone_features_differ_from_random_init():
+    packaged = create_backbone("tf_efficientnet_lite0", 3, pretrained="packaged")
+    random = timm.create_model("tf_efficientnet_lite0", num_classes=3)
+    assert not torch.equal(packaged.conv_stem.weight, random.conv_stem.weight)
+    assert torch.equal(packaged.conv_stem.weight, _packaged_state_dict()["_conv_stem.weight"])
+    assert packaged.classifier.weight.abs().max() < 0.05  # a small, freshly initialised head
+
+
+def test_packaged_refuses_other_backbones():
+    with pytest.raises(PretrainedWeightsError, match="only has weights for tf_efficientnet_lite0"):
+        create_backbone("resnet18", 3, pretrained="packaged")
+
+
+def test_unknown_weights_never_fall_back_to_random():
+    with pytest.raises(PretrainedWeightsError, match="neither none / timm / packaged"):
+        create_backbone("test_efficientnet", 3, pretrained="/no/such/weights.pth")
+
+
+def test_hub_failure_says_what_to_do(monkeypatch):
+    def offline(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(PretrainedWeightsError, match="model.pretrained=packaged"):
+        create_backbone("efficientnet_b0", 3, pretrained="timm")
+
+
+def test_local_weights_file(tmp_path):
+    source = timm.create_model("test_efficientnet", num_classes=10)
+    torch.save(source.state_dict(), tmp_path / "w.pth")
+    net = create_backbone("test_efficientnet", 3, pretrained=str(tmp_path / "w.pth"))
+    assert torch.equal(net.conv_stem.weight, source.conv_stem.weight)
+    torch.save({"conv_stem.weight": torch.zeros(1)}, tmp_path / "wrong.pth")
+    with pytest.raises(PretrainedWeightsError, match="does not fit"):
+        create_backbone("test_efficientnet", 3, pretrained=str(tmp_path / "wrong.pth"))

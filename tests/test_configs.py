@@ -1,0 +1,59 @@
+"""Every experiment and config group composes, and builds the objects it names."""
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from cxr.config import CONFIG_DIR
+
+EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
+
+
+def compose_train(*overrides):
+    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+        return compose("train", overrides=["paths.output_dir=/tmp/cxr-test", *overrides])
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_composes_and_instantiates(experiment):
+    cfg = compose_train(f"experiment={experiment}")
+    prep = instantiate(cfg.preprocess)
+    assert prep.image_size >= 64
+    augment = instantiate(cfg.augment)
+    assert augment is None or len(augment.transforms) > 0
+    callbacks = {name: instantiate(c) for name, c in cfg.callbacks.items() if c is not None}
+    assert callbacks["model_checkpoint"].monitor == "val/auroc_macro"
+    assert instantiate(cfg.data, _partial_=True).func.__name__.startswith("from_")
+    assert cfg.model.backbone
+
+
+def test_seed_report_is_the_reference_recipe():
+    cfg = compose_train("experiment=seed_report")
+    assert cfg.model.backbone == "efficientnet_b0"
+    assert cfg.model.label_smoothing == 0.1 and cfg.model.dropout == 0.3
+    assert cfg.data.weighted_sampling and cfg.data.use_class_weights
+    assert cfg.callbacks.early_stopping.patience == 10
+    assert "unfreeze" in cfg.callbacks
+    names = [t._target_.rsplit(".", 1)[1] for t in cfg.augment.transforms]
+    assert names == ["HorizontalFlip", "Affine", "RandomBrightnessContrast"]
+    assert list(cfg.augment.transforms[1].rotate) == [-15, 15]
+
+
+def test_packaged_weights_are_paired_with_their_normalisation():
+    for experiment in EXPERIMENTS:
+        cfg = compose_train(f"experiment={experiment}")
+        if cfg.model.pretrained == "packaged":
+            assert list(cfg.preprocess.mean) == [0.5] * 3 and list(cfg.preprocess.std) == [0.5] * 3, experiment
+
+
+@pytest.mark.parametrize("data", ["synthetic", "manifest", "folder", "shared"])
+def test_data_configs_compose(data):
+    cfg = compose_train(f"data={data}")
+    assert cfg.data._target_.startswith("cxr.data.datamodule.ChestXrayDataModule.from_")
+
+
+def test_eval_config_requires_checkpoint():
+    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+        cfg = compose("eval", overrides=["ckpt_path=x.ckpt", "data=shared", "data.split=val"])
+    assert cfg.ckpt_path == "x.ckpt" and cfg.data.split == "val"

@@ -1,0 +1,85 @@
+"""Balanced sampling, class weights, cross-source hold-out and the up-front data check."""
+from collections import Counter
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from cxr.data.datamodule import ChestXrayDataModule, balanced_class_weights, balanced_sampler
+from cxr.data.dataset import DataCheckError
+from cxr.data.preprocess import Preprocessing
+
+PREP = Preprocessing(image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3)
+
+
+def test_class_weights_balanced_and_absent_class_zero():
+    weights = balanced_class_weights([0] * 60 + [1] * 30 + [2] * 10, 3)
+    assert torch.allclose(weights, torch.tensor([100 / 180, 100 / 90, 100 / 30]))
+    assert balanced_class_weights([0, 0, 1], 3)[2] == 0
+
+
+def test_weighted_sampler_balances_classes():
+    targets = np.array([0] * 800 + [1] * 150 + [2] * 50)
+    drawn = Counter(targets[i] for i in balanced_sampler(targets, 3, seed=0))
+    assert sum(drawn.values()) == len(targets)
+    for c in range(3):
+        assert abs(drawn[c] / len(targets) - 1 / 3) < 0.05
+
+
+def test_train_batches_are_balanced_and_weights_from_train_split(synthetic_manifest):
+    index = pd.read_csv(synthetic_manifest)
+    dm = ChestXrayDataModule.from_manifest(str(synthetic_manifest), preprocessing=PREP, batch_size=8, seed=0)
+    dm.setup("fit")
+    train = dm.split_frame("train")
+    expected = balanced_class_weights(train["target"], 3)
+    assert torch.allclose(dm.class_weights(), expected)
+    assert len(index) == len(dm.build_index())
+    labels = torch.cat([y for _, y in dm.train_dataloader()])
+    assert len(set(labels.tolist())) == 3
+    assert dm.build_index().groupby("patient_id")["split"].nunique().max() == 1
+
+
+def test_switches_turn_off_sampler_and_weights(synthetic_manifest):
+    dm = ChestXrayDataModule.from_manifest(str(synthetic_manifest), preprocessing=PREP, weighted_sampling=False,
+                                           use_class_weights=False)
+    assert dm.class_weights() is None
+    assert not isinstance(dm.train_dataloader().sampler, torch.utils.data.WeightedRandomSampler)
+
+
+def test_holdout_sources_train_without_and_test_on_all_of_them(tmp_path, synthetic_manifest):
+    table = pd.read_csv(synthetic_manifest)
+    table["source"] = np.where(np.arange(len(table)) % 2 == 0, "hospital_a", "hospital_b")
+    table["patient_id"] = table["path"]  # one image per patient: no patient spans both sources
+    table["path"] = [str(synthetic_manifest.parent / p) for p in table["path"]]
+    manifest = tmp_path / "two_sources.csv"
+    table.to_csv(manifest, index=False)
+    dm = ChestXrayDataModule.from_manifest(str(manifest), preprocessing=PREP, holdout_sources=["hospital_b"])
+    index = dm.build_index()
+    assert set(index.loc[index["split"].isin(["train", "val"]), "source"]) == {"hospital_a"}
+    assert set(index.loc[index["split"] == "test", "source"]) == {"hospital_b"}
+    assert (index["source"] == "hospital_b").sum() == len(dm.split_frame("test"))
+    with pytest.raises(ValueError, match="hospital_c"):
+        ChestXrayDataModule.from_manifest(str(manifest), preprocessing=PREP, holdout_sources=["hospital_c"]).build_index()
+
+
+def test_corrupt_files_reported_before_training(tmp_path, synthetic_manifest):
+    table = pd.read_csv(synthetic_manifest)
+    table["path"] = [str(synthetic_manifest.parent / p) for p in table["path"]]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    table.loc[len(table)] = {**table.iloc[0].to_dict(), "path": str(broken), "patient_id": "broken-patient"}
+    manifest = tmp_path / "with_broken.csv"
+    table.to_csv(manifest, index=False)
+    dm = ChestXrayDataModule.from_manifest(str(manifest), preprocessing=PREP, val_fraction=0.0, test_fraction=0.0)
+    with pytest.raises(DataCheckError, match="broken.png"):
+        dm.setup("fit")
+
+
+def test_disk_cache_is_reused(tmp_path, synthetic_manifest):
+    kwargs = dict(preprocessing=PREP, cache_dir=str(tmp_path / "cache"))
+    first = ChestXrayDataModule.from_manifest(str(synthetic_manifest), **kwargs).dataset("val").images
+    cached = list((tmp_path / "cache").glob("*.npy"))
+    assert len(cached) == 1
+    second = ChestXrayDataModule.from_manifest(str(synthetic_manifest), **kwargs).dataset("val").images
+    assert np.array_equal(first, second)

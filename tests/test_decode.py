@@ -1,0 +1,83 @@
+"""Every supported format decodes to the same greyscale picture; broken input fails clearly."""
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cxr.data.decode import ImageDecodeError, decode_image
+
+
+def gradient(h=40, w=60) -> np.ndarray:
+    return np.tile(np.linspace(0, 255, w, dtype=np.uint8), (h, 1))
+
+
+def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P"])
+def test_png_modes_decode_to_same_gray(mode):
+    gray = gradient()
+    image = Image.fromarray(gray).convert(mode)
+    out = decode_image(encode(image, "PNG"))
+    assert out.dtype == np.uint8 and out.shape == gray.shape
+    assert np.abs(out.astype(int) - gray).max() <= 3
+
+
+def test_png_16bit_uses_full_range():
+    values = np.tile(np.linspace(1000, 4000, 50), (10, 1)).astype(np.uint16)  # a 12-bit detector range
+    out = decode_image(encode(Image.fromarray(values), "PNG"))
+    assert out.dtype == np.uint8 and out.min() == 0 and out.max() == 255
+    assert np.all(np.diff(out[0].astype(int)) >= 0)
+
+
+def test_jpeg_and_exif_orientation():
+    gray = np.zeros((30, 50), np.uint8)
+    gray[:, :10] = 255  # bright stripe on the left
+    plain = decode_image(encode(Image.fromarray(gray), "JPEG", quality=95))
+    assert plain.shape == (30, 50) and plain[:, :8].mean() > 200
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise for display
+    rotated = decode_image(encode(Image.fromarray(gray), "JPEG", quality=95, exif=exif.tobytes()))
+    assert rotated.shape == (50, 30)
+    assert rotated[:8, :].mean() > 200  # the stripe is now on top
+
+
+def test_rgba_transparency_reads_as_black():
+    rgba = np.zeros((10, 10, 4), np.uint8)
+    rgba[..., :3] = 255  # white but fully transparent
+    out = decode_image(encode(Image.fromarray(rgba, "RGBA"), "PNG"))
+    assert out.max() == 0
+
+
+@pytest.mark.parametrize("payload, code", [
+    (b"", "empty_image"),
+    (b"this is not an image at all", "invalid_image"),
+])
+def test_garbage_is_refused(payload, code):
+    with pytest.raises(ImageDecodeError) as err:
+        decode_image(payload)
+    assert err.value.code == code
+
+
+def test_truncated_file_is_refused():
+    data = encode(Image.fromarray(gradient(200, 200)), "PNG")
+    with pytest.raises(ImageDecodeError):
+        decode_image(data[: len(data) // 2])
+
+
+def test_pixel_limit_checked_from_header():
+    data = encode(Image.fromarray(np.zeros((100, 100), np.uint8)), "PNG")
+    with pytest.raises(ImageDecodeError) as err:
+        decode_image(data, max_pixels=5_000)
+    assert err.value.code == "image_too_large" and "100x100" in str(err.value)
+
+
+def test_corrupt_file_error_names_path(tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    with pytest.raises(ImageDecodeError, match="broken.png"):
+        decode_image(bad)

@@ -1,0 +1,69 @@
+"""Indexes from folders and manifests, and splits that never put one patient in two places."""
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from cxr.data.index import LeakageError, assign_splits, check_patient_leakage, index_folder, index_manifest
+
+
+def write_png(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(path)
+
+
+def test_folder_aliases_and_split_subfolders(tmp_path):
+    for split, cls in [("train", "NORMAL"), ("train", "TURBERCULOSIS"), ("test", "Pneumonia"), ("test", "TB")]:
+        write_png(tmp_path / split / cls / "a.png")
+    write_png(tmp_path / "train" / "OTHER" / "x.png")
+    index = index_folder(tmp_path)
+    assert sorted(zip(index["split"], index["label"])) == [
+        ("test", "pneumonia"), ("test", "tuberculosis"), ("train", "normal"), ("train", "tuberculosis")]
+
+
+def test_folder_without_images_is_an_error(tmp_path):
+    (tmp_path / "NORMAL").mkdir()
+    with pytest.raises(ValueError, match="no images"):
+        index_folder(tmp_path)
+
+
+def test_manifest_paths_relative_to_csv_and_bad_label(tmp_path):
+    (tmp_path / "m.csv").write_text("path,label\nimgs/a.png,Normal\nimgs/b.png,TB\n")
+    index = index_manifest(tmp_path / "m.csv")
+    assert index["path"].tolist() == [str(tmp_path / "imgs/a.png"), str(tmp_path / "imgs/b.png")]
+    assert index["label"].tolist() == ["normal", "tuberculosis"]
+    (tmp_path / "bad.csv").write_text("path,label\na.png,covid\n")
+    with pytest.raises(ValueError, match="row 2.*covid"):
+        index_manifest(tmp_path / "bad.csv")
+
+
+def test_leaking_manifest_is_refused_naming_patient(tmp_path):
+    (tmp_path / "m.csv").write_text(
+        "path,label,split,patient_id\na.png,normal,train,p1\nb.png,normal,test,p1\nc.png,tb,val,p2\n")
+    with pytest.raises(LeakageError, match="p1"):
+        check_patient_leakage(index_manifest(tmp_path / "m.csv"))
+
+
+def test_generated_split_is_patient_grouped_stratified_and_seeded():
+    rng = np.random.default_rng(0)
+    rows = []
+    for p in range(120):
+        label = ["normal", "pneumonia", "tuberculosis"][p % 3]
+        for k in range(rng.integers(1, 4)):
+            rows.append({"path": f"{p}_{k}.png", "label": label, "split": "", "patient_id": f"p{p}", "source": "s"})
+    index = pd.DataFrame(rows)
+    a = assign_splits(index, 0.15, 0.15, seed=1)
+    check_patient_leakage(a)
+    assert a.groupby("patient_id")["split"].nunique().max() == 1
+    for split, share in (("train", 0.7), ("val", 0.15), ("test", 0.15)):
+        part = a[a["split"] == split]
+        assert abs(len(part) / len(a) - share) < 0.08
+        assert set(part["label"]) == {"normal", "pneumonia", "tuberculosis"}
+    assert a["split"].tolist() == assign_splits(index, 0.15, 0.15, seed=1)["split"].tolist()
+    assert a["split"].tolist() != assign_splits(index, 0.15, 0.15, seed=2)["split"].tolist()
+
+
+def test_existing_splits_are_kept():
+    index = pd.DataFrame({"path": ["a", "b"], "label": ["normal", "normal"], "split": ["test", "train"],
+                          "patient_id": ["p1", "p2"], "source": ["s", "s"]})
+    assert assign_splits(index, 0.2, 0.2, 0)["split"].tolist() == ["test", "train"]

@@ -1,0 +1,54 @@
+"""One preprocessing definition: round-trips through the checkpoint and gives identical pixels."""
+import numpy as np
+import pytest
+import torch
+
+from cxr.data.preprocess import Preprocessing
+from cxr.inference import load_classifier
+
+
+def test_round_trip_through_dict_gives_identical_tensors():
+    prep = Preprocessing(image_size=48, crop_border=0.05, effective_size=32, equalize="clahe")
+    image = np.random.default_rng(0).integers(0, 256, (90, 70), dtype=np.uint8)
+    again = Preprocessing.from_dict(prep.to_dict())
+    assert again == prep
+    assert torch.equal(prep(image), again(image))
+
+
+def test_output_shape_channels_and_normalisation():
+    prep = Preprocessing(image_size=40, mean=(0.5,) * 3, std=(0.5,) * 3)
+    out = prep(np.full((100, 80), 255, np.uint8))
+    assert out.shape == (3, 40, 40) and out.dtype == torch.float32
+    assert torch.allclose(out, torch.ones_like(out))
+
+
+def test_border_crop_removes_burned_in_marker():
+    image = np.full((100, 100), 100, np.uint8)
+    image[:4, :20] = 255  # a bright marker in the corner
+    assert Preprocessing(image_size=50, crop_border=0.06).standardize(image).max() == 100
+    assert Preprocessing(image_size=50).standardize(image).max() > 100
+
+
+def test_effective_resolution_removes_fine_detail():
+    checker = (np.indices((128, 128)).sum(axis=0) % 2 * 255).astype(np.uint8)
+    sharp = Preprocessing(image_size=128).standardize(checker)
+    coarse = Preprocessing(image_size=128, effective_size=32).standardize(checker)
+    assert sharp.std() > 100 and coarse.std() < 5
+
+
+def test_invalid_settings_are_refused():
+    with pytest.raises(ValueError, match="equalize"):
+        Preprocessing(equalize="magic")
+    with pytest.raises(ValueError, match="mean/std"):
+        Preprocessing(in_chans=1)
+
+
+def test_checkpoint_carries_preprocessing(tiny_checkpoint):
+    from tests.conftest import TINY_PREPROCESSING
+
+    classifier = load_classifier(tiny_checkpoint)
+    assert classifier.preprocessing == TINY_PREPROCESSING
+    assert classifier.class_names == ["normal", "pneumonia", "tuberculosis"]
+    assert len(classifier.sha256) == 64
+    probs = classifier.predict([np.zeros((80, 90), np.uint8), np.full((50, 50), 200, np.uint8)])
+    assert probs.shape == (2, 3) and np.allclose(probs.sum(axis=1), 1, atol=1e-5)

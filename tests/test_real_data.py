@@ -1,0 +1,41 @@
+"""Integration on the real chest X-rays in ../shared/data/cxr (skipped when that folder is absent)."""
+import json
+
+import pandas as pd
+import pytest
+
+from tests.test_train_eval import run
+
+
+@pytest.mark.real_data
+def test_short_training_and_evaluation_on_real_images(shared_data, tmp_path):
+    manifest = pd.read_csv(shared_data / "manifest.csv")
+    out = tmp_path / "run"
+    run("cxr.train", "data=shared", "debug=smoke", "trainer.max_epochs=1", "model=tiny", "preprocess.image_size=64",
+        f"paths.shared_data_dir={shared_data}", f"paths.output_dir={out}", cache_dir=tmp_path / "cache")
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    test = manifest[manifest["split"] == "test"]
+    assert metrics["n"] == len(test)
+    for label, count in test["label"].value_counts().items():
+        assert metrics["per_class"][label]["support"] == count
+    for source, count in test["source"].value_counts().items():
+        assert metrics["per_source"][source]["n"] == count
+    assert 0.0 <= metrics["accuracy"] <= 1.0 and 0.0 <= metrics["macro_auroc"] <= 1.0
+    assert sum(map(sum, metrics["confusion_matrix"])) == len(test)
+    predictions = pd.read_csv(out / "eval" / "predictions.csv")
+    assert sorted(predictions["path"]) == sorted(str((shared_data / p).resolve()) for p in test["path"])
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["eval"]["n"] == len(test)
+
+
+@pytest.mark.real_data
+def test_source_holdout_on_real_data(shared_data):
+    from cxr.data.datamodule import ChestXrayDataModule
+    from cxr.data.preprocess import Preprocessing
+
+    dm = ChestXrayDataModule.from_manifest(str(shared_data / "manifest.csv"), preprocessing=Preprocessing(image_size=32),
+                                           holdout_sources=["nih-cxr8"])
+    index = dm.build_index()
+    manifest = pd.read_csv(shared_data / "manifest.csv")
+    assert (index["split"] == "test").sum() == (manifest["source"] == "nih-cxr8").sum()
+    assert "nih-cxr8" not in set(index.loc[index["split"].isin(["train", "val"]), "source"])

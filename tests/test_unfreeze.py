@@ -1,0 +1,91 @@
+"""Progressive unfreezing: which parameters train at each epoch, and that the optimizer moves them."""
+import lightning as L
+import pytest
+import torch
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from cxr.data.datamodule import ChestXrayDataModule
+from cxr.data.preprocess import Preprocessing
+from cxr.models.module import ChestXrayClassifier
+from cxr.models.unfreeze import ProgressiveUnfreezing, backbone_stages
+
+PREP = Preprocessing(image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3)
+
+
+class Recorder(L.Callback):
+    """Per epoch: trainable parameter names, which parameters changed, and frozen-BN state."""
+
+    def __init__(self):
+        self.trainable, self.changed, self.frozen_bn_training, self.frozen_bn_stats_changed = [], [], [], []
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.before = {n: p.detach().clone() for n, p in pl_module.net.named_parameters()}
+        self.buffers = {n: b.detach().clone() for n, b in pl_module.net.named_buffers() if "running" in n}
+        self.trainable.append({n for n, p in pl_module.net.named_parameters() if p.requires_grad})
+        frozen_bn = [m for m in pl_module.net.modules()
+                     if isinstance(m, _BatchNorm) and not any(p.requires_grad for p in m.parameters())]
+        self.frozen_bn_training.append(any(m.training for m in frozen_bn))
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        params = dict(pl_module.net.named_parameters())
+        self.changed.append({n for n, p in params.items() if not torch.equal(p.detach(), self.before[n])})
+        frozen_prefixes = {n.rsplit(".", 1)[0] for n in params if n not in self.trainable[-1]}
+        self.frozen_bn_stats_changed.append(any(
+            not torch.equal(b, self.buffers[n]) for n, b in pl_module.net.named_buffers()
+            if n in self.buffers and n.rsplit(".", 1)[0] in frozen_prefixes))
+
+
+@pytest.fixture(scope="module")
+def trained(synthetic_manifest):
+    torch.manual_seed(0)
+    dm = ChestXrayDataModule.from_manifest(str(synthetic_manifest), preprocessing=PREP, batch_size=8)
+    model = ChestXrayClassifier("test_efficientnet", dm.class_names, PREP, pretrained="none", dropout=0.0,
+                                backbone_lr_factor=0.1)
+    stages = backbone_stages(model.net)
+    recorder = Recorder()
+    unfreeze = ProgressiveUnfreezing(unfreeze_at=[1, 2], stages_per_step=[2, -1])
+    trainer = L.Trainer(max_epochs=3, limit_train_batches=2, limit_val_batches=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, callbacks=[unfreeze, recorder])
+    trainer.fit(model, datamodule=dm)
+    return model, stages, recorder, trainer
+
+
+def names_of(model, modules):
+    ids = {id(p) for m in modules for p in m.parameters()}
+    return {n for n, p in model.net.named_parameters() if id(p) in ids}
+
+
+def test_schedule_of_trainable_parameters(trained):
+    model, stages, recorder, _ = trained
+    head = model.head_names
+    assert head and recorder.trainable[0] == head
+    assert recorder.trainable[1] == head | names_of(model, stages[:2])
+    assert recorder.trainable[2] == {n for n, _ in model.net.named_parameters()}
+
+
+def test_optimizer_updates_exactly_the_trainable_parameters(trained):
+    _, _, recorder, _ = trained
+    for trainable, changed in zip(recorder.trainable, recorder.changed):
+        assert changed <= trainable
+        assert len(changed) >= 0.9 * len(trainable)
+
+
+def test_backbone_groups_get_the_lower_learning_rate(trained):
+    _, _, _, trainer = trained
+    groups = trainer.optimizers[0].param_groups
+    assert len(groups) == 3
+    head_lr = groups[0]["lr"]
+    assert all(g["lr"] == pytest.approx(head_lr * 0.1) for g in groups[1:])
+
+
+def test_frozen_batchnorm_stays_in_eval_and_keeps_its_statistics(trained):
+    _, _, recorder, _ = trained
+    assert recorder.frozen_bn_training[:2] == [False, False]
+    assert recorder.frozen_bn_stats_changed[:2] == [False, False]
+
+
+def test_schedule_validation():
+    with pytest.raises(ValueError):
+        ProgressiveUnfreezing(unfreeze_at=[3, 1], stages_per_step=[1, 1])
+    with pytest.raises(ValueError):
+        ProgressiveUnfreezing(unfreeze_at=[1], stages_per_step=[1, 2])
