@@ -1,0 +1,105 @@
+"""Write a results card for one experiment from its runs' output folders.
+
+    python experiments/make_card.py NAME --command "cxr-train experiment=NAME" \
+        --run logs/exp/NAME [--holdout nih-cxr8=logs/exp/NAME-no-nih] [--holdout kermany=logs/exp/NAME-no-kermany]
+
+Copies the figures next to the card (experiments/NAME/) and puts the test table beside the
+reference report's Table 4.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+REFERENCE_TABLE4 = {  # the reference technical report, Table 4 (its own test set of 2,569 images)
+    "normal": (0.648, 0.804, 0.718, 0.840, 925),
+    "pneumonia": (0.775, 1.000, 0.873, 0.987, 580),
+    "tuberculosis": (0.975, 0.617, 0.755, 0.897, 1064),
+    "macro": (0.799, 0.807, 0.782, 0.908, 2569),
+}
+REFERENCE_ACCURACY = 0.771
+
+
+def pct(v) -> str:
+    return "–" if v is None else f"{100 * v:.1f}%"
+
+
+def num(v) -> str:
+    return "–" if v is None else f"{v:.3f}"
+
+
+def side_by_side(metrics: dict) -> list[str]:
+    lines = ["| Class | Precision | Recall | F1 | AUC | Support | Reference P / R / F1 / AUC (support) |",
+             "|---|---|---|---|---|---|---|"]
+    for name in metrics["classes"]:
+        c = metrics["per_class"][name]
+        r = REFERENCE_TABLE4[name]
+        lines.append(f"| {name} | {pct(c['precision'])} | {pct(c['recall'])} | {pct(c['f1'])} | {pct(c['auroc'])} | "
+                     f"{c['support']} | {pct(r[0])} / {pct(r[1])} / {pct(r[2])} / {pct(r[3])} ({r[4]}) |")
+    m, r = metrics["macro_avg"], REFERENCE_TABLE4["macro"]
+    lines.append(f"| **Macro avg** | {pct(m['precision'])} | {pct(m['recall'])} | {pct(m['f1'])} | {pct(metrics['macro_auroc'])} | "
+                 f"{metrics['n']} | {pct(r[0])} / {pct(r[1])} / {pct(r[2])} / {pct(r[3])} ({r[4]}) |")
+    lines.append(f"| **Accuracy** | | | | | | {pct(REFERENCE_ACCURACY)} → here **{pct(metrics['accuracy'])}** |")
+    return lines
+
+
+def per_source(metrics: dict) -> list[str]:
+    classes = metrics["classes"]
+    lines = ["| Source | n | Accuracy | Pneumonia-vs-normal AUROC | " + " | ".join(f"called {c}" for c in classes) + " | "
+             + " | ".join(f"recall {c}" for c in classes) + " |", "|---|---|---|---|" + "---|" * (2 * len(classes))]
+    for source, s in metrics["per_source"].items():
+        called = " | ".join(pct(s["per_class"][c]["called"]) for c in classes)
+        recall = " | ".join(pct(s["per_class"][c]["recall"]) if s["per_class"][c]["support"] else "–" for c in classes)
+        lines.append(f"| {source} | {s['n']} | {pct(s['accuracy'])} | {num(s['pneumonia_vs_normal_auroc'])} | {called} | {recall} |")
+    return lines
+
+
+def load(run: Path) -> tuple[dict, dict]:
+    return json.loads((run / "eval" / "metrics.json").read_text()), json.loads((run / "results.json").read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("name")
+    parser.add_argument("--command", required=True)
+    parser.add_argument("--run", type=Path, required=True)
+    parser.add_argument("--holdout", action="append", default=[], help="SOURCE=RUN_DIR")
+    parser.add_argument("--holdout-command", action="append", default=[])
+    parser.add_argument("--notes", default="")
+    args = parser.parse_args()
+    out = Path(__file__).parent / args.name
+    out.mkdir(parents=True, exist_ok=True)
+    metrics, results = load(args.run)
+    for figure in ("confusion_matrix.png", "roc_curves.png"):
+        shutil.copy(args.run / "eval" / figure, out / figure)
+    lines = [f"# {args.name}", "", "```bash", args.command, *args.holdout_command, "```", "",
+             f"- Wall time (fit): {results['fit_seconds'] / 60:.1f} min on this machine (2 CPU cores, no GPU); "
+             f"train throughput {results['train_images_per_second']:.1f} images/s; "
+             f"test inference {metrics['images_per_second']:.1f} images/s.",
+             f"- Test split of `../shared/data/cxr` (patient-grouped): n = {metrics['n']}. "
+             f"Accuracy **{pct(metrics['accuracy'])}**, macro AUROC **{num(metrics['macro_auroc'])}**, "
+             f"tuberculosis recall **{pct(metrics['per_class']['tuberculosis']['recall'])}**, "
+             f"pneumonia-vs-normal AUROC {num(metrics['pneumonia_vs_normal_auroc'])}.",
+             f"- Checkpoint SHA-256 `{metrics['checkpoint_sha256'][:16]}…` (not committed; rerun the command).",
+             "", args.notes, "", "## Test split, beside the reference report's Table 4", "",
+             "The reference numbers are on the report's own 2,569-image test set, not on this data.", "",
+             *side_by_side(metrics), "", "![confusion matrix](confusion_matrix.png) ![ROC curves](roc_curves.png)", "",
+             "## Per source (in-distribution test split)", "", *per_source(metrics), ""]
+    if args.holdout:
+        lines += ["## Cross-source: trained without a source, tested on all of its images", "",
+                  "| Held out | n | Pneumonia-vs-normal AUROC | called normal | called pneumonia | called tuberculosis | accuracy |",
+                  "|---|---|---|---|---|---|---|"]
+        for item in args.holdout:
+            source, run = item.split("=", 1)
+            h, _ = load(Path(run))
+            called = " | ".join(pct(h["per_class"][c]["called"]) for c in h["classes"])
+            lines.append(f"| {source} | {h['n']} | {num(h['pneumonia_vs_normal_auroc'])} | {called} | {pct(h['accuracy'])} |")
+        lines.append("")
+    (out / "README.md").write_text("\n".join(lines))
+    print(out / "README.md")
+
+
+if __name__ == "__main__":
+    main()
