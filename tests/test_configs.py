@@ -57,3 +57,15 @@ def test_eval_config_requires_checkpoint():
     with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
         cfg = compose("eval", overrides=["ckpt_path=x.ckpt", "data=shared", "data.split=val"])
     assert cfg.ckpt_path == "x.ckpt" and cfg.data.split == "val"
+
+
+def test_wandb_logger_runs_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = compose_train("logger=wandb", f"paths.output_dir={tmp_path}")
+    assert cfg.logger.wandb.offline is True
+    logger = instantiate(cfg.logger.wandb)
+    logger.log_metrics({"val/auroc_macro": 0.5}, step=0)
+    logger.finalize("success")
+    logger.experiment.finish()
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
