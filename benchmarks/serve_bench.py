@@ -45,11 +45,14 @@ def percentiles(latencies: list[float]) -> dict:
             "p99_ms": float(np.percentile(a, 99)), "mean_ms": float(a.mean())}
 
 
-def offline_throughput(ckpt: str, images: list[bytes], batch_size: int, seconds: float) -> dict:
+def offline_throughput(backend_name: str, ckpt: str, images: list[bytes], batch_size: int, seconds: float,
+                       threads: int, cache_dir: Path) -> dict:
+    """The model alone, in this process: preprocessing + forward on batches of `batch_size`."""
     from cxr.data.decode import decode_image
-    from serve.backends import TorchBackend
+    from serve.backends import ensure_onnx, make_backend
 
-    backend = TorchBackend(ckpt)
+    onnx_path = ensure_onnx(ckpt, None, cache_dir) if backend_name == "onnx" else None
+    backend = make_backend(backend_name, ckpt, onnx_path, threads)
     grays = [decode_image(b) for b in images]
     batch = [grays[i % len(grays)] for i in range(batch_size)]
     backend.predict(batch)  # warm-up
@@ -114,7 +117,7 @@ def audit_count(path: Path) -> int:
 
 def bench_backend(args, backend: str, images: list[bytes], tmp: Path, results: dict) -> None:
     audit = tmp / f"audit-{backend}.jsonl"
-    overrides = [f"server.backend={backend}", f"server.audit_log={audit}", f"server.max_batch_size={args.max_batch_size}",
+    overrides = [f"server.backend={backend}", f"server.threads={args.threads}", f"server.audit_log={audit}", f"server.max_batch_size={args.max_batch_size}",
                  f"server.batch_timeout={args.batch_timeout}", f"paths.cache_dir={tmp / 'cache'}"]
     t0 = time.perf_counter()
     with start_server(args.ckpt, tmp / backend, *overrides) as server:
@@ -152,6 +155,7 @@ def main() -> None:
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--batch-timeout", type=float, default=0.01)
     parser.add_argument("--offline-seconds", type=float, default=10.0)
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads per model (server.threads)")
     parser.add_argument("--output", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args()
 
@@ -160,9 +164,12 @@ def main() -> None:
                            "cpus": os.cpu_count(), "load_avg_at_start": os.getloadavg()},
                "args": {k: str(v) for k, v in vars(args).items()}, "n_images": len(images),
                "mean_image_kb": sum(map(len, images)) / len(images) / 1024}
-    results["offline"] = offline_throughput(args.ckpt, images, args.max_batch_size, args.offline_seconds)
-    print("offline", json.dumps(results["offline"]), flush=True)
     with tempfile.TemporaryDirectory(prefix="cxr-bench-") as tmp:
+        results["offline"] = {}
+        for backend in args.backends.split(","):
+            results["offline"][backend] = offline_throughput(backend, args.ckpt, images, args.max_batch_size,
+                                                             args.offline_seconds, args.threads, Path(tmp) / "cache")
+            print("offline", backend, json.dumps(results["offline"][backend]), flush=True)
         for backend in args.backends.split(","):
             bench_backend(args, backend, images, Path(tmp), results)
     results["machine"]["load_avg_at_end"] = os.getloadavg()

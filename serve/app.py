@@ -97,7 +97,7 @@ def build_server(cfg: DictConfig) -> ls.LitServer:
                         audit_log=str(Path(s.audit_log).resolve()) if s.audit_log else None,
                         review_confidence=float(s.review_confidence), max_pixels=int(s.max_pixels),
                         max_images_per_request=int(s.max_images_per_request),
-                        num_threads=s.torch_threads, model_sha256=sha256_file(cfg.ckpt_path))
+                        num_threads=s.threads, model_sha256=sha256_file(cfg.ckpt_path))
     info = model_info(spec, settings, s)
 
     predict = PredictAPI(settings, max_batch_size=int(s.max_batch_size), batch_timeout=float(s.batch_timeout))
