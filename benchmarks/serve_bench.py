@@ -13,12 +13,10 @@ import csv
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +31,8 @@ DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cxr"
 
 def load_images(data_dir: Path, n: int) -> list[bytes]:
     with open(data_dir / "manifest.csv", newline="") as fh:
-        rows = [r for r in csv.DictReader(fh) if r["split"] == "test"] or list(csv.DictReader(open(data_dir / "manifest.csv")))
+        rows = list(csv.DictReader(fh))
+    rows = [r for r in rows if r["split"] == "test"] or rows
     rng = np.random.default_rng(0)
     picked = rng.choice(len(rows), size=min(n, len(rows)), replace=False)
     return [(data_dir / rows[i]["path"]).read_bytes() for i in picked]
@@ -67,7 +66,8 @@ def offline_throughput(backend_name: str, ckpt: str, images: list[bytes], batch_
         backend.predict([decode_image(images[(done_dec + i) % len(images)]) for i in range(batch_size)])
         done_dec += batch_size
     elapsed_dec = time.perf_counter() - started
-    return {"batch_size": batch_size, "images_per_s": done / elapsed, "images_per_s_with_decode": done_dec / elapsed_dec}
+    return {"batch_size": batch_size, "images_per_s": done / elapsed,
+            "images_per_s_with_decode": done_dec / elapsed_dec}
 
 
 def run_load(url: str, path: str, images: list[bytes], clients: int, n_requests: int | None = None,
@@ -117,7 +117,8 @@ def audit_count(path: Path) -> int:
 
 def bench_backend(args, backend: str, images: list[bytes], tmp: Path, results: dict) -> None:
     audit = tmp / f"audit-{backend}.jsonl"
-    overrides = [f"server.backend={backend}", f"server.threads={args.threads}", f"server.audit_log={audit}", f"server.max_batch_size={args.max_batch_size}",
+    overrides = [f"server.backend={backend}", f"server.threads={args.threads}", f"server.audit_log={audit}",
+                 f"server.max_batch_size={args.max_batch_size}",
                  f"server.batch_timeout={args.batch_timeout}", f"paths.cache_dir={tmp / 'cache'}"]
     t0 = time.perf_counter()
     with start_server(args.ckpt, tmp / backend, *overrides) as server:

@@ -132,7 +132,9 @@ def install_routes(server: ls.LitServer, predict: PredictAPI, info: dict) -> Non
 
     # Replace LitServe's /health: 200 only when the workers are up *and* a probe image makes the
     # round trip through the /predict inference queue.
-    app.router.routes = [r for r in app.router.routes if getattr(r, "path", None) != server.healthcheck_path]
+    # LitServe's /info would publish the model metadata without the API key: /model/info replaces it.
+    replaced = {server.healthcheck_path, server.info_path}
+    app.router.routes = [r for r in app.router.routes if getattr(r, "path", None) not in replaced]
     handler = RegularRequestHandler(predict, server)
 
     @app.get(server.healthcheck_path)

@@ -69,7 +69,8 @@ def png_bomb(width: int = 60_000, height: int = 60_000) -> bytes:
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + chunk(b"IEND", b"")
+    idat = chunk(b"IDAT", zlib.compress(b"\0" * 1000))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + idat + chunk(b"IEND", b"")
 
 
 def b64(data: bytes) -> str:
@@ -142,6 +143,8 @@ def test_model_info(server, ckpt):
     assert info["checkpoint_sha256"] == file_sha256(ckpt)
     assert info["training_data"] == {"counts": {"train": {"synthetic": {"normal": 1}}}}
     assert info["package_version"] and info["limits"]["max_images_per_request"] == 10
+    # LitServe's own /info (no auth) is not exposed.
+    assert requests.get(server.url + "/info", timeout=10).status_code == 404
 
 
 # ---------------------------------------------------------------- /predict
@@ -182,7 +185,8 @@ def test_dicom_monochrome1_served_as_inverted_image(server):
 # ---------------------------------------------------------------- /predict/batch
 def test_batch_multipart_and_json_in_order(server, ckpt, reference):
     images = [png(seed) for seed in (4, 5, 6)]
-    multipart = post(server, "/predict/batch", files=[("files", (f"{i}.png", d, "image/png")) for i, d in enumerate(images)])
+    files = [("files", (f"{i}.png", d, "image/png")) for i, d in enumerate(images)]
+    multipart = post(server, "/predict/batch", files=files)
     as_json = post(server, "/predict/batch", json={"images": [b64(d) for d in images]})
     for response in (multipart, as_json):
         assert response.status_code == 200, response.text
@@ -262,7 +266,8 @@ BAD_INPUTS = {
     "malformed_base64": (dict(json={"image": "this is *not* base64!"}), 422, "invalid_base64"),
     "base64_not_string": (dict(json={"image": 42}), 422, "invalid_base64"),
     "malformed_multipart": (dict(data=b"--b\r\nContent-Disposition: form-data; name=\"file\"\r\n\r\nabc",
-                                 headers={**AUTH, "Content-Type": "multipart/form-data; boundary=b"}), (400, 422), None),
+                                 headers={**AUTH, "Content-Type": "multipart/form-data; boundary=b"}),
+                            (400, 422), None),
     "dicom_without_pixels": (dict(json={"image": b64(make_dicom(None))}), 422, "dicom_without_pixels"),
     "pixel_bomb": (dict(files={"file": ("bomb.png", png_bomb(), "image/png")}), 413, "image_too_large"),
     "payload_too_large": (dict(data=b"{" + b" " * (MAX_PAYLOAD + 10) + b"}",

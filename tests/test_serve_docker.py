@@ -63,8 +63,10 @@ def test_entry_command_serves(tiny_checkpoint, tmp_path):
     for arg in entry_command():
         key = arg.split("=", 1)[0]
         replacements = {"ckpt_path": f"ckpt_path={tiny_checkpoint}", "server.host": "server.host=127.0.0.1",
-                        "server.port": f"server.port={port}", "server.audit_log": f"server.audit_log={tmp_path}/a.jsonl",
-                        "hydra.run.dir": f"hydra.run.dir={tmp_path}/run", "paths.cache_dir": f"paths.cache_dir={tmp_path}"}
+                        "server.port": f"server.port={port}",
+                        "server.audit_log": f"server.audit_log={tmp_path}/a.jsonl",
+                        "hydra.run.dir": f"hydra.run.dir={tmp_path}/run",
+                        "paths.cache_dir": f"paths.cache_dir={tmp_path}"}
         command.append(replacements.get(key, arg))
     command[0] = str(Path(sys.executable).with_name(command[0]))
     assert len(command) == len(entry_command())
