@@ -1,7 +1,6 @@
 """Load a trained checkpoint for inference: weights, classes, preprocessing and temperature together."""
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -12,15 +11,7 @@ import torch
 from torch import nn
 
 from cxr.data.preprocess import Preprocessing
-from cxr.models.module import CHECKPOINT_KEY
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+from cxr.checkpoint import file_sha256, read_checkpoint
 
 
 @dataclass
@@ -63,12 +54,7 @@ class Classifier:
 
 def load_classifier(ckpt_path: str | Path) -> Classifier:
     path = Path(ckpt_path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    spec = checkpoint.get(CHECKPOINT_KEY)
-    if spec is None:
-        raise ValueError(f"{path} is not a cxr checkpoint (no '{CHECKPOINT_KEY}' record)")
+    checkpoint, spec = read_checkpoint(path)
     # Architecture only: the trained weights come from the checkpoint just below.
     net = timm.create_model(spec["backbone"], pretrained=False, num_classes=len(spec["class_names"]),
                             in_chans=spec["preprocessing"]["in_chans"], **spec.get("backbone_kwargs", {}))

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import signal
 from pathlib import Path
@@ -22,6 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from cxr import __version__
+from cxr.checkpoint import file_sha256, read_spec
 from cxr.config import CONFIG_DIR, log_config
 from serve.api import BatchAPI, ExplainAPI, PredictAPI, Settings
 from serve.errors import error_response, http_exception_response
@@ -30,8 +30,6 @@ from serve.referral import Referral
 from serve.requests import HealthProbe
 
 log = logging.getLogger("serve.app")
-# Same key as cxr.models.module.CHECKPOINT_KEY (importing that module pulls in Lightning; a test keeps them equal).
-CHECKPOINT_KEY = "cxr"
 HEALTH_PROBE_TIMEOUT = 10.0
 
 
@@ -59,29 +57,6 @@ def model_info(spec: dict, settings: Settings, server_cfg) -> dict:
     }
 
 
-def read_spec(ckpt_path: str | Path) -> dict:
-    """The checkpoint's inference record, without building the network (keeps startup light: the
-    model itself is loaded in the inference workers)."""
-    import torch
-
-    path = Path(ckpt_path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    spec = checkpoint.get(CHECKPOINT_KEY) if isinstance(checkpoint, dict) else None
-    if not spec:
-        raise ValueError(f"{path} is not a cxr checkpoint (no '{CHECKPOINT_KEY}' record)")
-    return spec
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def build_server(cfg: DictConfig) -> ls.LitServer:
     s = cfg.server
     spec = read_spec(cfg.ckpt_path)  # fail fast on a bad checkpoint, before any worker starts
@@ -97,7 +72,7 @@ def build_server(cfg: DictConfig) -> ls.LitServer:
                         audit_log=str(Path(s.audit_log).resolve()) if s.audit_log else None,
                         review_confidence=float(s.review_confidence), max_pixels=int(s.max_pixels),
                         max_images_per_request=int(s.max_images_per_request),
-                        num_threads=s.threads, model_sha256=sha256_file(cfg.ckpt_path))
+                        num_threads=s.threads, model_sha256=file_sha256(cfg.ckpt_path))
     info = model_info(spec, settings, s)
 
     predict = PredictAPI(settings, max_batch_size=int(s.max_batch_size), batch_timeout=float(s.batch_timeout))

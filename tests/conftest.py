@@ -8,7 +8,8 @@ import torch
 
 from cxr.data.preprocess import Preprocessing
 from cxr.data.synthetic import generate
-from cxr.models.module import CHECKPOINT_KEY, ChestXrayClassifier
+from cxr.checkpoint import CHECKPOINT_KEY
+from cxr.models.module import ChestXrayClassifier
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data" / "cxr"

@@ -13,7 +13,8 @@ import torch
 
 from conftest import CLASS_NAMES, make_tiny_checkpoint
 from cxr.data.preprocess import Preprocessing
-from cxr.models.module import CHECKPOINT_KEY, ChestXrayClassifier
+from cxr.checkpoint import CHECKPOINT_KEY
+from cxr.models.module import ChestXrayClassifier
 from cxr.data.decode import decode_image
 from cxr.export import export_onnx, max_probability_difference, read_onnx_spec
 from cxr.inference import file_sha256, load_classifier

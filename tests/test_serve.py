@@ -19,7 +19,7 @@ from PIL import Image
 from conftest import CLASS_NAMES, make_tiny_checkpoint
 from cxr.data.decode import decode_image, to_uint8
 from cxr.inference import file_sha256, load_classifier
-from cxr.models.module import CHECKPOINT_KEY
+from cxr.checkpoint import CHECKPOINT_KEY
 from serve.testing import start_server
 from test_dicom import gradient16, make_dicom
 

@@ -84,15 +84,9 @@ def test_error_shape():
     assert json.loads(response.body) == {"error": {"code": "invalid_image", "message": "broken"}}
 
 
-def test_checkpoint_key_matches_training():
-    from cxr.models.module import CHECKPOINT_KEY
-    from serve.app import CHECKPOINT_KEY as SERVE_KEY
-    assert SERVE_KEY == CHECKPOINT_KEY
-
-
 def test_read_spec_rejects_non_cxr_checkpoints(tmp_path, tiny_checkpoint):
     import torch
-    from serve.app import read_spec
+    from cxr.checkpoint import read_spec
     assert read_spec(tiny_checkpoint)["backbone"] == "test_efficientnet"
     torch.save({"state_dict": {}}, tmp_path / "other.ckpt")
     with pytest.raises(ValueError):

@@ -7,7 +7,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Refuse decompression bombs by the size the header declares, before any pixel is decoded.
 DEFAULT_MAX_PIXELS = 50_000_000
@@ -85,6 +85,8 @@ def _decode_raster(data: bytes, max_pixels: int) -> np.ndarray:
         raise
     except Image.DecompressionBombError as exc:
         raise ImageDecodeError(str(exc), code="image_too_large") from exc
+    except UnidentifiedImageError as exc:
+        raise ImageDecodeError("not a recognised image format (expected PNG, JPEG or DICOM)") from exc
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ... for broken files
         raise ImageDecodeError(f"not a decodable image ({type(exc).__name__}: {exc})") from exc
     image = ImageOps.exif_transpose(image)

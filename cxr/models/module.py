@@ -10,10 +10,9 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import (MulticlassAccuracy, MulticlassAUROC, MulticlassF1Score,
                                          MulticlassPrecision, MulticlassRecall)
 
+from cxr.checkpoint import CHECKPOINT_KEY
 from cxr.data.preprocess import Preprocessing
 from cxr.models.backbone import create_backbone, head_parameter_names
-
-CHECKPOINT_KEY = "cxr"
 
 
 def classification_metrics(num_classes: int) -> MetricCollection:

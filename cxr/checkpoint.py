@@ -1,0 +1,37 @@
+"""The checkpoint's inference record: where it lives and how to read it without building a model.
+
+Importing this module costs only torch (no Lightning, no timm), so light processes such as the
+server's main process can read a checkpoint's spec cheaply.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+CHECKPOINT_KEY = "cxr"
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_checkpoint(ckpt_path: str | Path) -> tuple[dict, dict]:
+    """(checkpoint, spec); raises FileNotFoundError / ValueError for a missing or foreign file."""
+    import torch
+
+    path = Path(ckpt_path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    spec = checkpoint.get(CHECKPOINT_KEY) if isinstance(checkpoint, dict) else None
+    if not spec:
+        raise ValueError(f"{path} is not a cxr checkpoint (no '{CHECKPOINT_KEY}' record)")
+    return checkpoint, spec
+
+
+def read_spec(ckpt_path: str | Path) -> dict:
+    return read_checkpoint(ckpt_path)[1]
