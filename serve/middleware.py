@@ -34,17 +34,7 @@ class RequestGuard:
             # Close the connection when the body was not read, so the client stops sending it.
             headers = {"Connection": "close"} if status == 413 else None
             return await error_response(status, code, message, headers)(scope, receive, send)
-        body = reply
-        sent = False
-
-        async def replay():
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        return await self.app(scope, replay, send)
+        return await self.app(scope, _replay(reply, receive), send)
 
     async def _check(self, scope, receive):
         headers = Headers(scope=scope)
@@ -89,18 +79,27 @@ class RequestGuard:
             if not isinstance(parsed, dict):
                 return 422, "invalid_request", "JSON body must be an object like {\"image\": \"<base64>\"}"
             return body
-        sent = False
-
-        async def once():
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return {"type": "http.disconnect"}
-
         try:
-            form = await Request(scope, once).form()
+            form = await Request(scope, _replay(body, _disconnected)).form()
             await form.close()
         except Exception as exc:  # multipart errors: missing boundary, truncated parts, ...
             return 400, "malformed_multipart", f"request body is not valid multipart/form-data: {exc}"
         return body
+
+
+async def _disconnected() -> dict:
+    return {"type": "http.disconnect"}
+
+
+def _replay(body: bytes, then):
+    """An ASGI receive() that hands over the already-read body once, then defers to `then`."""
+    sent = False
+
+    async def receive():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await then()
+
+    return receive
