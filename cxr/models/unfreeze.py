@@ -14,6 +14,8 @@ from lightning.pytorch.callbacks import BaseFinetuning
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from cxr.models.schedule import base_lr
+
 log = logging.getLogger(__name__)
 
 
@@ -68,7 +70,7 @@ class ProgressiveUnfreezing(BaseFinetuning):
             if not opening:
                 continue
             factor = self.backbone_lr_factor if self.backbone_lr_factor is not None else pl_module.backbone_lr_factor
-            head_lr = optimizer.param_groups[0]["lr"]
+            head_lr = base_lr(optimizer.param_groups[0])  # undecayed: a schedule then decays the new group too
             self.unfreeze_and_add_param_group(opening, optimizer, lr=head_lr * factor, initial_denom_lr=1.0,
                                               train_bn=self.train_bn)
             log.info("epoch %d: unfroze backbone stages %d..%d of %d (lr %.2e)", epoch, self.n_unfrozen, end - 1,

@@ -1,0 +1,41 @@
+"""Per-epoch cosine learning-rate decay that also covers parameter groups added mid-training.
+
+torch's LR schedulers remember one base rate per parameter group at construction, so the groups
+that progressive unfreezing adds later would never decay. This callback records each group's base
+rate when it first sees the group and sets lr = base * factor(epoch) at every epoch start.
+"""
+from __future__ import annotations
+
+import math
+
+import lightning as L
+
+BASE_LR_KEY = "base_lr"
+
+
+def cosine_factor(epoch: int, total_epochs: int, warmup_epochs: int = 0, min_factor: float = 0.05) -> float:
+    if epoch < warmup_epochs:
+        return (epoch + 1) / (warmup_epochs + 1)
+    span = max(1, total_epochs - warmup_epochs - 1)
+    progress = min(1.0, (epoch - warmup_epochs) / span)
+    return min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def base_lr(group: dict) -> float:
+    """The undecayed rate of a parameter group (its current rate if the decay has not seen it yet)."""
+    return group.get(BASE_LR_KEY, group["lr"])
+
+
+class EpochCosineDecay(L.Callback):
+    def __init__(self, total_epochs: int | None = None, warmup_epochs: int = 0, min_factor: float = 0.05):
+        self.total_epochs = total_epochs
+        self.warmup_epochs = warmup_epochs
+        self.min_factor = min_factor
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        total = self.total_epochs or trainer.max_epochs
+        factor = cosine_factor(trainer.current_epoch, total, self.warmup_epochs, self.min_factor)
+        for optimizer in trainer.optimizers:
+            for group in optimizer.param_groups:
+                group.setdefault(BASE_LR_KEY, group["lr"])
+                group["lr"] = group[BASE_LR_KEY] * factor

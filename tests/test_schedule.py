@@ -1,0 +1,45 @@
+"""Cosine decay reaches every parameter group, including the ones unfreezing adds later."""
+import lightning as L
+import pytest
+import torch
+
+from cxr.data.datamodule import ChestXrayDataModule
+from cxr.data.preprocess import Preprocessing
+from cxr.models.module import ChestXrayClassifier
+from cxr.models.schedule import EpochCosineDecay, cosine_factor
+from cxr.models.unfreeze import ProgressiveUnfreezing
+
+
+def test_cosine_factor_shape():
+    assert cosine_factor(0, 5) == pytest.approx(1.0)
+    assert cosine_factor(4, 5, min_factor=0.1) == pytest.approx(0.1)
+    values = [cosine_factor(e, 5) for e in range(5)]
+    assert values == sorted(values, reverse=True)
+    assert cosine_factor(0, 5, warmup_epochs=1) == pytest.approx(0.5)
+
+
+class LrRecorder(L.Callback):
+    def __init__(self):
+        self.lrs = []
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.lrs.append([g["lr"] for g in trainer.optimizers[0].param_groups])
+
+
+def test_decay_covers_groups_added_by_unfreezing(synthetic_manifest):
+    prep = Preprocessing(image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3)
+    dm = ChestXrayDataModule.from_manifest(str(synthetic_manifest), preprocessing=prep, batch_size=8)
+    model = ChestXrayClassifier("test_efficientnet", dm.class_names, prep, pretrained="none",
+                                optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2), backbone_lr_factor=0.1)
+    recorder = LrRecorder()
+    trainer = L.Trainer(max_epochs=4, limit_train_batches=1, limit_val_batches=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, callbacks=[ProgressiveUnfreezing([2], [-1]),
+                                                              EpochCosineDecay(min_factor=0.1), recorder])
+    trainer.fit(model, datamodule=dm)
+    head = trainer.optimizers[0].param_groups[0]["base_lr"]
+    expected_head = [head * cosine_factor(e, 4, min_factor=0.1) for e in range(4)]
+    assert [lrs[0] for lrs in recorder.lrs] == pytest.approx(expected_head)
+    assert len(recorder.lrs[1]) == 1 and len(recorder.lrs[2]) == 2
+    # The backbone group starts at base * factor(epoch 2) and keeps decaying with the head.
+    for epoch in (2, 3):
+        assert recorder.lrs[epoch][1] == pytest.approx(head * 0.1 * cosine_factor(epoch, 4, min_factor=0.1))
