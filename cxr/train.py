@@ -53,7 +53,7 @@ def train(cfg: DictConfig) -> dict:
     elif Path(checkpoint_cb.best_model_path).resolve() != best.resolve():
         raise RuntimeError(f"best checkpoint is {checkpoint_cb.best_model_path}, expected {best}")
 
-    results = {"best_checkpoint": str(best), "fit_seconds": fit_seconds,
+    results = {"best_checkpoint": str(best), "fit_seconds": fit_seconds, "epochs": trainer.current_epoch,
                "train_images_per_second": len(datamodule.dataset("train")) * trainer.current_epoch / fit_seconds
                if trainer.current_epoch else None}
     if cfg.get("test_after_fit", True):

@@ -75,7 +75,8 @@ def main() -> None:
     for figure in ("confusion_matrix.png", "roc_curves.png"):
         shutil.copy(args.run / "eval" / figure, out / figure)
     lines = [f"# {args.name}", "", "```bash", args.command, *args.holdout_command, "```", "",
-             f"- Wall time (fit): {results['fit_seconds'] / 60:.1f} min on this machine (2 CPU cores, no GPU); "
+             f"- Wall time (fit): {results['fit_seconds'] / 60:.1f} min for {results.get('epochs', '?')} epochs on this machine "
+             f"(2 CPU cores, no GPU); "
              f"train throughput {results['train_images_per_second']:.1f} images/s; "
              f"test inference {metrics['images_per_second']:.1f} images/s.",
              f"- Test split of `../shared/data/cxr` (patient-grouped): n = {metrics['n']}. "
