@@ -21,6 +21,12 @@ from omegaconf import DictConfig, open_dict
 from cxr.config import CONFIG_DIR, configure_threads
 
 
+def endless(loader):
+    """Re-iterate the loader (itertools.cycle would replay cached, un-augmented batches)."""
+    while True:
+        yield from loader
+
+
 def timed_steps(model, optimizer, batches, steps: int) -> float:
     model.train()
     start = time.perf_counter()
@@ -48,9 +54,9 @@ def main(cfg: DictConfig) -> None:
     fixed = next(iter(loader))
     timed_steps(model, optimizer, itertools.repeat(fixed), 2)  # warm-up
     in_memory = timed_steps(model, optimizer, itertools.repeat(fixed), steps)
-    real = timed_steps(model, optimizer, itertools.cycle(loader), steps)
+    real = timed_steps(model, optimizer, endless(loader), steps)
     t0 = time.perf_counter()
-    n_loaded = sum(len(y) for _, y in itertools.islice(itertools.cycle(loader), steps))
+    n_loaded = sum(len(y) for _, y in itertools.islice(endless(loader), steps))
     loader_only = time.perf_counter() - t0
     result = {
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
