@@ -13,6 +13,13 @@ if not OmegaConf.has_resolver("project_root"):
     OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT))
 
 
+def instantiate_optional(node):
+    """instantiate() for a group that may be switched off (`augment=none` composes to an empty node)."""
+    from hydra.utils import instantiate
+
+    return instantiate(node) if node else None
+
+
 def configure_threads(cfg: DictConfig) -> None:
     import torch
 

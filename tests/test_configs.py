@@ -47,6 +47,15 @@ def test_packaged_weights_are_paired_with_their_normalisation():
             assert list(cfg.preprocess.mean) == [0.5] * 3 and list(cfg.preprocess.std) == [0.5] * 3, experiment
 
 
+def test_switched_off_groups_build_nothing():
+    from cxr.config import instantiate_optional
+
+    cfg = compose_train("augment=none", "logger=none")
+    assert instantiate_optional(cfg.get("augment")) is None
+    assert not cfg.logger
+    assert instantiate_optional(compose_train().augment) is not None
+
+
 @pytest.mark.parametrize("data", ["synthetic", "manifest", "folder", "shared"])
 def test_data_configs_compose(data):
     cfg = compose_train(f"data={data}")
