@@ -119,7 +119,8 @@ def bench_backend(args, backend: str, images: list[bytes], tmp: Path, results: d
     audit = tmp / f"audit-{backend}.jsonl"
     overrides = [f"server.backend={backend}", f"server.threads={args.threads}", f"server.audit_log={audit}",
                  f"server.max_batch_size={args.max_batch_size}",
-                 f"server.batch_timeout={args.batch_timeout}", f"paths.cache_dir={tmp / 'cache'}"]
+                 f"server.batch_timeout={args.batch_timeout}", f"paths.cache_dir={tmp / 'cache'}",
+                 *args.server_override]
     t0 = time.perf_counter()
     with start_server(args.ckpt, tmp / backend, *overrides) as server:
         results[backend] = {"startup_s": time.perf_counter() - t0, "levels": []}
@@ -153,6 +154,8 @@ def main() -> None:
     parser.add_argument("--soak-seconds", type=float, default=120.0)
     parser.add_argument("--soak-backend", default="torch", choices=["torch", "onnx"])
     parser.add_argument("--backends", default="torch,onnx")
+    parser.add_argument("--server-override", action="append", default=[],
+                        help="extra cxr-serve override, e.g. server.num_api_servers=2 (repeatable)")
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--batch-timeout", type=float, default=0.01)
     parser.add_argument("--offline-seconds", type=float, default=10.0)
