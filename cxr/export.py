@@ -17,7 +17,7 @@ import torch
 from omegaconf import DictConfig
 
 from cxr.config import CONFIG_DIR, configure_threads, log_config
-from cxr.inference import Classifier, load_classifier
+from cxr.inference import Classifier, calibrated_probabilities, load_classifier
 
 log = logging.getLogger("cxr.export")
 METADATA_KEY = "cxr_spec"
@@ -69,7 +69,7 @@ def max_probability_difference(classifier: Classifier, onnx_path: str | Path, im
     batch = torch.stack([classifier.preprocess(image) for image in images])
     expected = classifier.probabilities(batch).numpy()
     logits = session.run([OUTPUT_NAME], {INPUT_NAME: batch.numpy()})[0]
-    got = torch.softmax(torch.from_numpy(logits) / classifier.temperature, dim=1).numpy()
+    got = calibrated_probabilities(torch.from_numpy(logits), classifier.temperature).numpy()
     return float(np.abs(expected - got).max())
 
 

@@ -14,6 +14,11 @@ from cxr.data.preprocess import Preprocessing
 from cxr.checkpoint import file_sha256, read_checkpoint
 
 
+def calibrated_probabilities(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """softmax(logits / temperature): the probabilities every backend reports."""
+    return torch.softmax(logits.float() / temperature, dim=1)
+
+
 @dataclass
 class Classifier:
     """A checkpoint ready for inference. `spec` is the checkpoint's inference record."""
@@ -44,7 +49,7 @@ class Classifier:
         return self.net(batch.contiguous(memory_format=torch.channels_last))
 
     def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.logits(batch) / self.temperature, dim=1)
+        return calibrated_probabilities(self.logits(batch), self.temperature)
 
     def predict(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """Greyscale uint8 images -> (N, C) calibrated probabilities, in one forward pass."""

@@ -10,17 +10,12 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import torch
 
 from cxr.data.preprocess import Preprocessing
+from cxr.inference import calibrated_probabilities
 
 log = logging.getLogger("serve.backends")
-
-
-def _softmax(logits: np.ndarray, temperature: float) -> np.ndarray:
-    z = logits.astype(np.float64) / temperature
-    z -= z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
 class TorchBackend:
@@ -62,7 +57,7 @@ class OnnxBackend:
     def predict(self, images: Sequence[np.ndarray]) -> np.ndarray:
         batch = np.stack([self.preprocessing(image).numpy() for image in images]).astype(np.float32)
         logits = self.session.run([self._output], {self._input: batch})[0]
-        return _softmax(logits, self.temperature)
+        return calibrated_probabilities(torch.from_numpy(logits), self.temperature).numpy()
 
 
 def onnx_cache_path(cache_dir: str | Path, sha256: str) -> Path:
@@ -72,7 +67,8 @@ def onnx_cache_path(cache_dir: str | Path, sha256: str) -> Path:
 def ensure_onnx(ckpt_path: str | Path, onnx_path: str | Path | None, cache_dir: str | Path) -> Path:
     """The ONNX file to serve: the configured one, or an export of the checkpoint cached by its hash."""
     from cxr.export import export_onnx
-    from cxr.inference import file_sha256, load_classifier
+    from cxr.checkpoint import file_sha256
+    from cxr.inference import load_classifier
 
     if onnx_path:
         path = Path(onnx_path)

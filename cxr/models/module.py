@@ -12,6 +12,7 @@ from torchmetrics.classification import (MulticlassAccuracy, MulticlassAUROC, Mu
 
 from cxr.checkpoint import CHECKPOINT_KEY
 from cxr.data.preprocess import Preprocessing
+from cxr.inference import calibrated_probabilities
 from cxr.models.backbone import create_backbone, head_parameter_names
 
 
@@ -83,7 +84,7 @@ class ChestXrayClassifier(L.LightningModule):
         x, y = batch
         logits = self(x)
         self.log(f"{stage}/loss", self.loss(logits, y), on_epoch=True, batch_size=len(y))
-        metrics.update(torch.softmax(logits / self.temperature, dim=1), y)
+        metrics.update(calibrated_probabilities(logits, self.temperature), y)
 
     def _log_metrics(self, metrics: MetricCollection) -> None:
         for name, value in metrics.compute().items():
@@ -107,7 +108,7 @@ class ChestXrayClassifier(L.LightningModule):
         self._log_metrics(self.test_metrics)
 
     def predict_step(self, batch, batch_idx):
-        return torch.softmax(self(batch[0]) / self.temperature, dim=1)
+        return calibrated_probabilities(self(batch[0]), self.temperature)
 
     # ---- optimisation -----------------------------------------------------------------------
     def parameter_groups(self, base_lr: float) -> list[dict]:
