@@ -39,4 +39,6 @@ EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=15s --start-period=120s --retries=3 \
   CMD ["python", "-c", "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=10).status == 200 else 1)"]
 ENTRYPOINT ["cxr-serve"]
-CMD ["ckpt_path=/models/model.ckpt", "server.host=0.0.0.0", "server.port=8000", "server.audit_log=/var/log/cxr/audit.jsonl", "hydra.run.dir=/tmp/cxr-serve", "paths.cache_dir=/tmp/cxr-cache"]
+# ONNX Runtime and two /predict workers: the fastest measured setting on 2 CPU cores
+# (benchmarks/serve_results.md); on a bigger box raise server.predict_workers.
+CMD ["ckpt_path=/models/model.ckpt", "server.host=0.0.0.0", "server.port=8000", "server.backend=onnx", "server.predict_workers=2", "server.audit_log=/var/log/cxr/audit.jsonl", "hydra.run.dir=/tmp/cxr-serve", "paths.cache_dir=/tmp/cxr-cache"]

@@ -82,7 +82,11 @@ def build_server(cfg: DictConfig) -> ls.LitServer:
     if s.cors_origins:
         middlewares.append((CORSMiddleware, {"allow_origins": list(s.cors_origins), "allow_methods": ["GET", "POST"],
                                              "allow_headers": ["Content-Type", "X-API-Key"]}))
-    server = ls.LitServer(apis, accelerator="cpu", workers_per_device=int(s.workers_per_device),
+    # /predict may get more worker processes than the others: it is the endpoint under load, and one
+    # single-threaded worker leaves the second of two cores idle.
+    predict_workers = int(s.predict_workers or s.workers_per_device)
+    workers = [predict_workers] + [int(s.workers_per_device)] * (len(apis) - 1)
+    server = ls.LitServer(apis, accelerator="cpu", workers_per_device=workers,
                           timeout=float(s.timeout), model_metadata=info, middlewares=middlewares)
     install_routes(server, predict, info)
     return server

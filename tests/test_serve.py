@@ -3,6 +3,7 @@ DICOM, bad input, auth, CORS, batch limits, and the audit log under concurrent l
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import struct
@@ -91,10 +92,11 @@ def ckpt(tmp_path_factory):
 def server(ckpt, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
     audit = tmp / "audit.jsonl"
+    # Two /predict workers: the audit log then has three writer processes (two predict, one batch).
     proc = start_server(ckpt, tmp, f"server.api_key={API_KEY}", f"server.audit_log={audit}",
                         "server.review_confidence=0.5", f"server.max_payload_bytes={MAX_PAYLOAD}",
                         f"server.cors_origins=['{ORIGIN}']", "server.max_batch_size=8", "server.batch_timeout=0.05",
-                        "server.num_api_servers=1")
+                        "server.num_api_servers=1", "server.predict_workers=2")
     with proc:
         proc.audit_path = audit
         yield proc
@@ -370,7 +372,6 @@ def test_audit_log_under_concurrent_load(server):
     ids = {r.json()["request_id"] if "request_id" in r.json() else r.json()["results"][0]["request_id"]
            for r in responses}
     assert {line["request_id"] for line in lines} == ids
-    import hashlib
     assert {line["image_sha256"] for line in lines} == {hashlib.sha256(d).hexdigest() for d in images}
     for line in lines:
         assert set(line) >= {"time", "request_id", "endpoint", "image_sha256", "model_sha256", "probabilities",

@@ -72,6 +72,9 @@ def test_entry_command_serves(tiny_checkpoint, tmp_path):
     assert len(command) == len(entry_command())
     with ServerProcess(command, port, tmp_path / "server.log", env={"CXR_API_KEY": ""}) as server:
         assert requests.get(server.url + "/health", timeout=30).status_code == 200
+        settings = dict(arg.split("=", 1) for arg in command[1:])
+        info = requests.get(server.url + "/model/info", timeout=30).json()
+        assert info["backend"] == settings.get("server.backend", "torch")
         buffer = io.BytesIO()
         Image.fromarray(np.full((70, 70), 128, np.uint8)).save(buffer, format="PNG")
         # No API key configured: model endpoints are open.
