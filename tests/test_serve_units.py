@@ -93,3 +93,19 @@ def test_read_spec_rejects_non_cxr_checkpoints(tmp_path, tiny_checkpoint):
         read_spec(tmp_path / "other.ckpt")
     with pytest.raises(FileNotFoundError):
         read_spec(tmp_path / "missing.ckpt")
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    ([], {"/predict": 1, "/predict/batch": 1, "/predict/explain": 1}),
+    (["server.predict_workers=2"], {"/predict": 2, "/predict/batch": 1, "/predict/explain": 1}),
+    (["server.workers_per_device=2"], {"/predict": 2, "/predict/batch": 2, "/predict/explain": 2}),
+])
+def test_predict_workers_only_scale_predict(tiny_checkpoint, tmp_path, overrides, expected):
+    from hydra import compose, initialize_config_dir
+
+    from cxr.config import CONFIG_DIR
+    from serve.app import build_server
+
+    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+        cfg = compose("serve", overrides=[f"ckpt_path={tiny_checkpoint}", f"paths.cache_dir={tmp_path}", *overrides])
+    assert build_server(cfg)._workers_per_device_by_api_path == expected
