@@ -18,7 +18,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
-from cxr.config import CONFIG_DIR, configure_threads, instantiate_optional
+from cxr.config import CONFIG_DIR, configure_threads, instantiate_datamodule
 
 
 def endless(loader):
@@ -44,8 +44,7 @@ def main(cfg: DictConfig) -> None:
     steps = int(cfg.get("steps", 20))
     torch.manual_seed(cfg.seed)
     preprocessing = instantiate(cfg.preprocess)
-    augment = instantiate_optional(cfg.get("augment"))
-    datamodule = instantiate(cfg.data, _partial_=True)(preprocessing=preprocessing, augment=augment)
+    datamodule = instantiate_datamodule(cfg, preprocessing)  # the training loader, exactly as cxr-train builds it
     t0 = time.perf_counter()
     datamodule.setup("fit")
     setup_seconds = time.perf_counter() - t0

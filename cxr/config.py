@@ -20,6 +20,15 @@ def instantiate_optional(node):
     return instantiate(node) if node else None
 
 
+def instantiate_datamodule(cfg, preprocessing):
+    """The training data module of a composed train config, with its augmentation (or none)."""
+    from hydra.utils import instantiate
+
+    # Runtime objects go to partials: instantiate() would turn them into OmegaConf nodes.
+    augment = instantiate_optional(cfg.get("augment"))
+    return instantiate(cfg.data, _partial_=True)(preprocessing=preprocessing, augment=augment)
+
+
 def configure_threads(cfg: DictConfig) -> None:
     import torch
 

@@ -16,7 +16,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from cxr.config import CONFIG_DIR, configure_threads, instantiate_optional, log_config
+from cxr.config import CONFIG_DIR, configure_threads, instantiate_datamodule, log_config
 from cxr.evaluation.evaluate import evaluate
 from cxr.inference import load_classifier
 
@@ -28,9 +28,7 @@ def train(cfg: DictConfig) -> dict:
     L.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.paths.output_dir)
     preprocessing = instantiate(cfg.preprocess)
-    # Runtime objects go to partials: instantiate() would turn them into OmegaConf nodes.
-    augment = instantiate_optional(cfg.get("augment"))
-    datamodule = instantiate(cfg.data, _partial_=True)(preprocessing=preprocessing, augment=augment)
+    datamodule = instantiate_datamodule(cfg, preprocessing)
     datamodule.setup("fit")  # decodes every train/val image now: a broken file stops here, with its path
     weights = datamodule.class_weights()
     model = instantiate(cfg.model, _partial_=True)(class_names=datamodule.class_names, preprocessing=preprocessing,
