@@ -4,7 +4,7 @@ Times N train steps fed by the real loader (cached standardized images + albumen
 augmentation + normalisation + weighted sampler) against N train steps on one in-memory batch,
 same model, batch size and settings. Ratio = in-memory time / real-loader time (1.0 = free loader).
 
-    python benchmarks/loader_bench.py experiment=lite0_harmonized [steps=20]
+    python benchmarks/loader_bench.py experiment=lite0_harmonized [+steps=20]
 """
 from __future__ import annotations
 
