@@ -73,21 +73,19 @@ def offline_throughput(backend_name: str, ckpt: str, images: list[bytes], batch_
             "images_per_s_with_decode": done_dec / elapsed_dec}
 
 
-def multipart_body(image: bytes, fields: dict | None = None) -> tuple[bytes, str]:
+def multipart_body(image: bytes) -> tuple[bytes, str]:
     """One multipart/form-data body (field `file`), encoded once: the clients share this machine's two
     cores with the server, so per-request client work is kept to sending bytes and reading the answer."""
     boundary = uuid.uuid4().hex
-    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
-             for name, value in (fields or {}).items()]
-    parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="x.jpg"\r\n'
-                 f"Content-Type: image/jpeg\r\n\r\n".encode() + image + b"\r\n")
-    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="x.jpg"\r\n'
+            f"Content-Type: image/jpeg\r\n\r\n".encode() + image + f"\r\n--{boundary}--\r\n".encode())
+    return body, f"multipart/form-data; boundary={boundary}"
 
 
 def run_load(url: str, path: str, images: list[bytes], clients: int, n_requests: int | None = None,
-             seconds: float | None = None, headers: dict | None = None, data: dict | None = None) -> dict:
+             seconds: float | None = None) -> dict:
     """`clients` threads, each with one keep-alive connection, posting the images in turn."""
-    bodies = [multipart_body(image, data) for image in images]
+    bodies = [multipart_body(image) for image in images]
     host, port = urlsplit(url).hostname, urlsplit(url).port
     latencies, errors, lock = [], [], threading.Lock()
     counter = iter(range(10**9))
@@ -104,7 +102,7 @@ def run_load(url: str, path: str, images: list[bytes], clients: int, n_requests:
             body, content_type = bodies[i % len(bodies)]
             t0 = time.perf_counter()
             try:
-                connection.request("POST", path, body=body, headers={"Content-Type": content_type, **(headers or {})})
+                connection.request("POST", path, body=body, headers={"Content-Type": content_type})
                 response = connection.getresponse()
                 answer = response.read()
                 ok = response.status == 200 and "label" in json.loads(answer)
