@@ -35,3 +35,20 @@ def read_checkpoint(ckpt_path: str | Path) -> tuple[dict, dict]:
 
 def read_spec(ckpt_path: str | Path) -> dict:
     return read_checkpoint(ckpt_path)[1]
+
+
+def write_checkpoint_with_spec(ckpt_path: str | Path, out_path: str | Path, **spec_updates) -> Path:
+    """Write `ckpt_path` to `out_path` with its spec updated. The file appears whole or not at all, so
+    updating a checkpoint in place never leaves a truncated one behind."""
+    import os
+
+    import torch
+
+    checkpoint, spec = read_checkpoint(ckpt_path)
+    checkpoint[CHECKPOINT_KEY] = {**spec, **spec_updates}
+    out = Path(out_path).expanduser()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")
+    torch.save(checkpoint, partial)
+    os.replace(partial, out)
+    return out

@@ -2,7 +2,7 @@
 
     cxr-export ckpt_path=PATH [output=model.onnx] [opset=17]
 
-The spec (classes, preprocessing, temperature, ...) is embedded in the ONNX metadata under
+The spec (classes, preprocessing, calibration, ...) is embedded in the ONNX metadata under
 `cxr_spec` and written beside it as `<output>.json`, so an ONNX Runtime server needs nothing else.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from omegaconf import DictConfig
 
 from cxr.config import CONFIG_DIR, configure_threads, log_config
-from cxr.inference import Classifier, calibrated_probabilities, load_classifier
+from cxr.inference import Classifier, load_classifier
 
 log = logging.getLogger("cxr.export")
 METADATA_KEY = "cxr_spec"
@@ -69,7 +69,7 @@ def max_probability_difference(classifier: Classifier, onnx_path: str | Path, im
     batch = torch.stack([classifier.preprocess(image) for image in images])
     expected = classifier.probabilities(batch).numpy()
     logits = session.run([OUTPUT_NAME], {INPUT_NAME: batch.numpy()})[0]
-    got = calibrated_probabilities(torch.from_numpy(logits), classifier.temperature).numpy()
+    got = classifier.calibration.probabilities(torch.from_numpy(logits)).numpy()
     return float(np.abs(expected - got).max())
 
 

@@ -1,4 +1,4 @@
-"""Load a trained checkpoint for inference: weights, classes, preprocessing and temperature together."""
+"""Load a trained checkpoint for inference: weights, classes, preprocessing and calibration together."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -10,13 +10,9 @@ import timm
 import torch
 from torch import nn
 
-from cxr.data.preprocess import Preprocessing
+from cxr.calibration import Calibration
 from cxr.checkpoint import file_sha256, read_checkpoint
-
-
-def calibrated_probabilities(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """softmax(logits / temperature): the probabilities every backend reports."""
-    return torch.softmax(logits.float() / temperature, dim=1)
+from cxr.data.preprocess import Preprocessing
 
 
 @dataclass
@@ -28,18 +24,16 @@ class Classifier:
     sha256: str
     path: Path
     preprocessing: Preprocessing = field(init=False)
+    calibration: Calibration = field(init=False)
 
     def __post_init__(self) -> None:
         self.net = self.net.eval().to(memory_format=torch.channels_last)
         self.preprocessing = Preprocessing.from_dict(self.spec["preprocessing"])
+        self.calibration = Calibration.from_spec(self.spec)
 
     @property
     def class_names(self) -> list[str]:
         return list(self.spec["class_names"])
-
-    @property
-    def temperature(self) -> float:
-        return float(self.spec.get("temperature", 1.0))
 
     def preprocess(self, gray: np.ndarray) -> torch.Tensor:
         return self.preprocessing(gray)
@@ -49,7 +43,7 @@ class Classifier:
         return self.net(batch.contiguous(memory_format=torch.channels_last))
 
     def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
-        return calibrated_probabilities(self.logits(batch), self.temperature)
+        return self.calibration.probabilities(self.logits(batch))
 
     def predict(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """Greyscale uint8 images -> (N, C) calibrated probabilities, in one forward pass."""

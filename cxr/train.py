@@ -16,8 +16,10 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from cxr.calibration import check_calibration_targets
 from cxr.config import CONFIG_DIR, configure_threads, instantiate_datamodule, log_config
 from cxr.evaluation.evaluate import evaluate
+from cxr.evaluation.recalibrate import recalibrate_checkpoint
 from cxr.inference import load_classifier
 
 log = logging.getLogger("cxr.train")
@@ -30,6 +32,10 @@ def train(cfg: DictConfig) -> dict:
     preprocessing = instantiate(cfg.preprocess)
     datamodule = instantiate_datamodule(cfg, preprocessing)
     datamodule.setup("fit")  # decodes every train/val image now: a broken file stops here, with its path
+    calibration = cfg.get("calibration") or {"method": "none"}
+    if calibration["method"] != "none":  # refuse an impossible calibration now, not after the fit
+        check_calibration_targets(datamodule.split_frame(calibration["split"])["target"].tolist(),
+                                  datamodule.class_names, calibration["method"])
     weights = datamodule.class_weights()
     model = instantiate(cfg.model, _partial_=True)(class_names=datamodule.class_names, preprocessing=preprocessing,
                                                    class_weights=None if weights is None else weights.tolist())
@@ -55,15 +61,22 @@ def train(cfg: DictConfig) -> dict:
     results = {"best_checkpoint": str(best), "fit_seconds": fit_seconds, "epochs": trainer.current_epoch,
                "train_images_per_second": len(datamodule.dataset("train")) * trainer.current_epoch / fit_seconds
                if trainer.current_epoch else None}
+    if calibration["method"] != "none":
+        results["calibration"] = recalibrate_checkpoint(best, datamodule, calibration["split"], calibration["method"],
+                                                        out_path=best)
     if cfg.get("test_after_fit", True):
         trainer.test(model, datamodule=datamodule, ckpt_path=str(best), weights_only=False)
         results["test"] = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
         metrics = evaluate(load_classifier(best), datamodule, datamodule.split, out_dir / "eval",
                            title=f"{cfg.get('task_name', 'train')}: {datamodule.split} split")
         results["eval"] = {k: metrics[k] for k in ("n", "accuracy", "macro_auroc", "pneumonia_vs_normal_auroc")}
+        if "uncalibrated" in metrics:
+            results["eval"]["uncalibrated"] = metrics["uncalibrated"]
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     for logger in loggers:
-        logger.log_metrics({f"summary/{k}": v for k, v in (results.get("eval") or {}).items() if v is not None})
+        summary = dict(results.get("eval") or {})
+        summary.update({f"uncalibrated_{k}": v for k, v in summary.pop("uncalibrated", {}).items() if k != "recall"})
+        logger.log_metrics({f"summary/{k}": v for k, v in summary.items() if v is not None})
         logger.finalize("success")
     return results
 

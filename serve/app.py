@@ -44,6 +44,8 @@ def model_info(spec: dict, settings: Settings, server_cfg) -> dict:
                   "normalization": {"mean": pre["mean"], "std": pre["std"], "max_pixel_value": 255.0},
                   "preprocessing": pre},
         "temperature": float(spec.get("temperature", 1.0)),
+        "logit_bias": spec.get("logit_bias"),
+        "calibration_fit": spec.get("calibration_fit"),
         "thresholds": referral.thresholds or None,
         "review_confidence": referral.review_confidence,
         "referral_rule": referral.describe(),

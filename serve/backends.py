@@ -1,7 +1,7 @@
 """Inference backends: the PyTorch checkpoint, or its ONNX export under ONNX Runtime (CPU).
 
 Both take greyscale uint8 images, apply the checkpoint's own preprocessing, and return calibrated
-probabilities (softmax(logits / temperature)) as an (N, C) array from one forward pass.
+probabilities (the checkpoint's Calibration) as an (N, C) array from one forward pass.
 """
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from cxr.calibration import Calibration
 from cxr.data.preprocess import Preprocessing
-from cxr.inference import calibrated_probabilities
 
 log = logging.getLogger("serve.backends")
 
@@ -46,7 +46,7 @@ class OnnxBackend:
 
         self.spec = read_onnx_spec(onnx_path)
         self.preprocessing = Preprocessing.from_dict(self.spec["preprocessing"])
-        self.temperature = float(self.spec.get("temperature", 1.0))
+        self.calibration = Calibration.from_spec(self.spec)
         options = ort.SessionOptions()
         if num_threads:
             options.intra_op_num_threads = int(num_threads)
@@ -57,7 +57,7 @@ class OnnxBackend:
     def predict(self, images: Sequence[np.ndarray]) -> np.ndarray:
         batch = np.stack([self.preprocessing(image).numpy() for image in images]).astype(np.float32)
         logits = self.session.run([self._output], {self._input: batch})[0]
-        return calibrated_probabilities(torch.from_numpy(logits), self.temperature).numpy()
+        return self.calibration.probabilities(torch.from_numpy(logits)).numpy()
 
 
 def onnx_cache_path(cache_dir: str | Path, sha256: str) -> Path:

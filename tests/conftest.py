@@ -6,9 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from cxr.calibration import Calibration
+from cxr.checkpoint import CHECKPOINT_KEY
 from cxr.data.preprocess import Preprocessing
 from cxr.data.synthetic import generate
-from cxr.checkpoint import CHECKPOINT_KEY
 from cxr.models.module import ChestXrayClassifier
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -23,11 +24,11 @@ def synthetic_manifest(tmp_path_factory) -> Path:
 
 
 def make_tiny_checkpoint(path: Path, preprocessing: Preprocessing = TINY_PREPROCESSING, seed: int = 0,
-                         temperature: float = 1.0) -> Path:
+                         calibration: Calibration = Calibration()) -> Path:
     """A random-init `test_efficientnet` checkpoint in the same format cxr-train writes."""
     torch.manual_seed(seed)
     module = ChestXrayClassifier("test_efficientnet", CLASS_NAMES, preprocessing, pretrained="none", dropout=0.0)
-    module.temperature = temperature
+    module.calibration = calibration
     module.data_summary = {"counts": {"train": {"synthetic": {"normal": 1}}}}
     torch.save({"state_dict": module.state_dict(), CHECKPOINT_KEY: module.inference_spec()}, path)
     return path

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from conftest import CLASS_NAMES, make_tiny_checkpoint
-from cxr.data.preprocess import Preprocessing
+from cxr.calibration import Calibration
 from cxr.checkpoint import CHECKPOINT_KEY
+from cxr.data.preprocess import Preprocessing
 from cxr.models.module import ChestXrayClassifier
 from cxr.data.decode import decode_image
 from cxr.export import export_onnx, max_probability_difference, read_onnx_spec
@@ -24,8 +25,10 @@ from serve.backends import OnnxBackend, TorchBackend, ensure_onnx, onnx_cache_pa
 @pytest.fixture(scope="module")
 def sharp_checkpoint(tmp_path_factory):
     # Temperature 0.05 turns the random net's small logit gaps into confident probabilities, so a
-    # numerical mismatch between runtimes shows up in the probabilities the parity test compares.
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("export") / "sharp.ckpt", temperature=0.05, seed=3)
+    # numerical mismatch between runtimes shows up in the probabilities the parity test compares;
+    # the logit bias must reach the ONNX runtime's probabilities too.
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("export") / "sharp.ckpt",
+                                calibration=Calibration(0.05, (0.0, 0.7, -0.4)), seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +58,7 @@ def test_metadata_embedded_and_sidecar(sharp_checkpoint, exported):
     assert spec["class_names"] == classifier.class_names
     assert spec["preprocessing"] == classifier.spec["preprocessing"]
     assert spec["temperature"] == pytest.approx(0.05)
+    assert spec["logit_bias"] == pytest.approx(dict(zip(CLASS_NAMES, (0.0, 0.7, -0.4))))
     assert spec["checkpoint_sha256"] == file_sha256(sharp_checkpoint)
 
 
@@ -72,7 +76,7 @@ def production_like_checkpoint(path: Path) -> Path:
     torch.manual_seed(0)
     module = ChestXrayClassifier("tf_efficientnet_lite0", CLASS_NAMES, Preprocessing(image_size=224),
                                  pretrained="none", dropout=0.0)
-    module.temperature = 0.01
+    module.calibration = Calibration(temperature=0.01)
     torch.save({"state_dict": module.state_dict(), CHECKPOINT_KEY: module.inference_spec()}, path)
     return path
 

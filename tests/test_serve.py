@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from conftest import CLASS_NAMES, make_tiny_checkpoint
+from cxr.calibration import Calibration
 from cxr.data.decode import decode_image, to_uint8
 from cxr.inference import file_sha256, load_classifier
 from cxr.checkpoint import CHECKPOINT_KEY
@@ -81,7 +82,8 @@ def b64(data: bytes) -> str:
 # ---------------------------------------------------------------- the server
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    path = make_tiny_checkpoint(tmp_path_factory.mktemp("serve_ckpt") / "tiny.ckpt", temperature=0.05)
+    path = make_tiny_checkpoint(tmp_path_factory.mktemp("serve_ckpt") / "tiny.ckpt",
+                                calibration=Calibration(0.05, (0.0, 0.2, 0.1)))
     checkpoint = torch.load(path, weights_only=False)
     checkpoint[CHECKPOINT_KEY]["thresholds"] = THRESHOLDS
     torch.save(checkpoint, path)
@@ -140,6 +142,7 @@ def test_model_info(server, ckpt):
     assert info["input"]["size"] == [3, 64, 64]
     assert info["input"]["normalization"]["mean"] == [0.5, 0.5, 0.5]
     assert info["temperature"] == pytest.approx(0.05)
+    assert info["logit_bias"] == pytest.approx({"normal": 0.0, "pneumonia": 0.2, "tuberculosis": 0.1})
     assert info["thresholds"] == THRESHOLDS and info["review_confidence"] == 0.5
     assert "confidence < 0.5" in info["referral_rule"]
     assert info["checkpoint_sha256"] == file_sha256(ckpt)

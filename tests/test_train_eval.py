@@ -8,7 +8,7 @@ import pytest
 
 from tests.conftest import PROJECT_ROOT
 
-TINY = ["model=tiny", "preprocess.image_size=64", "data.n_per_class=12", "data.size=96", "trainer.enable_progress_bar=false"]
+TINY = ["model=tiny", "preprocess.image_size=64", "data.n_per_class=20", "data.size=96", "trainer.enable_progress_bar=false"]
 
 
 def run(module: str, *overrides: str, cache_dir) -> str:
@@ -51,7 +51,7 @@ def test_train_writes_the_test_report(trained_run):
 def test_eval_of_saved_checkpoint_matches_training_test_metrics(trained_run, tmp_path):
     out, cache, _ = trained_run
     results = json.loads((out / "results.json").read_text())
-    run("cxr.eval", f"ckpt_path={out}/checkpoints/best.ckpt", "data.n_per_class=12", "data.size=96",
+    run("cxr.eval", f"ckpt_path={out}/checkpoints/best.ckpt", "data.n_per_class=20", "data.size=96",
         "data.split=test", f"paths.output_dir={tmp_path}", cache_dir=cache)
     evaluated = json.loads((tmp_path / "metrics.json").read_text())
     trained = json.loads((out / "eval" / "metrics.json").read_text())
@@ -61,3 +61,41 @@ def test_eval_of_saved_checkpoint_matches_training_test_metrics(trained_run, tmp
     assert evaluated["confusion_matrix"] == trained["confusion_matrix"]
     for name in evaluated["classes"]:
         assert evaluated["per_class"][name]["recall"] == pytest.approx(results["test"][f"test/recall_{name}"], abs=1e-6)
+
+
+def test_train_fits_the_operating_point_on_val_and_evaluation_applies_it(trained_run):
+    from cxr.calibration import Calibration
+    from cxr.checkpoint import read_spec
+
+    out, _, _ = trained_run
+    results = json.loads((out / "results.json").read_text())
+    spec = read_spec(out / "checkpoints" / "best.ckpt")
+    fit = spec["calibration_fit"]
+    assert fit["method"] == "temperature_bias" and fit["split"] == "val"
+    assert fit["n"] == sum(spec["data_summary"]["counts"]["val"]["synthetic"].values())
+    assert fit["nll_calibrated"] <= fit["nll_uncalibrated"] + 1e-9  # the fit minimises exactly this
+    calibration = Calibration.from_spec(spec)
+    assert calibration.logit_bias is not None and calibration.logit_bias[0] == 0.0
+    assert results["calibration"]["temperature"] == pytest.approx(calibration.temperature)
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    assert metrics["logit_bias"] == spec["logit_bias"] and metrics["calibration_fit"] == fit
+    assert set(metrics["uncalibrated"]) == {"accuracy", "macro_auroc", "recall"}
+
+
+def test_calibrate_writes_a_new_checkpoint_and_never_overwrites(trained_run, tmp_path):
+    from cxr.checkpoint import file_sha256, read_spec
+
+    out, cache, _ = trained_run
+    best = out / "checkpoints" / "best.ckpt"
+    before = file_sha256(best)
+    target = tmp_path / "site.ckpt"
+    overrides = [f"ckpt_path={best}", "method=temperature", "data.n_per_class=20", "data.size=96",
+                 f"output={target}", f"paths.output_dir={tmp_path / 'run'}"]
+    assert run("cxr.calibrate", *overrides, cache_dir=cache).strip().splitlines()[-1] == str(target)
+    spec = read_spec(target)
+    assert spec["calibration_fit"]["method"] == "temperature" and spec["logit_bias"] is None
+    assert json.loads((tmp_path / "run" / "calibration.json").read_text())["temperature"] == spec["temperature"]
+    assert file_sha256(best) == before
+    again = subprocess.run([sys.executable, "-m", "cxr.calibrate", *overrides, f"paths.cache_dir={cache}"],
+                           cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode != 0 and "exists; choose another output=" in again.stderr

@@ -5,36 +5,47 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from cxr.data.datamodule import ChestXrayDataModule
+from cxr.evaluation.metrics import compute_metrics
 from cxr.evaluation.report import write_report
 from cxr.inference import Classifier
 
 
-def predict_split(classifier: Classifier, datamodule: ChestXrayDataModule, split: str) -> np.ndarray:
-    dataset = datamodule.dataset(split)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=datamodule.eval_batch_size, shuffle=False)
-    return np.concatenate([classifier.probabilities(x).numpy() for x, _ in loader])
-
-
-def evaluate(classifier: Classifier, datamodule: ChestXrayDataModule, split: str, out_dir: str | Path,
-             title: str | None = None) -> dict:
+def check_compatible(classifier: Classifier, datamodule: ChestXrayDataModule) -> None:
     if list(datamodule.class_names) != classifier.class_names:
         raise ValueError(f"data classes {datamodule.class_names} differ from the checkpoint's {classifier.class_names}")
     if datamodule.preprocessing != classifier.preprocessing:
         raise ValueError("the data module's preprocessing differs from the checkpoint's; build it from the checkpoint")
+
+
+def predict_logits(classifier: Classifier, datamodule: ChestXrayDataModule, split: str) -> torch.Tensor:
+    """(N, C) logits in the order of `datamodule.split_frame(split)`."""
+    loader = torch.utils.data.DataLoader(datamodule.dataset(split), batch_size=datamodule.eval_batch_size, shuffle=False)
+    return torch.cat([classifier.logits(x) for x, _ in loader])
+
+
+def evaluate(classifier: Classifier, datamodule: ChestXrayDataModule, split: str, out_dir: str | Path,
+             title: str | None = None) -> dict:
+    check_compatible(classifier, datamodule)
     frame = datamodule.split_frame(split)
     start = time.perf_counter()
-    probs = predict_split(classifier, datamodule, split)
+    logits = predict_logits(classifier, datamodule, split)
     seconds = time.perf_counter() - start
+    probs = classifier.calibration.probabilities(logits).numpy()
     extra = {
         "split": split,
         "checkpoint": str(classifier.path),
         "checkpoint_sha256": classifier.sha256,
-        "temperature": classifier.temperature,
+        **classifier.calibration.to_spec(classifier.class_names),
+        "calibration_fit": classifier.spec.get("calibration_fit"),
         "holdout_sources": datamodule.holdout_sources,
         "images_per_second": len(frame) / seconds if seconds > 0 else None,
     }
+    if classifier.calibration.logit_bias is not None:
+        # The bias moves decisions: report what the network's own argmax gives as well.
+        raw = compute_metrics(torch.softmax(logits, dim=1).numpy(), frame["target"].to_numpy(), classifier.class_names)
+        extra["uncalibrated"] = {"accuracy": raw["accuracy"], "macro_auroc": raw["macro_auroc"],
+                                 "recall": {name: raw["per_class"][name]["recall"] for name in classifier.class_names}}
     return write_report(out_dir, probs, frame, classifier.class_names, title or f"{split} split", extra)

@@ -19,6 +19,22 @@ def _num(value: float | None) -> str:
     return "–" if value is None else f"{value:.3f}"
 
 
+def operating_point_lines(metrics: dict) -> list[str]:
+    fit = metrics.get("calibration_fit")
+    if not fit:
+        return []
+    bias = metrics.get("logit_bias")
+    bias_text = ", logit bias " + ", ".join(f"{name} {value:+.2f}" for name, value in bias.items()) if bias else ""
+    lines = ["", f"Operating point ({fit['method']}): temperature {metrics['temperature']:.3f}{bias_text}; "
+             f"fitted on the {fit['split']} split (n = {fit['n']}), not on these images."]
+    raw = metrics.get("uncalibrated")
+    if raw:
+        recalls = ", ".join(f"{name} {_pct(value)}" for name, value in raw["recall"].items())
+        lines.append(f"The network's own argmax (no bias): accuracy {_pct(raw['accuracy'])}; "
+                     f"macro AUROC {_num(raw['macro_auroc'])}; recall {recalls}.")
+    return lines
+
+
 def markdown_report(metrics: dict, title: str) -> str:
     lines = [f"# {title}", "", f"n = {metrics['n']} images; accuracy {_pct(metrics['accuracy'])}; "
              f"macro AUROC {_num(metrics['macro_auroc'])}; pneumonia-vs-normal AUROC {_num(metrics['pneumonia_vs_normal_auroc'])}", "",
@@ -29,6 +45,7 @@ def markdown_report(metrics: dict, title: str) -> str:
     m = metrics["macro_avg"]
     lines.append(f"| **Macro avg** | {_pct(m['precision'])} | {_pct(m['recall'])} | {_pct(m['f1'])} | "
                  f"{_pct(metrics['macro_auroc'])} | {metrics['n']} |")
+    lines += operating_point_lines(metrics)
     lines += ["", "Confusion matrix (rows = true, columns = predicted):", "",
               "| true \\ predicted | " + " | ".join(metrics["classes"]) + " |",
               "|---|" + "---|" * len(metrics["classes"])]

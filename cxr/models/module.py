@@ -10,9 +10,9 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import (MulticlassAccuracy, MulticlassAUROC, MulticlassF1Score,
                                          MulticlassPrecision, MulticlassRecall)
 
+from cxr.calibration import Calibration
 from cxr.checkpoint import CHECKPOINT_KEY
 from cxr.data.preprocess import Preprocessing
-from cxr.inference import calibrated_probabilities
 from cxr.models.backbone import create_backbone, head_parameter_names
 
 
@@ -60,7 +60,7 @@ class ChestXrayClassifier(L.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.backbone_lr_factor = backbone_lr_factor
-        self.temperature = 1.0
+        self.calibration = Calibration()  # fitted after training, on the validation split
         self.data_summary: dict = {}
         self.save_hyperparameters(ignore=["optimizer", "scheduler", "preprocessing", "class_weights"])
         self.val_metrics = classification_metrics(len(self.class_names)).clone(prefix="val/")
@@ -84,7 +84,7 @@ class ChestXrayClassifier(L.LightningModule):
         x, y = batch
         logits = self(x)
         self.log(f"{stage}/loss", self.loss(logits, y), on_epoch=True, batch_size=len(y))
-        metrics.update(calibrated_probabilities(logits, self.temperature), y)
+        metrics.update(self.calibration.probabilities(logits), y)
 
     def _log_metrics(self, metrics: MetricCollection) -> None:
         for name, value in metrics.compute().items():
@@ -108,7 +108,7 @@ class ChestXrayClassifier(L.LightningModule):
         self._log_metrics(self.test_metrics)
 
     def predict_step(self, batch, batch_idx):
-        return calibrated_probabilities(self(batch[0]), self.temperature)
+        return self.calibration.probabilities(self(batch[0]))
 
     # ---- optimisation -----------------------------------------------------------------------
     def parameter_groups(self, base_lr: float) -> list[dict]:
@@ -140,7 +140,7 @@ class ChestXrayClassifier(L.LightningModule):
             "backbone": self.backbone_name,
             "backbone_kwargs": self.hparams.get("backbone_kwargs") or {},
             "preprocessing": self.preprocessing.to_dict(),
-            "temperature": float(self.temperature),
+            **self.calibration.to_spec(self.class_names),
             "data_summary": self.data_summary,
             "cxr_version": __version__,
         }
@@ -150,5 +150,5 @@ class ChestXrayClassifier(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         spec = checkpoint.get(CHECKPOINT_KEY, {})
-        self.temperature = float(spec.get("temperature", 1.0))
+        self.calibration = Calibration.from_spec(spec) if spec else Calibration()
         self.data_summary = spec.get("data_summary", {})

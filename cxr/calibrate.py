@@ -1,0 +1,42 @@
+"""cxr-calibrate: refit a checkpoint's operating point on a labelled split and save it as a new checkpoint.
+
+    cxr-calibrate ckpt_path=.../best.ckpt data=manifest data.manifest=site.csv data.split=val
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import hydra
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from cxr.checkpoint import read_spec
+from cxr.config import CONFIG_DIR, configure_threads, log_config
+from cxr.data.preprocess import Preprocessing
+from cxr.evaluation.recalibrate import recalibrate_checkpoint
+
+log = logging.getLogger("cxr.calibrate")
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="calibrate")
+def main(cfg: DictConfig) -> None:
+    log_config(cfg, log)
+    configure_threads(cfg)
+    ckpt = Path(cfg.ckpt_path).expanduser()
+    output = Path(cfg.output).expanduser() if cfg.get("output") else ckpt.with_name(f"{ckpt.stem}.calibrated.ckpt")
+    if output.exists():
+        raise FileExistsError(f"{output} exists; choose another output=")
+    spec = read_spec(ckpt)
+    # Preprocessing and class order come from the checkpoint, never from the data config.
+    datamodule = instantiate(cfg.data, _partial_=True)(
+        preprocessing=Preprocessing.from_dict(spec["preprocessing"]), class_names=spec["class_names"], augment=None)
+    record = recalibrate_checkpoint(ckpt, datamodule, datamodule.split, cfg.method, output)
+    Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)
+    (Path(cfg.paths.output_dir) / "calibration.json").write_text(json.dumps(record, indent=2))
+    print(output)
+
+
+if __name__ == "__main__":
+    main()

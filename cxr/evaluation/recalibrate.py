@@ -1,0 +1,38 @@
+"""Fit a checkpoint's operating point on a labelled split and store it in the checkpoint."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from cxr.calibration import Calibration, fit_calibration, negative_log_likelihood
+from cxr.checkpoint import write_checkpoint_with_spec
+from cxr.data.datamodule import ChestXrayDataModule
+from cxr.evaluation.evaluate import check_compatible, predict_logits
+from cxr.inference import load_classifier
+
+log = logging.getLogger(__name__)
+
+
+def recalibrate_checkpoint(ckpt_path: str | Path, datamodule: ChestXrayDataModule, split: str, method: str,
+                           out_path: str | Path) -> dict:
+    """Fit `method` on the raw logits of `split` (any earlier calibration is replaced) and write the
+    checkpoint with it to `out_path`. Returns the fit record that is also stored as `calibration_fit`."""
+    classifier = load_classifier(ckpt_path)
+    check_compatible(classifier, datamodule)
+    logits = predict_logits(classifier, datamodule, split)
+    targets = torch.as_tensor(datamodule.split_frame(split)["target"].to_numpy(), dtype=torch.long)
+    calibration = fit_calibration(logits, targets, classifier.class_names, method)
+    record = {"method": method, "split": split, "n": len(targets),
+              "sources": sorted(datamodule.split_frame(split)["source"].astype(str).unique().tolist())}
+    for name, candidate in (("uncalibrated", Calibration()), ("calibrated", calibration)):
+        probs = candidate.probabilities(logits)
+        record[f"nll_{name}"] = negative_log_likelihood(probs, targets)
+        record[f"accuracy_{name}"] = float((probs.argmax(dim=1) == targets).float().mean())
+    write_checkpoint_with_spec(ckpt_path, out_path, **calibration.to_spec(classifier.class_names),
+                               calibration_fit=record)
+    log.info("calibration on %s (n=%d): %s; NLL %.4f -> %.4f, accuracy %.4f -> %.4f -> %s", split, len(targets),
+             calibration.to_spec(classifier.class_names), record["nll_uncalibrated"], record["nll_calibrated"],
+             record["accuracy_uncalibrated"], record["accuracy_calibrated"], out_path)
+    return {**calibration.to_spec(classifier.class_names), **record}

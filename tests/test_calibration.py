@@ -1,0 +1,88 @@
+"""The operating point: fitting temperature and logit bias, and storing them with the checkpoint."""
+import pytest
+import torch
+
+from cxr.calibration import Calibration, check_calibration_targets, fit_calibration, negative_log_likelihood
+from cxr.checkpoint import read_spec, write_checkpoint_with_spec
+
+NAMES = ["normal", "pneumonia", "tuberculosis"]
+
+
+def sample_labels(logits: torch.Tensor, calibration: Calibration, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.multinomial(calibration.probabilities(logits), 1, generator=generator).squeeze(1)
+
+
+@pytest.fixture(scope="module")
+def logits() -> torch.Tensor:
+    return 3 * torch.randn(20000, 3, generator=torch.Generator().manual_seed(1))
+
+
+def test_recovers_the_temperature_and_bias_that_generated_the_labels(logits):
+    truth = Calibration(temperature=2.0, logit_bias=(0.0, 1.2, -0.6))
+    fitted = fit_calibration(logits, sample_labels(logits, truth), NAMES, "temperature_bias")
+    assert fitted.temperature == pytest.approx(2.0, rel=0.05)
+    assert fitted.logit_bias == pytest.approx(truth.logit_bias, abs=0.08)
+
+
+def test_temperature_alone_keeps_every_decision_and_lowers_the_nll(logits):
+    targets = sample_labels(logits, Calibration(temperature=0.5))
+    fitted = fit_calibration(logits, targets, NAMES, "temperature")
+    assert fitted.logit_bias is None and fitted.temperature == pytest.approx(0.5, rel=0.05)
+    assert torch.equal(fitted.probabilities(logits).argmax(1), logits.argmax(1))
+    assert negative_log_likelihood(fitted.probabilities(logits), targets) < \
+        negative_log_likelihood(Calibration().probabilities(logits), targets)
+
+
+def test_bias_corrects_a_shifted_prior(logits):
+    """A network trained for balanced classes, deployed where pneumonia is common: the bias raises accuracy."""
+    targets = sample_labels(logits, Calibration(logit_bias=(0.0, 2.0, 0.0)))
+    fitted = fit_calibration(logits, targets, NAMES, "temperature_bias")
+    raw = (logits.argmax(1) == targets).float().mean()
+    calibrated = (fitted.probabilities(logits).argmax(1) == targets).float().mean()
+    assert calibrated > raw + 0.03
+
+
+def test_a_perfectly_classified_split_keeps_the_temperature_finite(logits):
+    fitted = fit_calibration(logits[:50], logits[:50].argmax(1), NAMES, "temperature_bias")
+    assert 0.05 < fitted.temperature < 1.0 and max(map(abs, fitted.logit_bias)) < 3
+
+
+def test_none_is_the_identity(logits):
+    assert fit_calibration(logits, logits.argmax(1), NAMES, "none") == Calibration()
+    assert torch.allclose(Calibration().probabilities(logits), torch.softmax(logits, 1))
+
+
+def test_refuses_what_cannot_be_fitted():
+    with pytest.raises(ValueError, match="without images of \\['tuberculosis'\\]"):
+        check_calibration_targets([0, 1, 1, 0], NAMES, "temperature_bias")
+    check_calibration_targets([0, 1, 1, 0], NAMES, "temperature")  # a temperature needs no class coverage
+    with pytest.raises(ValueError, match="no labelled images"):
+        check_calibration_targets([], NAMES, "temperature")
+    with pytest.raises(ValueError, match="unknown calibration method 'platt'"):
+        check_calibration_targets([0, 1, 2], NAMES, "platt")
+    with pytest.raises(ValueError, match="temperature must be positive"):
+        Calibration(temperature=0.0)
+
+
+def test_spec_round_trip_is_keyed_by_class_name():
+    calibration = Calibration(0.7, (0.0, 1.1, -0.2))
+    spec = {"class_names": NAMES, **calibration.to_spec(NAMES)}
+    assert spec["logit_bias"] == {"normal": 0.0, "pneumonia": 1.1, "tuberculosis": -0.2}
+    assert Calibration.from_spec(spec) == calibration
+    # Stored by name, so a reordered dict reads back in the checkpoint's class order.
+    reordered = {**spec, "logit_bias": {"tuberculosis": -0.2, "normal": 0.0, "pneumonia": 1.1}}
+    assert Calibration.from_spec(reordered) == calibration
+    assert Calibration.from_spec({"class_names": NAMES}) == Calibration()  # checkpoints from before calibration
+    with pytest.raises(ValueError, match="differ from the checkpoint's classes"):
+        Calibration.from_spec({"class_names": NAMES, "logit_bias": {"normal": 0.0, "covid": 1.0}})
+
+
+def test_spec_update_writes_a_new_checkpoint_and_keeps_the_weights(tiny_checkpoint, tmp_path):
+    out = write_checkpoint_with_spec(tiny_checkpoint, tmp_path / "calibrated.ckpt", temperature=0.5)
+    assert read_spec(out)["temperature"] == 0.5
+    assert read_spec(tiny_checkpoint)["temperature"] == 1.0
+    original, updated = torch.load(tiny_checkpoint, weights_only=False), torch.load(out, weights_only=False)
+    assert original["state_dict"].keys() == updated["state_dict"].keys()
+    assert all(torch.equal(original["state_dict"][k], updated["state_dict"][k]) for k in original["state_dict"])
+    assert not list(tmp_path.glob("*.partial"))
