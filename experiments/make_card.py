@@ -13,6 +13,8 @@ import json
 import shutil
 from pathlib import Path
 
+from cxr.evaluation.report import operating_point_lines
+
 REFERENCE_TABLE4 = {  # the reference technical report, Table 4 (its own test set of 2,569 images)
     "normal": (0.648, 0.804, 0.718, 0.840, 925),
     "pneumonia": (0.775, 1.000, 0.873, 0.987, 580),
@@ -56,8 +58,8 @@ def per_source(metrics: dict) -> list[str]:
     return lines
 
 
-def load(run: Path) -> tuple[dict, dict]:
-    return json.loads((run / "eval" / "metrics.json").read_text()), json.loads((run / "results.json").read_text())
+def load(run: Path, eval_dir: str = "eval") -> tuple[dict, dict]:
+    return json.loads((run / eval_dir / "metrics.json").read_text()), json.loads((run / "results.json").read_text())
 
 
 def main() -> None:
@@ -67,13 +69,14 @@ def main() -> None:
     parser.add_argument("--run", type=Path, required=True)
     parser.add_argument("--holdout", action="append", default=[], help="SOURCE=RUN_DIR")
     parser.add_argument("--holdout-command", action="append", default=[])
+    parser.add_argument("--eval-dir", default="eval", help="the run's evaluation folder (e.g. a cxr-eval of a recalibrated checkpoint)")
     parser.add_argument("--notes", default="")
     args = parser.parse_args()
     out = Path(__file__).parent / args.name
     out.mkdir(parents=True, exist_ok=True)
-    metrics, results = load(args.run)
+    metrics, results = load(args.run, args.eval_dir)
     for figure in ("confusion_matrix.png", "roc_curves.png"):
-        shutil.copy(args.run / "eval" / figure, out / figure)
+        shutil.copy(args.run / args.eval_dir / figure, out / figure)
     lines = [f"# {args.name}", "", "```bash", args.command, *args.holdout_command, "```", "",
              f"- Wall time (fit): {results['fit_seconds'] / 60:.1f} min for {results.get('epochs', '?')} epochs on this machine "
              f"(2 CPU cores, no GPU); "
@@ -84,7 +87,7 @@ def main() -> None:
              f"tuberculosis recall **{pct(metrics['per_class']['tuberculosis']['recall'])}**, "
              f"pneumonia-vs-normal AUROC {num(metrics['pneumonia_vs_normal_auroc'])}.",
              f"- Checkpoint SHA-256 `{metrics['checkpoint_sha256'][:16]}…` (not committed; rerun the command).",
-             "", args.notes, "", "## Test split, beside the reference report's Table 4", "",
+             *operating_point_lines(metrics), "", args.notes, "", "## Test split, beside the reference report's Table 4", "",
              "The reference numbers are on the report's own 2,569-image test set, not on this data.", "",
              *side_by_side(metrics), "", "![confusion matrix](confusion_matrix.png) ![ROC curves](roc_curves.png)", "",
              "## Per source (in-distribution test split)", "", *per_source(metrics), ""]

@@ -1,6 +1,7 @@
 """Figures for the evaluation report: row-normalised confusion matrix and one-vs-rest ROC curves."""
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Sequence
 
@@ -11,6 +12,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torchmetrics.functional.classification import binary_roc  # noqa: E402
+
+
+def set_title(ax, title: str) -> None:
+    """Wrapped, so a long run name never runs off the figure."""
+    ax.set_title(textwrap.fill(title, width=44), fontsize=10)
 
 
 def plot_confusion_matrix(matrix: Sequence[Sequence[int]], class_names: Sequence[str], path: Path, title: str = "") -> None:
@@ -27,7 +33,7 @@ def plot_confusion_matrix(matrix: Sequence[Sequence[int]], class_names: Sequence
     ax.set_yticks(range(len(class_names)), class_names)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true (rows sum to 1)")
-    ax.set_title(title or "Confusion matrix (row-normalised)")
+    set_title(ax, title or "Confusion matrix (row-normalised)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -45,7 +51,7 @@ def plot_roc_curves(probs: np.ndarray, targets: np.ndarray, class_names: Sequenc
     ax.plot([0, 1], [0, 1], "k--", linewidth=0.8)
     ax.set_xlabel("false positive rate")
     ax.set_ylabel("true positive rate")
-    ax.set_title(title or "One-vs-rest ROC")
+    set_title(ax, title or "One-vs-rest ROC")
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
