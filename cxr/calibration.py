@@ -47,7 +47,7 @@ class Calibration:
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         scaled = logits.float() / self.temperature
         if self.logit_bias is not None:
-            scaled = scaled + torch.tensor(self.logit_bias, dtype=scaled.dtype)
+            scaled = scaled + torch.tensor(self.logit_bias, dtype=scaled.dtype, device=scaled.device)
         return torch.softmax(scaled, dim=1)
 
 
