@@ -99,3 +99,20 @@ def test_calibrate_writes_a_new_checkpoint_and_never_overwrites(trained_run, tmp
     again = subprocess.run([sys.executable, "-m", "cxr.calibrate", *overrides, f"paths.cache_dir={cache}"],
                            cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode != 0 and "exists; choose another output=" in again.stderr
+
+
+def test_weight_averaging_checkpoint_is_what_testing_and_evaluation_see(tmp_path_factory):
+    """With callbacks=cosine_ema, best.ckpt holds the averaged weights, and trainer.test measures those
+    (Lightning's own callback would put the raw weights back when testing loads the checkpoint)."""
+    import torch
+
+    out, cache = tmp_path_factory.mktemp("ema_run"), tmp_path_factory.mktemp("ema_cache")
+    run("cxr.train", "debug=smoke", "callbacks=cosine_ema", "callbacks.ema.decay=0.5", *TINY, "data.batch_size=8",
+        f"paths.output_dir={out}", cache_dir=cache)
+    checkpoint = torch.load(out / "checkpoints" / "best.ckpt", weights_only=False)
+    averaged, raw = checkpoint["state_dict"], checkpoint["current_model_state"]
+    assert any(not torch.equal(averaged[k], raw[k]) for k in averaged if averaged[k].is_floating_point())
+    results = json.loads((out / "results.json").read_text())
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    assert metrics["macro_auroc"] == pytest.approx(results["test"]["test/auroc_macro"], abs=1e-5)
+    assert metrics["accuracy"] == pytest.approx(results["test"]["test/acc"], abs=1e-6)
