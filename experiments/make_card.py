@@ -69,7 +69,7 @@ def main() -> None:
     parser.add_argument("--run", type=Path, required=True)
     parser.add_argument("--holdout", action="append", default=[], help="SOURCE=RUN_DIR")
     parser.add_argument("--holdout-command", action="append", default=[])
-    parser.add_argument("--eval-dir", default="eval", help="the run's evaluation folder (e.g. a cxr-eval of a recalibrated checkpoint)")
+    parser.add_argument("--eval-dir", default="eval", help="evaluation folder inside every run given (e.g. a cxr-eval of a recalibrated checkpoint)")
     parser.add_argument("--notes", default="")
     args = parser.parse_args()
     out = Path(__file__).parent / args.name
@@ -97,7 +97,7 @@ def main() -> None:
                   "|---|---|---|---|---|---|---|"]
         for item in args.holdout:
             source, run = item.split("=", 1)
-            h, _ = load(Path(run))
+            h, _ = load(Path(run), args.eval_dir)
             called = " | ".join(pct(h["per_class"][c]["called"]) for c in h["classes"])
             lines.append(f"| {source} | {h['n']} | {num(h['pneumonia_vs_normal_auroc'])} | {called} | {pct(h['accuracy'])} |")
         lines.append("")
