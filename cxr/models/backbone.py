@@ -88,8 +88,7 @@ def init_head(model: nn.Module) -> None:
     1280 features that starts fine-tuning at logits of several units and wastes the first epoch."""
     for name, param in model.named_parameters():
         if name in head_parameter_names(model):
-            # Cut at two standard deviations (the bounds are absolute, and default to +-2).
-            nn.init.trunc_normal_(param, std=0.01, a=-0.02, b=0.02) if param.ndim > 1 else nn.init.zeros_(param)
+            nn.init.trunc_normal_(param, std=0.01) if param.ndim > 1 else nn.init.zeros_(param)
 
 
 def create_backbone(backbone: str, num_classes: int, pretrained: str = "none", dropout: float = 0.0,
