@@ -24,6 +24,7 @@ def test_packaged_weights_classify_a_cat_photo():
 
 
 def test_packaged_backbone_features_differ_from_random_init():
+    torch.manual_seed(0)  # the head draw: N(0, 0.01) over 3,840 weights reaches 0.05 about once in 500 draws
     packaged = create_backbone("tf_efficientnet_lite0", 3, pretrained="packaged")
     random = timm.create_model("tf_efficientnet_lite0", num_classes=3)
     assert not torch.equal(packaged.conv_stem.weight, random.conv_stem.weight)
