@@ -11,13 +11,18 @@ Importing this module costs only torch, like cxr.checkpoint.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
+log = logging.getLogger(__name__)
+
 METHODS = ("none", "temperature", "temperature_bias")
+# Below this many images of some class, a fitted bias mostly fits noise: say so.
+FEW_PER_CLASS = 30
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,10 @@ def check_calibration_targets(targets: Sequence[int], class_names: Sequence[str]
     if method == "temperature_bias" and missing:
         raise ValueError(f"cannot fit a logit bias without images of {missing}; "
                          "use calibration.method=temperature, or a split that has every class")
+    if method == "temperature_bias" and int(counts.min()) < FEW_PER_CLASS:
+        log.warning("fitting a logit bias on only %s images per class (%s): it will be noisy; "
+                    "prefer calibration.method=temperature or more labelled images",
+                    int(counts.min()), dict(zip(class_names, counts.tolist())))
 
 
 def fit_calibration(logits: torch.Tensor, targets: torch.Tensor, class_names: Sequence[str],

@@ -65,6 +65,17 @@ def test_refuses_what_cannot_be_fitted():
         Calibration(temperature=0.0)
 
 
+def test_warns_when_a_bias_would_be_fitted_on_few_images(caplog):
+    with caplog.at_level("WARNING", logger="cxr.calibration"):
+        check_calibration_targets([0] * 40 + [1] * 40 + [2] * 5, NAMES, "temperature_bias")
+    assert "only 5 images per class" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="cxr.calibration"):
+        check_calibration_targets([0] * 40 + [1] * 40 + [2] * 30, NAMES, "temperature_bias")
+        check_calibration_targets([0, 1, 2], NAMES, "temperature")
+    assert caplog.text == ""
+
+
 def test_spec_round_trip_is_keyed_by_class_name():
     calibration = Calibration(0.7, (0.0, 1.1, -0.2))
     spec = {"class_names": NAMES, **calibration.to_spec(NAMES)}
