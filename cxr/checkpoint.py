@@ -6,6 +6,7 @@ server's main process can read a checkpoint's spec cheaply.
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 CHECKPOINT_KEY = "cxr"
@@ -40,8 +41,6 @@ def read_spec(ckpt_path: str | Path) -> dict:
 def write_checkpoint_with_spec(ckpt_path: str | Path, out_path: str | Path, **spec_updates) -> Path:
     """Write `ckpt_path` to `out_path` with its spec updated. The file appears whole or not at all, so
     updating a checkpoint in place never leaves a truncated one behind."""
-    import os
-
     import torch
 
     checkpoint, spec = read_checkpoint(ckpt_path)
