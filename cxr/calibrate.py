@@ -9,12 +9,10 @@ import logging
 from pathlib import Path
 
 import hydra
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from cxr.checkpoint import read_spec
-from cxr.config import CONFIG_DIR, configure_threads, log_config
-from cxr.data.preprocess import Preprocessing
+from cxr.config import CONFIG_DIR, configure_threads, instantiate_checkpoint_datamodule, log_config
 from cxr.evaluation.recalibrate import recalibrate_checkpoint
 
 log = logging.getLogger("cxr.calibrate")
@@ -28,10 +26,7 @@ def main(cfg: DictConfig) -> None:
     output = Path(cfg.output).expanduser() if cfg.get("output") else ckpt.with_name(f"{ckpt.stem}.calibrated.ckpt")
     if output.exists():
         raise FileExistsError(f"{output} exists; choose another output=")
-    spec = read_spec(ckpt)
-    # Preprocessing and class order come from the checkpoint, never from the data config.
-    datamodule = instantiate(cfg.data, _partial_=True)(
-        preprocessing=Preprocessing.from_dict(spec["preprocessing"]), class_names=spec["class_names"], augment=None)
+    datamodule = instantiate_checkpoint_datamodule(cfg, read_spec(ckpt))
     record = recalibrate_checkpoint(ckpt, datamodule, datamodule.split, cfg.method, output)
     Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)
     (Path(cfg.paths.output_dir) / "calibration.json").write_text(json.dumps(record, indent=2))

@@ -29,6 +29,17 @@ def instantiate_datamodule(cfg, preprocessing):
     return instantiate(cfg.data, _partial_=True)(preprocessing=preprocessing, augment=augment)
 
 
+def instantiate_checkpoint_datamodule(cfg, spec: dict):
+    """The data module of cfg.data for a saved checkpoint: its preprocessing and class order come from the
+    checkpoint's spec, never from the data config; no augmentation."""
+    from hydra.utils import instantiate
+
+    from cxr.data.preprocess import Preprocessing
+
+    return instantiate(cfg.data, _partial_=True)(preprocessing=Preprocessing.from_dict(spec["preprocessing"]),
+                                                 class_names=list(spec["class_names"]), augment=None)
+
+
 def configure_threads(cfg: DictConfig) -> None:
     import torch
 

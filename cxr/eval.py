@@ -7,10 +7,9 @@ from __future__ import annotations
 import logging
 
 import hydra
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from cxr.config import CONFIG_DIR, configure_threads, log_config
+from cxr.config import CONFIG_DIR, configure_threads, instantiate_checkpoint_datamodule, log_config
 from cxr.evaluation.evaluate import evaluate
 from cxr.inference import load_classifier
 
@@ -22,9 +21,7 @@ def main(cfg: DictConfig) -> float | None:
     log_config(cfg, log)
     configure_threads(cfg)
     classifier = load_classifier(cfg.ckpt_path)
-    # Preprocessing and class order come from the checkpoint, never from the data config.
-    datamodule = instantiate(cfg.data, _partial_=True)(preprocessing=classifier.preprocessing,
-                                                       class_names=classifier.class_names, augment=None)
+    datamodule = instantiate_checkpoint_datamodule(cfg, classifier.spec)
     metrics = evaluate(classifier, datamodule, datamodule.split, cfg.paths.output_dir,
                        title=f"{classifier.spec['backbone']} on {datamodule.split} split")
     log.info("accuracy %.4f, macro AUROC %s, n %d -> %s", metrics["accuracy"], metrics["macro_auroc"], metrics["n"],
