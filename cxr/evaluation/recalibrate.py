@@ -22,10 +22,11 @@ def recalibrate_checkpoint(ckpt_path: str | Path, datamodule: ChestXrayDataModul
     classifier = load_classifier(ckpt_path)
     check_compatible(classifier, datamodule)
     logits = predict_logits(classifier, datamodule, split)
-    targets = torch.as_tensor(datamodule.split_frame(split)["target"].to_numpy(), dtype=torch.long)
+    frame = datamodule.split_frame(split)
+    targets = torch.as_tensor(frame["target"].to_numpy(), dtype=torch.long)
     calibration = fit_calibration(logits, targets, classifier.class_names, method)
     record = {"method": method, "split": split, "n": len(targets),
-              "sources": sorted(datamodule.split_frame(split)["source"].astype(str).unique().tolist())}
+              "sources": sorted(frame["source"].astype(str).unique().tolist())}
     for name, candidate in (("uncalibrated", Calibration()), ("calibrated", calibration)):
         probs = candidate.probabilities(logits)
         record[f"nll_{name}"] = negative_log_likelihood(probs, targets)

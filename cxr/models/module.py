@@ -150,5 +150,5 @@ class ChestXrayClassifier(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         spec = checkpoint.get(CHECKPOINT_KEY, {})
-        self.calibration = Calibration.from_spec(spec) if spec else Calibration()
+        self.calibration = Calibration.from_spec(spec)
         self.data_summary = spec.get("data_summary", {})
