@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
-from cxr.data.datamodule import ChestXrayDataModule, balanced_class_weights, balanced_sampler
+from cxr.data.datamodule import ChestXrayDataModule, balanced_class_weights, balanced_sampler, split_fingerprint
 from cxr.data.dataset import DataCheckError
 from cxr.data.preprocess import Preprocessing
 
@@ -25,6 +25,14 @@ def test_weighted_sampler_balances_classes():
     assert sum(drawn.values()) == len(targets)
     for c in range(3):
         assert abs(drawn[c] / len(targets) - 1 / 3) < 0.05
+
+
+def test_split_fingerprint_follows_the_assignment_not_the_folder():
+    frame = pd.DataFrame({"path": ["/data/a/n1.png", "/data/a/p1.png", "/data/b/t1.png"], "split": ["train", "val", "test"]})
+    moved = frame.assign(path=frame["path"].str.replace("/data/", "/mnt/copy/", regex=False))
+    assert split_fingerprint(frame) == split_fingerprint(moved) == split_fingerprint(frame.iloc[::-1])
+    swapped = frame.assign(split=["val", "train", "test"])  # the same counts per split, other images in them
+    assert split_fingerprint(swapped) != split_fingerprint(frame)
 
 
 def test_train_batches_are_balanced_and_weights_from_train_split(synthetic_manifest):

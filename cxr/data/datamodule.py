@@ -1,7 +1,9 @@
 """LightningDataModule: index -> patient-safe splits -> decode-once cache -> balanced loaders."""
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 from functools import partial
 from typing import Callable, Sequence
 
@@ -27,6 +29,15 @@ def balanced_class_weights(targets: Sequence[int], num_classes: int) -> torch.Te
     weights = np.zeros(num_classes)
     weights[present] = counts.sum() / (present.sum() * counts[present])
     return torch.tensor(weights, dtype=torch.float32)
+
+
+def split_fingerprint(frame: pd.DataFrame) -> str:
+    """SHA-256 of the sorted (path relative to the data's common folder, split) pairs: equal for the same
+    assignment of the same files wherever the data folder lives; counts alone can agree for different splits."""
+    paths = frame["path"].astype(str).tolist()
+    root = os.path.commonpath(paths) if len(paths) > 1 else os.path.dirname(paths[0])
+    pairs = sorted(f"{os.path.relpath(p, root)}\t{split}" for p, split in zip(paths, frame["split"]))
+    return hashlib.sha256("\n".join(pairs).encode()).hexdigest()
 
 
 def balanced_sampler(targets: Sequence[int], num_classes: int, seed: int) -> WeightedRandomSampler:
@@ -124,13 +135,15 @@ class ChestXrayDataModule(L.LightningDataModule):
         return part
 
     def summary(self) -> dict:
-        """Counts per split, source and label: stored in the checkpoint as the training-data summary."""
+        """Counts per split, source and label, and a fingerprint of which image is in which split: stored in
+        the checkpoint as the training-data summary."""
         frame = self.build_index()
         counts = frame.groupby(["split", "source", "label"]).size()
         out: dict = {}
         for (split, source, label), n in counts.items():
             out.setdefault(split, {}).setdefault(source, {})[label] = int(n)
-        return {"counts": out, "holdout_sources": self.holdout_sources, "class_names": self.class_names}
+        return {"counts": out, "holdout_sources": self.holdout_sources, "class_names": self.class_names,
+                "split_sha256": split_fingerprint(frame)}
 
     # ---- datasets ---------------------------------------------------------------------------
     def dataset(self, split: str) -> StandardizedImageDataset:
