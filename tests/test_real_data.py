@@ -22,6 +22,9 @@ def test_short_training_and_evaluation_on_real_images(shared_data, tmp_path):
         assert metrics["per_source"][source]["n"] == count
     assert 0.0 <= metrics["accuracy"] <= 1.0 and 0.0 <= metrics["macro_auroc"] <= 1.0
     assert sum(map(sum, metrics["confusion_matrix"])) == len(test)
+    intervals = metrics["confidence_intervals"]
+    assert intervals["patients"] == test["patient_id"].nunique() < len(test)  # resampled by patient, not image
+    assert intervals["accuracy"][0] <= metrics["accuracy"] <= intervals["accuracy"][1]
     predictions = pd.read_csv(out / "eval" / "predictions.csv")
     assert sorted(predictions["path"]) == sorted(str((shared_data / p).resolve()) for p in test["path"])
     summary = json.loads((out / "results.json").read_text())

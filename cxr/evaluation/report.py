@@ -9,6 +9,7 @@ import pandas as pd
 
 from cxr.evaluation.figures import plot_confusion_matrix, plot_roc_curves
 from cxr.evaluation.metrics import compute_metrics, metrics_by_group
+from cxr.evaluation.uncertainty import bootstrap_intervals
 
 
 def _pct(value: float | None) -> str:
@@ -17,6 +18,21 @@ def _pct(value: float | None) -> str:
 
 def _num(value: float | None) -> str:
     return "–" if value is None else f"{value:.3f}"
+
+
+def _range(interval: list[float] | None, fmt) -> str:
+    return "–" if interval is None else f"{fmt(interval[0])}–{fmt(interval[1])}"
+
+
+def interval_lines(metrics: dict) -> list[str]:
+    ci = metrics.get("confidence_intervals")
+    if not ci:
+        return []
+    recalls = ", ".join(f"{name} {_range(value, _pct)}" for name, value in ci["recall"].items())
+    return ["", f"{100 * ci['confidence']:.0f}% confidence intervals ({ci['method']}: {ci['patients']} patients, "
+                f"{ci['resamples']} resamples): accuracy {_range(ci['accuracy'], _pct)}; macro AUROC "
+                f"{_range(ci['macro_auroc'], _num)}; pneumonia-vs-normal AUROC {_range(ci['pneumonia_vs_normal_auroc'], _num)}; "
+                f"recall {recalls}."]
 
 
 def operating_point_lines(metrics: dict) -> list[str]:
@@ -45,6 +61,7 @@ def markdown_report(metrics: dict, title: str) -> str:
     m = metrics["macro_avg"]
     lines.append(f"| **Macro avg** | {_pct(m['precision'])} | {_pct(m['recall'])} | {_pct(m['f1'])} | "
                  f"{_pct(metrics['macro_auroc'])} | {metrics['n']} |")
+    lines += interval_lines(metrics)
     lines += operating_point_lines(metrics)
     lines += ["", "Confusion matrix (rows = true, columns = predicted):", "",
               "| true \\ predicted | " + " | ".join(metrics["classes"]) + " |",
@@ -66,12 +83,15 @@ def markdown_report(metrics: dict, title: str) -> str:
 
 def write_report(out_dir: str | Path, probs: np.ndarray, frame: pd.DataFrame, class_names: list[str],
                  title: str = "Evaluation", extra: dict | None = None) -> dict:
-    """`frame` has one row per image (columns path, label, source, target) in the order of `probs`."""
+    """`frame` has one row per image (columns path, label, source, patient_id, target) in the order of `probs`;
+    images without a patient id count as their own patient in the confidence intervals."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     targets = frame["target"].to_numpy()
     metrics = compute_metrics(probs, targets, class_names)
     metrics["per_source"] = metrics_by_group(probs, targets, frame["source"].astype(str).to_numpy(), class_names)
+    patients = frame["patient_id"].astype(str).where(frame["patient_id"].astype(str) != "", frame["path"].astype(str))
+    metrics["confidence_intervals"] = bootstrap_intervals(probs, targets, patients.to_numpy(), class_names)
     metrics.update(extra or {})
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (out_dir / "report.md").write_text(markdown_report(metrics, title))

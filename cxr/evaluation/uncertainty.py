@@ -1,0 +1,76 @@
+"""Confidence intervals for the headline metrics by a bootstrap over patients, not images: images of one
+patient are not independent evidence. On the shared test split (506 images, 362 patients) macro AUROC
+moves by about ±0.005, so differences smaller than that between recipes are not findings.
+
+Each resample is a multinomial count per patient, i.e. a weight per image, so every resample's metrics
+come from a few array operations instead of one metric call per resample.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+CONFIDENCE = 0.95
+RESAMPLES = 2000
+
+
+def weighted_auroc(scores: np.ndarray, positive: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """ROC AUC of `scores` for each row of `weights` (R, N): the weighted share of (positive, negative)
+    pairs ranked the right way round, ties counted half. NaN where a row weighs no positive or no negative."""
+    values, inverse = np.unique(scores, return_inverse=True)
+    by_value = np.zeros((len(scores), len(values)))
+    by_value[np.arange(len(scores)), inverse] = 1.0
+    pos = (weights * positive) @ by_value  # (R, distinct scores), ascending
+    neg = (weights * ~positive) @ by_value
+    below = np.cumsum(neg, axis=1) - neg
+    pairs = pos.sum(axis=1) * neg.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(pairs > 0, (pos * (below + 0.5 * neg)).sum(axis=1) / pairs, np.nan)
+
+
+def _weighted_mean(hit: np.ndarray, mask: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    total = weights @ mask
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, weights @ (hit & mask) / total, np.nan)
+
+
+def _interval(samples: np.ndarray, confidence: float) -> list[float] | None:
+    samples = samples[~np.isnan(samples)]
+    if len(samples) == 0:
+        return None
+    tail = 100 * (1 - confidence) / 2
+    return [float(np.percentile(samples, tail)), float(np.percentile(samples, 100 - tail))]
+
+
+def bootstrap_intervals(probs: np.ndarray, targets: np.ndarray, groups: Sequence[str], class_names: Sequence[str],
+                        n_resamples: int = RESAMPLES, confidence: float = CONFIDENCE, seed: int = 0) -> dict | None:
+    """Percentile intervals from resampling whole `groups` (patients) with replacement; None under 2 groups."""
+    probs, targets = np.asarray(probs, dtype=np.float64), np.asarray(targets, dtype=int)
+    class_names = list(class_names)
+    _, row_group = np.unique(np.asarray(groups, dtype=str), return_inverse=True)
+    n_groups = int(row_group.max()) + 1 if len(row_group) else 0
+    if n_groups < 2:
+        return None
+    counts = np.random.default_rng(seed).multinomial(n_groups, np.full(n_groups, 1 / n_groups), size=n_resamples)
+    weights = counts[:, row_group].astype(np.float64)  # (R, N): how often each image is drawn
+    predicted = probs.argmax(axis=1)
+    correct = predicted == targets
+    auroc = {name: weighted_auroc(probs[:, c], targets == c, weights) for c, name in enumerate(class_names)}
+    recall = {name: _weighted_mean(correct, targets == c, weights) for c, name in enumerate(class_names)}
+    stacked = np.stack(list(auroc.values()))
+    defined = ~np.isnan(stacked)
+    macro = np.where(defined.any(axis=0), np.nansum(stacked, axis=0) / np.maximum(defined.sum(axis=0), 1), np.nan)
+    out = {"confidence": confidence, "resamples": n_resamples, "patients": n_groups,
+           "method": "percentile bootstrap over patients",
+           "accuracy": _interval(_weighted_mean(correct, np.ones_like(correct), weights), confidence),
+           "macro_auroc": _interval(macro, confidence),
+           "pneumonia_vs_normal_auroc": None,
+           "auroc": {name: _interval(v, confidence) for name, v in auroc.items()},
+           "recall": {name: _interval(v, confidence) for name, v in recall.items()}}
+    if {"pneumonia", "normal"} <= set(class_names):
+        pn, no = class_names.index("pneumonia"), class_names.index("normal")
+        keep = np.isin(targets, [pn, no])
+        score = probs[keep, pn] / np.clip(probs[keep, pn] + probs[keep, no], 1e-12, None)
+        out["pneumonia_vs_normal_auroc"] = _interval(weighted_auroc(score, targets[keep] == pn, weights[:, keep]), confidence)
+    return out

@@ -1,0 +1,59 @@
+"""Bootstrap confidence intervals over patients."""
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from cxr.evaluation.metrics import compute_metrics
+from cxr.evaluation.uncertainty import bootstrap_intervals, weighted_auroc
+
+NAMES = ["normal", "pneumonia", "tuberculosis"]
+
+
+def noisy_predictions(n: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    targets = rng.integers(0, 3, n)
+    logits = rng.normal(size=(n, 3)) + 1.5 * np.eye(3)[targets]
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    return probs, targets
+
+
+def test_weighted_auroc_matches_scikit_learn_with_ties_and_weights():
+    rng = np.random.default_rng(1)
+    scores = np.round(rng.random(300), 1)  # many ties
+    positive = rng.random(300) < 0.4
+    weights = rng.integers(0, 4, size=(5, 300)).astype(float)
+    got = weighted_auroc(scores, positive, weights)
+    for row, value in zip(weights, got):
+        assert value == pytest.approx(roc_auc_score(positive, scores, sample_weight=row))
+    assert np.isnan(weighted_auroc(scores, positive, weights * positive)).all()  # no negative drawn
+
+
+def test_intervals_cover_the_estimate_and_narrow_with_more_patients():
+    widths = []
+    for n in (150, 1500):
+        probs, targets = noisy_predictions(n)
+        point = compute_metrics(probs, targets, NAMES)
+        ci = bootstrap_intervals(probs, targets, np.arange(n).astype(str), NAMES)
+        assert ci["accuracy"][0] <= point["accuracy"] <= ci["accuracy"][1]
+        assert ci["macro_auroc"][0] <= point["macro_auroc"] <= ci["macro_auroc"][1]
+        assert ci["pneumonia_vs_normal_auroc"][0] <= point["pneumonia_vs_normal_auroc"] <= ci["pneumonia_vs_normal_auroc"][1]
+        widths.append(ci["macro_auroc"][1] - ci["macro_auroc"][0])
+    assert widths[1] < 0.5 * widths[0]  # ~1/sqrt(10)
+
+
+def test_repeated_images_of_one_patient_do_not_narrow_the_interval():
+    probs, targets = noisy_predictions(200)
+    one_each = bootstrap_intervals(probs, targets, np.arange(200).astype(str), NAMES)
+    # Every patient imaged four times, with the same prediction: no new evidence about other patients.
+    repeated = bootstrap_intervals(np.repeat(probs, 4, axis=0), np.repeat(targets, 4),
+                                   np.repeat(np.arange(200), 4).astype(str), NAMES)
+    width = lambda ci: ci["accuracy"][1] - ci["accuracy"][0]  # noqa: E731
+    assert repeated["patients"] == 200
+    assert width(repeated) == pytest.approx(width(one_each), rel=0.2)
+    by_image = bootstrap_intervals(np.repeat(probs, 4, axis=0), np.repeat(targets, 4), np.arange(800).astype(str), NAMES)
+    assert width(by_image) < 0.7 * width(one_each)  # what treating images as independent would claim
+
+
+def test_no_interval_from_a_single_patient():
+    probs, targets = noisy_predictions(6)
+    assert bootstrap_intervals(probs, targets, ["p1"] * 6, NAMES) is None
