@@ -41,10 +41,15 @@ def read_spec(ckpt_path: str | Path) -> dict:
 def write_checkpoint_with_spec(ckpt_path: str | Path, out_path: str | Path, **spec_updates) -> Path:
     """Write `ckpt_path` to `out_path` with its spec updated. The file appears whole or not at all, so
     updating a checkpoint in place never leaves a truncated one behind."""
-    import torch
-
     checkpoint, spec = read_checkpoint(ckpt_path)
     checkpoint[CHECKPOINT_KEY] = {**spec, **spec_updates}
+    return save_checkpoint(checkpoint, out_path)
+
+
+def save_checkpoint(checkpoint: dict, out_path: str | Path) -> Path:
+    """torch.save that leaves either the whole file or none (never a truncated checkpoint)."""
+    import torch
+
     out = Path(out_path).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")

@@ -1,0 +1,128 @@
+"""cxr-soup: average the weights of several fine-tuned checkpoints into one (a model soup), fit its
+operating point on the validation split and evaluate it like cxr-train does.
+
+    cxr-train -m experiment=lite0_soup_member data.seed=1,2,3 hydra.sweep.dir=logs/soup
+    cxr-soup data=shared 'members=logs/soup/*/checkpoints/best.ckpt' paths.output_dir=logs/soup/soup
+"""
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import time
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig, ListConfig
+
+from cxr.calibration import Calibration
+from cxr.checkpoint import CHECKPOINT_KEY, read_checkpoint, save_checkpoint
+from cxr.config import CONFIG_DIR, configure_threads, instantiate_checkpoint_datamodule, log_config
+from cxr.evaluation.evaluate import evaluate, predict_logits
+from cxr.evaluation.metrics import compute_metrics
+from cxr.evaluation.recalibrate import recalibrate_checkpoint
+from cxr.inference import NET_PREFIX, Classifier, load_classifier
+from cxr.models.soup import average_weights, check_soup_members, greedy_soup
+
+log = logging.getLogger("cxr.soup")
+# Lightning's training state belongs to one member's run, not to the average: a soup is not resumable.
+TRAINING_STATE_KEYS = ("optimizer_states", "lr_schedulers", "callbacks", "loops", "current_model_state")
+
+
+def member_paths(members) -> list[Path]:
+    """A list of checkpoint paths, or one glob pattern (sorted)."""
+    if isinstance(members, (list, tuple, ListConfig)):
+        paths = [Path(str(m)).expanduser() for m in members]
+    else:
+        paths = [Path(p) for p in sorted(glob.glob(str(Path(str(members)).expanduser())))]
+        if not paths:
+            raise FileNotFoundError(f"no checkpoint matches members={members}")
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"checkpoints not found: {', '.join(missing)}")
+    return paths
+
+
+def member_fit_seconds(ckpt_path: Path) -> float | None:
+    """The fit time cxr-train recorded beside `<run>/checkpoints/best.ckpt`, if any."""
+    results = ckpt_path.parent.parent / "results.json"
+    return json.loads(results.read_text()).get("fit_seconds") if results.is_file() else None
+
+
+def write_soup_checkpoint(template: Path, net: torch.nn.Module, out_path: Path, soup_record: dict) -> Path:
+    checkpoint, spec = read_checkpoint(template)
+    for key in TRAINING_STATE_KEYS:
+        checkpoint.pop(key, None)
+    state = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(NET_PREFIX)}
+    state.update({NET_PREFIX + k: v for k, v in net.state_dict().items()})
+    checkpoint["state_dict"] = state
+    spec = {k: v for k, v in spec.items() if k != "calibration_fit"}
+    checkpoint[CHECKPOINT_KEY] = {**spec, **Calibration().to_spec(spec["class_names"]), "soup": soup_record}
+    return save_checkpoint(checkpoint, out_path)
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="soup")
+def main(cfg: DictConfig) -> str:
+    log_config(cfg, log)
+    configure_threads(cfg)
+    out_dir = Path(cfg.paths.output_dir)
+    best = out_dir / "checkpoints" / "best.ckpt"
+    if best.exists():
+        raise FileExistsError(f"{best} exists; choose another paths.output_dir=")
+    paths = member_paths(cfg.members)
+    members = [load_classifier(p) for p in paths]
+    check_soup_members([m.spec for m in members], [str(p) for p in paths])
+    spec = members[0].spec
+    datamodule = instantiate_checkpoint_datamodule(cfg, spec)
+    summary = datamodule.summary()
+    if any(summary.get(key) != value for key, value in spec["data_summary"].items()):
+        raise ValueError("data= is not the data the members were trained on (its splits, held-out sources or classes "
+                         "differ), so the selection split could hold their training images; pass the members' data "
+                         "config")
+    select_split = cfg.select_split
+    if select_split == datamodule.split:
+        raise ValueError(f"select_split={select_split} is the evaluation split: choose the members on another one")
+    targets = datamodule.split_frame(select_split)["target"].to_numpy()
+
+    def score(net: torch.nn.Module) -> float:
+        logits = predict_logits(Classifier(net=net, spec=spec), datamodule, select_split)
+        return compute_metrics(torch.softmax(logits, dim=1).numpy(), targets, spec["class_names"])["macro_auroc"]
+
+    start = time.perf_counter()
+    nets = [m.net for m in members]
+    if cfg.method == "greedy":
+        selection = greedy_soup(nets, score)
+    elif cfg.method == "uniform":
+        selection = {"kept": list(range(len(nets)))}
+    else:
+        raise ValueError(f"method must be 'greedy' or 'uniform', got {cfg.method!r}")
+    soup = average_weights([nets[i] for i in selection["kept"]])
+    record = {"method": cfg.method, "select_split": select_split, "kept": selection["kept"],
+              "members": [{"path": str(p), "sha256": m.sha256,
+                           "select_macro_auroc": (selection.get("member_scores") or [None] * len(paths))[i]}
+                          for i, (p, m) in enumerate(zip(paths, members))],
+              "steps": selection.get("steps", []), "select_macro_auroc": selection.get("score")}
+    write_soup_checkpoint(paths[0], soup, best, record)
+    log.info("soup of %s (of %d) -> %s", [paths[i].as_posix() for i in selection["kept"]], len(paths), best)
+
+    results = {"best_checkpoint": str(best), "soup": record, "soup_seconds": time.perf_counter() - start}
+    fits = [member_fit_seconds(p) for p in paths]
+    results["member_fit_seconds"] = fits
+    results["fit_seconds"] = float(np.sum(fits)) if all(f is not None for f in fits) else None
+    calibration = cfg.get("calibration") or {"method": "none"}
+    if calibration["method"] != "none":
+        results["calibration"] = recalibrate_checkpoint(best, datamodule, calibration["split"], calibration["method"],
+                                                        out_path=best)
+    metrics = evaluate(load_classifier(best), datamodule, datamodule.split, out_dir / "eval",
+                       title=f"{cfg.task_name}: {datamodule.split} split")
+    results["eval"] = {k: metrics[k] for k in ("n", "accuracy", "macro_auroc", "pneumonia_vs_normal_auroc")}
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    log.info("results: %s", results)
+    print(best)
+    return str(best)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""Model soups: the average, the greedy selection, the refusals, and cxr-soup end to end."""
+import json
+
+import pytest
+import torch
+
+from cxr.models.soup import average_weights, check_soup_members, greedy_soup
+from tests.test_train_eval import TINY, run
+
+
+def tiny_net(seed: int) -> torch.nn.Module:
+    import timm
+
+    torch.manual_seed(seed)
+    net = timm.create_model("test_efficientnet", num_classes=3)
+    for module in net.modules():  # distinct BatchNorm statistics, so buffers are averaged too
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.normal_()
+            module.running_var.uniform_(0.5, 2.0)
+    return net
+
+
+def test_average_weights_is_the_mean_of_parameters_and_batchnorm_statistics():
+    nets = [tiny_net(0), tiny_net(1), tiny_net(2)]
+    before = [{k: v.clone() for k, v in n.state_dict().items()} for n in nets]
+    soup = average_weights(nets).state_dict()
+    for key, value in soup.items():
+        if value.is_floating_point():
+            assert torch.allclose(value, sum(b[key] for b in before) / 3, atol=1e-6), key
+    assert any("running_var" in k for k in soup)
+    for net, state in zip(nets, before):  # the members are left as they were
+        assert all(torch.equal(net.state_dict()[k], v) for k, v in state.items())
+
+
+def flat(net: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in net.parameters()])
+
+
+def test_greedy_soup_keeps_members_that_help_and_leaves_out_one_that_spoils_the_average():
+    target = tiny_net(0)
+    near = []
+    for seed in (1, 2):
+        net = tiny_net(0)
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(0.1 * torch.randn_like(p))  # independent noise: the average is closer to the target
+        near.append(net)
+    far = tiny_net(3)
+    score = lambda net: -float(torch.linalg.norm(flat(net) - flat(target)))  # noqa: E731
+    selection = greedy_soup([far, near[0], near[1]], score)
+    assert selection["kept"] == [1, 2]
+    assert selection["score"] > max(selection["member_scores"])
+    first, second = selection["steps"]  # the better near member starts; the other near one helps, the far one not
+    assert first["added"] in (1, 2) and first["kept"]
+    assert second["added"] == 0 and not second["kept"]
+
+
+def test_members_must_share_architecture_preprocessing_classes_and_data():
+    spec = {"class_names": ["normal", "tb"], "backbone": "b", "backbone_kwargs": {}, "preprocessing": {"image_size": 224},
+            "data_summary": {"counts": {"train": {"s": {"normal": 3}}}}}
+    check_soup_members([spec, dict(spec)], ["a.ckpt", "b.ckpt"])
+    with pytest.raises(ValueError, match="b.ckpt differs from a.ckpt in preprocessing"):
+        check_soup_members([spec, {**spec, "preprocessing": {"image_size": 288}}], ["a.ckpt", "b.ckpt"])
+    with pytest.raises(ValueError, match="in data_summary"):
+        check_soup_members([spec, {**spec, "data_summary": {"counts": {}}}], ["a.ckpt", "b.ckpt"])
+    with pytest.raises(ValueError, match="at least two"):
+        check_soup_members([spec], ["a.ckpt"])
+
+
+@pytest.fixture(scope="module")
+def members(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("soup_cache")
+    paths = []
+    for seed in (1, 2):
+        out = tmp_path_factory.mktemp(f"member{seed}")
+        # Another model seed, the same data seed: synthetic data has no split column, and data.seed draws it.
+        run("cxr.train", "debug=smoke", *TINY, "data.batch_size=8", f"seed={seed}", "data.seed=42",
+            f"paths.output_dir={out}", cache_dir=cache)
+        paths.append(out / "checkpoints" / "best.ckpt")
+    return paths, cache
+
+
+DATA = ["data.n_per_class=20", "data.size=96"]
+
+
+def test_soup_of_one_checkpoint_twice_is_that_checkpoint(members, tmp_path):
+    from cxr.inference import load_classifier
+
+    (first, _), cache = members
+    stdout = run("cxr.soup", f"members=[{first},{first}]", "method=uniform", *DATA, f"paths.output_dir={tmp_path}",
+                 cache_dir=cache)
+    soup = tmp_path / "checkpoints" / "best.ckpt"
+    assert stdout.strip().splitlines()[-1] == str(soup)
+    member_state, soup_state = load_classifier(first).net.state_dict(), load_classifier(soup).net.state_dict()
+    assert all(torch.allclose(member_state[k].float(), v.float(), atol=1e-6) for k, v in soup_state.items())
+    evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    trained = json.loads((first.parent.parent / "eval" / "metrics.json").read_text())
+    assert evaluated["confusion_matrix"] == trained["confusion_matrix"]
+    assert evaluated["macro_auroc"] == pytest.approx(trained["macro_auroc"], abs=1e-6)
+
+
+def test_greedy_soup_writes_a_calibrated_checkpoint_and_its_record(members, tmp_path):
+    from cxr.checkpoint import read_checkpoint
+
+    (first, second), cache = members
+    run("cxr.soup", f"members=[{first},{second}]", *DATA, f"paths.output_dir={tmp_path}", cache_dir=cache)
+    checkpoint, spec = read_checkpoint(tmp_path / "checkpoints" / "best.ckpt")
+    assert "optimizer_states" not in checkpoint  # one member's training state does not describe the soup
+    record = spec["soup"]
+    assert record["method"] == "greedy" and record["select_split"] == "val"
+    assert [m["path"] for m in record["members"]] == [str(first), str(second)]
+    assert len(record["steps"]) == 1 and record["kept"] and set(record["kept"]) <= {0, 1}
+    assert record["select_macro_auroc"] >= max(m["select_macro_auroc"] for m in record["members"])
+    assert spec["calibration_fit"]["split"] == "val"
+    results = json.loads((tmp_path / "results.json").read_text())
+    fits = [json.loads((p.parent.parent / "results.json").read_text())["fit_seconds"] for p in (first, second)]
+    assert results["fit_seconds"] == pytest.approx(sum(fits))
+    assert results["eval"]["n"] == json.loads((tmp_path / "eval" / "metrics.json").read_text())["n"] > 0
+
+
+def test_soup_refuses_other_data_than_the_members_and_an_existing_output(members, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import PROJECT_ROOT
+
+    (first, second), cache = members
+
+    def soup(*overrides):
+        return subprocess.run([sys.executable, "-m", "cxr.soup", f"members=[{first},{second}]", *overrides,
+                               f"paths.cache_dir={cache}"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
+
+    for other_data in (["data.n_per_class=24"], ["data.seed=7"]):  # other images; the same images split otherwise
+        other = soup(*DATA, *other_data, f"paths.output_dir={tmp_path / 'other'}")
+        assert other.returncode != 0 and "is not the data the members were trained on" in other.stderr
+    (tmp_path / "taken" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "taken" / "checkpoints" / "best.ckpt").write_text("x")
+    taken = soup(*DATA, f"paths.output_dir={tmp_path / 'taken'}")
+    assert taken.returncode != 0 and "exists; choose another paths.output_dir=" in taken.stderr
