@@ -54,16 +54,12 @@ class Classifier:
 NET_PREFIX = "net."  # ChestXrayClassifier keeps the timm model as `net`
 
 
-def create_net(spec: dict) -> nn.Module:
-    """The spec's architecture with untrained weights (the trained ones are in the checkpoint)."""
-    return timm.create_model(spec["backbone"], pretrained=False, num_classes=len(spec["class_names"]),
-                             in_chans=spec["preprocessing"]["in_chans"], **spec.get("backbone_kwargs", {}))
-
-
 def load_classifier(ckpt_path: str | Path) -> Classifier:
     path = Path(ckpt_path).expanduser()
     checkpoint, spec = read_checkpoint(path)
-    net = create_net(spec)
+    # Architecture only: the trained weights come from the checkpoint just below.
+    net = timm.create_model(spec["backbone"], pretrained=False, num_classes=len(spec["class_names"]),
+                            in_chans=spec["preprocessing"]["in_chans"], **spec.get("backbone_kwargs", {}))
     net.load_state_dict({k.removeprefix(NET_PREFIX): v for k, v in checkpoint["state_dict"].items()
                          if k.startswith(NET_PREFIX)})
     return Classifier(net=net, spec=spec, sha256=file_sha256(path), path=path)

@@ -1,8 +1,8 @@
 """cxr-soup: average the weights of several fine-tuned checkpoints into one (a model soup), fit its
 operating point on the validation split and evaluate it like cxr-train does.
 
-    cxr-train -m experiment=lite0_soup_member data.seed=1,2,3 hydra.sweep.dir=logs/soup
-    cxr-soup data=shared 'members=logs/soup/*/checkpoints/best.ckpt' paths.output_dir=logs/soup/soup
+    cxr-train -m experiment=lite0_finetune trainer.max_epochs=3 data.seed=1,2,3 hydra.sweep.dir=logs/members
+    cxr-soup data=shared 'members=logs/members/*/checkpoints/best.ckpt' paths.output_dir=logs/soup
 """
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import hydra
-import numpy as np
 import torch
 from omegaconf import DictConfig, ListConfig
 
@@ -99,10 +98,10 @@ def main(cfg: DictConfig) -> str:
     else:
         raise ValueError(f"method must be 'greedy' or 'uniform', got {cfg.method!r}")
     soup = average_weights([nets[i] for i in selection["kept"]])
+    scores = selection.get("member_scores", [None] * len(paths))
     record = {"method": cfg.method, "select_split": select_split, "kept": selection["kept"],
-              "members": [{"path": str(p), "sha256": m.sha256,
-                           "select_macro_auroc": (selection.get("member_scores") or [None] * len(paths))[i]}
-                          for i, (p, m) in enumerate(zip(paths, members))],
+              "members": [{"path": str(p), "sha256": m.sha256, "select_macro_auroc": score}
+                          for p, m, score in zip(paths, members, scores)],
               "steps": selection.get("steps", []), "select_macro_auroc": selection.get("score")}
     write_soup_checkpoint(paths[0], soup, best, record)
     log.info("soup of %s (of %d) -> %s", [paths[i].as_posix() for i in selection["kept"]], len(paths), best)
@@ -110,7 +109,7 @@ def main(cfg: DictConfig) -> str:
     results = {"best_checkpoint": str(best), "soup": record, "soup_seconds": time.perf_counter() - start}
     fits = [member_fit_seconds(p) for p in paths]
     results["member_fit_seconds"] = fits
-    results["fit_seconds"] = float(np.sum(fits)) if all(f is not None for f in fits) else None
+    results["fit_seconds"] = sum(fits) if all(f is not None for f in fits) else None
     calibration = cfg.get("calibration") or {"method": "none"}
     if calibration["method"] != "none":
         results["calibration"] = recalibrate_checkpoint(best, datamodule, calibration["split"], calibration["method"],

@@ -131,9 +131,9 @@ def test_soup_refuses_other_data_than_the_members_and_an_existing_output(members
         return subprocess.run([sys.executable, "-m", "cxr.soup", f"members=[{first},{second}]", *overrides,
                                f"paths.cache_dir={cache}"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
 
-    for other_data in (["data.n_per_class=24"], ["data.seed=7"]):  # other images; the same images split otherwise
-        other = soup(*DATA, *other_data, f"paths.output_dir={tmp_path / 'other'}")
-        assert other.returncode != 0 and "is not the data the members were trained on" in other.stderr
+    # The same images, split by another seed (the split fingerprint differs even where counts agree).
+    other = soup(*DATA, "data.seed=7", f"paths.output_dir={tmp_path / 'other'}")
+    assert other.returncode != 0 and "is not the data the members were trained on" in other.stderr
     (tmp_path / "taken" / "checkpoints").mkdir(parents=True)
     (tmp_path / "taken" / "checkpoints" / "best.ckpt").write_text("x")
     taken = soup(*DATA, f"paths.output_dir={tmp_path / 'taken'}")

@@ -25,7 +25,7 @@ def check_soup_members(specs: Sequence[dict], names: Sequence[str]) -> None:
             if spec.get(field) != specs[0].get(field):
                 raise ValueError(f"{name} differs from {names[0]} in {field} ({spec.get(field)!r} vs "
                                  f"{specs[0].get(field)!r}): a soup averages fine-tunes of one architecture, "
-                                 "with one preprocessing and class order")
+                                 "with one preprocessing and class order, trained on the same split")
 
 
 def average_weights(nets: Sequence[nn.Module]) -> nn.Module:
