@@ -13,7 +13,7 @@ import json
 import shutil
 from pathlib import Path
 
-from cxr.evaluation.report import operating_point_lines
+from cxr.evaluation.report import interval_lines, operating_point_lines
 
 REFERENCE_TABLE4 = {  # the reference technical report, Table 4 (its own test set of 2,569 images)
     "normal": (0.648, 0.804, 0.718, 0.840, 925),
@@ -58,6 +58,15 @@ def per_source(metrics: dict) -> list[str]:
     return lines
 
 
+def wall_time(results: dict) -> str:
+    if "soup" in results:  # cxr-soup: its members' fits, then the averaging and selection
+        members = ", ".join(f"{seconds / 60:.1f}" for seconds in results["member_fit_seconds"])
+        return (f"Wall time: {results['fit_seconds'] / 60:.1f} min of member fits ({members} min), then "
+                f"{results['soup_seconds'] / 60:.1f} min to select and average")
+    return (f"Wall time (fit): {results['fit_seconds'] / 60:.1f} min for {results.get('epochs', '?')} epochs; "
+            f"train throughput {results['train_images_per_second']:.1f} images/s")
+
+
 def load(run: Path, eval_dir: str = "eval") -> tuple[dict, dict]:
     return json.loads((run / eval_dir / "metrics.json").read_text()), json.loads((run / "results.json").read_text())
 
@@ -78,28 +87,28 @@ def main() -> None:
     for figure in ("confusion_matrix.png", "roc_curves.png"):
         shutil.copy(args.run / args.eval_dir / figure, out / figure)
     lines = [f"# {args.name}", "", "```bash", args.command, *args.holdout_command, "```", "",
-             f"- Wall time (fit): {results['fit_seconds'] / 60:.1f} min for {results.get('epochs', '?')} epochs on this machine "
-             f"(2 CPU cores, no GPU); "
-             f"train throughput {results['train_images_per_second']:.1f} images/s; "
-             f"test inference {metrics['images_per_second']:.1f} images/s.",
+             f"- {wall_time(results)}; test inference {metrics['images_per_second']:.1f} images/s "
+             "(this machine: 2 CPU cores, no GPU).",
              f"- Test split of `../shared/data/cxr` (patient-grouped): n = {metrics['n']}. "
              f"Accuracy **{pct(metrics['accuracy'])}**, macro AUROC **{num(metrics['macro_auroc'])}**, "
              f"tuberculosis recall **{pct(metrics['per_class']['tuberculosis']['recall'])}**, "
              f"pneumonia-vs-normal AUROC {num(metrics['pneumonia_vs_normal_auroc'])}.",
              f"- Checkpoint SHA-256 `{metrics['checkpoint_sha256'][:16]}…` (not committed; rerun the command).",
-             *operating_point_lines(metrics), "", args.notes, "", "## Test split, beside the reference report's Table 4", "",
+             *interval_lines(metrics), *operating_point_lines(metrics), "", args.notes, "", "## Test split, beside the reference report's Table 4", "",
              "The reference numbers are on the report's own 2,569-image test set, not on this data.", "",
              *side_by_side(metrics), "", "![confusion matrix](confusion_matrix.png) ![ROC curves](roc_curves.png)", "",
              "## Per source (in-distribution test split)", "", *per_source(metrics), ""]
     if args.holdout:
         lines += ["## Cross-source: trained without a source, tested on all of its images", "",
-                  "| Held out | n | Pneumonia-vs-normal AUROC | called normal | called pneumonia | called tuberculosis | accuracy |",
+                  "| Held out | n | Pneumonia-vs-normal AUROC (95% CI) | called normal | called pneumonia | called tuberculosis | accuracy |",
                   "|---|---|---|---|---|---|---|"]
         for item in args.holdout:
             source, run = item.split("=", 1)
             h, _ = load(Path(run), args.eval_dir)
             called = " | ".join(pct(h["per_class"][c]["called"]) for c in h["classes"])
-            lines.append(f"| {source} | {h['n']} | {num(h['pneumonia_vs_normal_auroc'])} | {called} | {pct(h['accuracy'])} |")
+            ci = (h.get("confidence_intervals") or {}).get("pneumonia_vs_normal_auroc")
+            pvn = num(h["pneumonia_vs_normal_auroc"]) + (f" ({num(ci[0])}–{num(ci[1])})" if ci else "")
+            lines.append(f"| {source} | {h['n']} | {pvn} | {called} | {pct(h['accuracy'])} |")
         lines.append("")
     (out / "README.md").write_text("\n".join(lines))
     print(out / "README.md")
