@@ -13,7 +13,7 @@ import json
 import shutil
 from pathlib import Path
 
-from cxr.evaluation.report import interval_lines, operating_point_lines
+from cxr.evaluation.report import format_interval, interval_lines, operating_point_lines
 
 REFERENCE_TABLE4 = {  # the reference technical report, Table 4 (its own test set of 2,569 images)
     "normal": (0.648, 0.804, 0.718, 0.840, 925),
@@ -107,7 +107,7 @@ def main() -> None:
             h, _ = load(Path(run), args.eval_dir)
             called = " | ".join(pct(h["per_class"][c]["called"]) for c in h["classes"])
             ci = (h.get("confidence_intervals") or {}).get("pneumonia_vs_normal_auroc")
-            pvn = num(h["pneumonia_vs_normal_auroc"]) + (f" ({num(ci[0])}–{num(ci[1])})" if ci else "")
+            pvn = num(h["pneumonia_vs_normal_auroc"]) + (f" ({format_interval(ci, num)})" if ci else "")
             lines.append(f"| {source} | {h['n']} | {pvn} | {called} | {pct(h['accuracy'])} |")
         lines.append("")
     (out / "README.md").write_text("\n".join(lines))

@@ -16,14 +16,21 @@ def _auroc(scores: np.ndarray, positive: np.ndarray) -> float | None:
     return float(binary_auroc(torch.as_tensor(scores, dtype=torch.float32), torch.as_tensor(positive, dtype=torch.long)))
 
 
-def pneumonia_vs_normal_auroc(probs: np.ndarray, targets: np.ndarray, class_names: Sequence[str]) -> float | None:
-    """AUROC of p(pneumonia) / (p(pneumonia) + p(normal)) among images that are normal or pneumonia."""
+def pneumonia_vs_normal_scores(probs: np.ndarray, targets: np.ndarray, class_names: Sequence[str]):
+    """(rows that are normal or pneumonia, their p(pneumonia) / (p(pneumonia) + p(normal)), is pneumonia),
+    or None when the classes lack either."""
     if "pneumonia" not in class_names or "normal" not in class_names:
         return None
-    pn, no = class_names.index("pneumonia"), class_names.index("normal")
+    pn, no = list(class_names).index("pneumonia"), list(class_names).index("normal")
     keep = np.isin(targets, [pn, no])
     score = probs[keep, pn] / np.clip(probs[keep, pn] + probs[keep, no], 1e-12, None)
-    return _auroc(score, targets[keep] == pn)
+    return keep, score, targets[keep] == pn
+
+
+def pneumonia_vs_normal_auroc(probs: np.ndarray, targets: np.ndarray, class_names: Sequence[str]) -> float | None:
+    """AUROC of p(pneumonia) / (p(pneumonia) + p(normal)) among images that are normal or pneumonia."""
+    scores = pneumonia_vs_normal_scores(probs, targets, class_names)
+    return None if scores is None else _auroc(*scores[1:])
 
 
 def compute_metrics(probs: np.ndarray, targets: np.ndarray, class_names: Sequence[str]) -> dict:

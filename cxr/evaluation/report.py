@@ -20,7 +20,7 @@ def _num(value: float | None) -> str:
     return "–" if value is None else f"{value:.3f}"
 
 
-def _range(interval: list[float] | None, fmt) -> str:
+def format_interval(interval: list[float] | None, fmt) -> str:
     return "–" if interval is None else f"{fmt(interval[0])}–{fmt(interval[1])}"
 
 
@@ -28,10 +28,10 @@ def interval_lines(metrics: dict) -> list[str]:
     ci = metrics.get("confidence_intervals")
     if not ci:
         return []
-    recalls = ", ".join(f"{name} {_range(value, _pct)}" for name, value in ci["recall"].items())
+    recalls = ", ".join(f"{name} {format_interval(value, _pct)}" for name, value in ci["recall"].items())
     return ["", f"{100 * ci['confidence']:.0f}% confidence intervals ({ci['method']}: {ci['patients']} patients, "
-                f"{ci['resamples']} resamples): accuracy {_range(ci['accuracy'], _pct)}; macro AUROC "
-                f"{_range(ci['macro_auroc'], _num)}; pneumonia-vs-normal AUROC {_range(ci['pneumonia_vs_normal_auroc'], _num)}; "
+                f"{ci['resamples']} resamples): accuracy {format_interval(ci['accuracy'], _pct)}; macro AUROC "
+                f"{format_interval(ci['macro_auroc'], _num)}; pneumonia-vs-normal AUROC {format_interval(ci['pneumonia_vs_normal_auroc'], _num)}; "
                 f"recall {recalls}."]
 
 

@@ -11,6 +11,8 @@ from typing import Sequence
 
 import numpy as np
 
+from cxr.evaluation.metrics import pneumonia_vs_normal_scores
+
 CONFIDENCE = 0.95
 RESAMPLES = 2000
 
@@ -68,9 +70,8 @@ def bootstrap_intervals(probs: np.ndarray, targets: np.ndarray, groups: Sequence
            "pneumonia_vs_normal_auroc": None,
            "auroc": {name: _interval(v, confidence) for name, v in auroc.items()},
            "recall": {name: _interval(v, confidence) for name, v in recall.items()}}
-    if {"pneumonia", "normal"} <= set(class_names):
-        pn, no = class_names.index("pneumonia"), class_names.index("normal")
-        keep = np.isin(targets, [pn, no])
-        score = probs[keep, pn] / np.clip(probs[keep, pn] + probs[keep, no], 1e-12, None)
-        out["pneumonia_vs_normal_auroc"] = _interval(weighted_auroc(score, targets[keep] == pn, weights[:, keep]), confidence)
+    pvn = pneumonia_vs_normal_scores(probs, targets, class_names)
+    if pvn is not None:
+        keep, score, is_pneumonia = pvn
+        out["pneumonia_vs_normal_auroc"] = _interval(weighted_auroc(score, is_pneumonia, weights[:, keep]), confidence)
     return out
