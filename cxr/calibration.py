@@ -56,8 +56,10 @@ class Calibration:
         return torch.softmax(scaled, dim=1)
 
 
-def check_calibration_targets(targets: Sequence[int], class_names: Sequence[str], method: str) -> None:
-    """Refuse data on which `method` cannot be fitted; called before training as well as at fitting time."""
+def check_calibration_targets(targets: Sequence[int], class_names: Sequence[str], method: str,
+                              warn_few: bool = True) -> None:
+    """Refuse data on which `method` cannot be fitted, and warn (`warn_few`) when a logit bias would rest on
+    few images of some class; called before training as well as at fitting time."""
     if method not in METHODS:
         raise ValueError(f"unknown calibration method {method!r}; choose one of {', '.join(METHODS)}")
     if method == "none":
@@ -69,21 +71,21 @@ def check_calibration_targets(targets: Sequence[int], class_names: Sequence[str]
     if method == "temperature_bias" and missing:
         raise ValueError(f"cannot fit a logit bias without images of {missing}; "
                          "use calibration.method=temperature, or a split that has every class")
-    if method == "temperature_bias" and int(counts.min()) < FEW_PER_CLASS:
+    if warn_few and method == "temperature_bias" and int(counts.min()) < FEW_PER_CLASS:
         log.warning("fitting a logit bias on only %s images per class (%s): it will be noisy; "
                     "prefer calibration.method=temperature or more labelled images",
                     int(counts.min()), dict(zip(class_names, counts.tolist())))
 
 
 def fit_calibration(logits: torch.Tensor, targets: torch.Tensor, class_names: Sequence[str],
-                    method: str = "temperature_bias") -> Calibration:
+                    method: str = "temperature_bias", warn_few: bool = True) -> Calibration:
     """Minimise the mean negative log-likelihood of `targets` over log-temperature (and the bias).
 
     A standard-normal prior on log-temperature and on each bias, worth one image, keeps the fit finite
     when the split is perfectly classified (the NLL alone then drives the temperature to zero); on a
     few hundred images it changes nothing measurable.
     """
-    check_calibration_targets(targets.tolist(), class_names, method)
+    check_calibration_targets(targets.tolist(), class_names, method, warn_few)
     if method == "none":
         return Calibration()
     logits, targets = logits.detach().double(), targets.long()

@@ -33,7 +33,7 @@ def train(cfg: DictConfig) -> dict:
     datamodule = instantiate_datamodule(cfg, preprocessing)
     datamodule.setup("fit")  # decodes every train/val image now: a broken file stops here, with its path
     calibration = cfg.get("calibration") or {"method": "none"}
-    if calibration["method"] != "none":  # refuse an impossible calibration now, not after the fit
+    if calibration["method"] != "none":  # refuse (or warn about) the calibration now, not after the fit
         check_calibration_targets(datamodule.split_frame(calibration["split"])["target"].tolist(),
                                   datamodule.class_names, calibration["method"])
     weights = datamodule.class_weights()
@@ -63,7 +63,7 @@ def train(cfg: DictConfig) -> dict:
                if trainer.current_epoch else None}
     if calibration["method"] != "none":
         results["calibration"] = recalibrate_checkpoint(best, datamodule, calibration["split"], calibration["method"],
-                                                        out_path=best)
+                                                        out_path=best, warn_few=False)
     if cfg.get("test_after_fit", True):
         trainer.test(model, datamodule=datamodule, ckpt_path=str(best), weights_only=False)
         results["test"] = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}

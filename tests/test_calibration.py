@@ -73,6 +73,10 @@ def test_warns_when_a_bias_would_be_fitted_on_few_images(caplog):
     with caplog.at_level("WARNING", logger="cxr.calibration"):
         check_calibration_targets([0] * 40 + [1] * 40 + [2] * 30, NAMES, "temperature_bias")
         check_calibration_targets([0, 1, 2], NAMES, "temperature")
+        # cxr-train warns once, before the fit, and fits the bias afterwards with warn_few=False
+        check_calibration_targets([0] * 40 + [1] * 40 + [2] * 5, NAMES, "temperature_bias", warn_few=False)
+        logits = torch.randn(85, 3, generator=torch.Generator().manual_seed(0))
+        fit_calibration(logits, torch.tensor([0] * 40 + [1] * 40 + [2] * 5), NAMES, "temperature_bias", warn_few=False)
     assert caplog.text == ""
 
 

@@ -16,15 +16,16 @@ log = logging.getLogger(__name__)
 
 
 def recalibrate_checkpoint(ckpt_path: str | Path, datamodule: ChestXrayDataModule, split: str, method: str,
-                           out_path: str | Path) -> dict:
+                           out_path: str | Path, warn_few: bool = True) -> dict:
     """Fit `method` on the raw logits of `split` (any earlier calibration is replaced) and write the
-    checkpoint with it to `out_path`. Returns the fit record that is also stored as `calibration_fit`."""
+    checkpoint with it to `out_path`. Returns the fit record that is also stored as `calibration_fit`.
+    `warn_few=False` when the caller already warned about this split's class counts."""
     classifier = load_classifier(ckpt_path)
     check_compatible(classifier, datamodule)
     logits = predict_logits(classifier, datamodule, split)
     frame = datamodule.split_frame(split)
     targets = torch.as_tensor(frame["target"].to_numpy(), dtype=torch.long)
-    calibration = fit_calibration(logits, targets, classifier.class_names, method)
+    calibration = fit_calibration(logits, targets, classifier.class_names, method, warn_few)
     record = {"method": method, "split": split, "n": len(targets),
               "sources": sorted(frame["source"].astype(str).unique().tolist())}
     for name, candidate in (("uncalibrated", Calibration()), ("calibrated", calibration)):
