@@ -89,3 +89,20 @@ def test_schedule_validation():
         ProgressiveUnfreezing(unfreeze_at=[3, 1], stages_per_step=[1, 1])
     with pytest.raises(ValueError):
         ProgressiveUnfreezing(unfreeze_at=[1], stages_per_step=[1, 2])
+
+
+def test_unfreezing_everything_at_epoch_zero_trains_the_whole_net_from_the_first_step(synthetic_manifest):
+    """The schedule of experiment=lite0_full_finetune: no head-only epoch, one learning rate."""
+    torch.manual_seed(0)
+    dm = ChestXrayDataModule.from_manifest(str(synthetic_manifest), preprocessing=PREP, batch_size=8)
+    model = ChestXrayClassifier("test_efficientnet", dm.class_names, PREP, pretrained="none", dropout=0.0,
+                                backbone_lr_factor=1.0)
+    recorder = Recorder()
+    trainer = L.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        callbacks=[ProgressiveUnfreezing(unfreeze_at=[0], stages_per_step=[-1]), recorder])
+    trainer.fit(model, datamodule=dm)
+    everything = {n for n, _ in model.net.named_parameters()}
+    assert recorder.trainable[0] == everything
+    assert len(recorder.changed[0]) >= 0.9 * len(everything)
+    assert len({g["lr"] for g in trainer.optimizers[0].param_groups}) == 1
