@@ -13,6 +13,7 @@ from torch import nn
 from cxr.calibration import Calibration
 from cxr.checkpoint import file_sha256, read_checkpoint
 from cxr.data.preprocess import Preprocessing
+from cxr.models.ensemble import PredictionEnsemble
 
 
 @dataclass
@@ -54,12 +55,20 @@ class Classifier:
 NET_PREFIX = "net."  # ChestXrayClassifier keeps the timm model as `net`
 
 
+def build_net(spec: dict) -> nn.Module:
+    """The checkpoint's architecture with untrained weights (one network, or `ensemble_size` of them)."""
+    def network() -> nn.Module:
+        return timm.create_model(spec["backbone"], pretrained=False, num_classes=len(spec["class_names"]),
+                                 in_chans=spec["preprocessing"]["in_chans"], **spec.get("backbone_kwargs", {}))
+
+    size = spec.get("ensemble_size")
+    return PredictionEnsemble([network() for _ in range(size)]) if size else network()
+
+
 def load_classifier(ckpt_path: str | Path) -> Classifier:
     path = Path(ckpt_path).expanduser()
     checkpoint, spec = read_checkpoint(path)
-    # Architecture only: the trained weights come from the checkpoint just below.
-    net = timm.create_model(spec["backbone"], pretrained=False, num_classes=len(spec["class_names"]),
-                            in_chans=spec["preprocessing"]["in_chans"], **spec.get("backbone_kwargs", {}))
+    net = build_net(spec)
     net.load_state_dict({k.removeprefix(NET_PREFIX): v for k, v in checkpoint["state_dict"].items()
                          if k.startswith(NET_PREFIX)})
     return Classifier(net=net, spec=spec, sha256=file_sha256(path), path=path)

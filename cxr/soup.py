@@ -1,8 +1,10 @@
-"""cxr-soup: average the weights of several fine-tuned checkpoints into one (a model soup), fit its
-operating point on the validation split and evaluate it like cxr-train does.
+"""cxr-soup: combine several fine-tuned checkpoints into one, by averaging their weights (a model soup)
+or their predictions (method=ensemble), fit its operating point on the validation split and evaluate it
+like cxr-train does.
 
     cxr-train -m experiment=lite0_finetune trainer.max_epochs=3 data.seed=1,2,3 hydra.sweep.dir=logs/members
     cxr-soup data=shared 'members=logs/members/*/checkpoints/best.ckpt' paths.output_dir=logs/soup
+    cxr-soup data=shared 'members=logs/members/*/checkpoints/best.ckpt' method=ensemble paths.output_dir=logs/ens
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from cxr.evaluation.evaluate import evaluate, predict_logits
 from cxr.evaluation.metrics import compute_metrics
 from cxr.evaluation.recalibrate import recalibrate_checkpoint
 from cxr.inference import NET_PREFIX, Classifier, load_classifier
+from cxr.models.ensemble import PredictionEnsemble
 from cxr.models.soup import average_weights, check_soup_members, greedy_soup
 
 log = logging.getLogger("cxr.soup")
@@ -51,6 +54,7 @@ def member_fit_seconds(ckpt_path: Path) -> float | None:
 
 
 def write_soup_checkpoint(template: Path, net: torch.nn.Module, out_path: Path, soup_record: dict) -> Path:
+    """`template`'s checkpoint with `net`'s weights, no calibration and no training state."""
     checkpoint, spec = read_checkpoint(template)
     for key in TRAINING_STATE_KEYS:
         checkpoint.pop(key, None)
@@ -58,6 +62,8 @@ def write_soup_checkpoint(template: Path, net: torch.nn.Module, out_path: Path, 
     state.update({NET_PREFIX + k: v for k, v in net.state_dict().items()})
     checkpoint["state_dict"] = state
     spec = {k: v for k, v in spec.items() if k != "calibration_fit"}
+    if isinstance(net, PredictionEnsemble):
+        spec["ensemble_size"] = len(net.members)
     checkpoint[CHECKPOINT_KEY] = {**spec, **Calibration().to_spec(spec["class_names"]), "soup": soup_record}
     return save_checkpoint(checkpoint, out_path)
 
@@ -93,11 +99,12 @@ def main(cfg: DictConfig) -> str:
     nets = [m.net for m in members]
     if cfg.method == "greedy":
         selection = greedy_soup(nets, score)
-    elif cfg.method == "uniform":
+    elif cfg.method in ("uniform", "ensemble"):
         selection = {"kept": list(range(len(nets)))}
     else:
-        raise ValueError(f"method must be 'greedy' or 'uniform', got {cfg.method!r}")
-    soup = average_weights([nets[i] for i in selection["kept"]])
+        raise ValueError(f"method must be 'greedy', 'uniform' or 'ensemble', got {cfg.method!r}")
+    kept = [nets[i] for i in selection["kept"]]
+    soup = PredictionEnsemble(kept) if cfg.method == "ensemble" else average_weights(kept)
     scores = selection.get("member_scores", [None] * len(paths))
     record = {"method": cfg.method, "select_split": select_split, "kept": selection["kept"],
               "members": [{"path": str(p), "sha256": m.sha256, "select_macro_auroc": score}

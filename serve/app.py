@@ -39,6 +39,7 @@ def model_info(spec: dict, settings: Settings, server_cfg) -> dict:
     return {
         "architecture": spec["backbone"],
         "backbone_kwargs": spec.get("backbone_kwargs", {}),
+        "ensemble_size": spec.get("ensemble_size", 1),
         "class_names": list(spec["class_names"]),
         "input": {"size": [pre["in_chans"], pre["image_size"], pre["image_size"]], "channels": pre["in_chans"],
                   "normalization": {"mean": pre["mean"], "std": pre["std"], "max_pixel_value": 255.0},

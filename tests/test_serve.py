@@ -137,7 +137,7 @@ def test_health_is_open_and_answers(server):
 def test_model_info(server, ckpt):
     assert requests.get(server.url + "/model/info", timeout=10).status_code == 401
     info = requests.get(server.url + "/model/info", headers=AUTH, timeout=10).json()
-    assert info["architecture"] == "test_efficientnet"
+    assert info["architecture"] == "test_efficientnet" and info["ensemble_size"] == 1
     assert info["class_names"] == CLASS_NAMES
     assert info["input"]["size"] == [3, 64, 64]
     assert info["input"]["normalization"]["mean"] == [0.5, 0.5, 0.5]

@@ -100,6 +100,21 @@ def test_soup_of_one_checkpoint_twice_is_that_checkpoint(members, tmp_path):
     assert evaluated["macro_auroc"] == pytest.approx(trained["macro_auroc"], abs=1e-6)
 
 
+def test_ensemble_of_one_checkpoint_twice_predicts_what_that_checkpoint_does(members, tmp_path):
+    from cxr.checkpoint import read_checkpoint
+
+    (first, _), cache = members
+    run("cxr.soup", f"members=[{first},{first}]", "method=ensemble", *DATA, f"paths.output_dir={tmp_path}",
+        cache_dir=cache)
+    _, spec = read_checkpoint(tmp_path / "checkpoints" / "best.ckpt")
+    assert spec["ensemble_size"] == 2 and spec["soup"]["method"] == "ensemble" and spec["soup"]["kept"] == [0, 1]
+    evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    trained = json.loads((first.parent.parent / "eval" / "metrics.json").read_text())
+    # log-mean-probability differs from the member's logits by a per-image constant: same calibration, same calls
+    assert evaluated["confusion_matrix"] == trained["confusion_matrix"]
+    assert evaluated["macro_auroc"] == pytest.approx(trained["macro_auroc"], abs=1e-6)
+
+
 def test_greedy_soup_writes_a_calibrated_checkpoint_and_its_record(members, tmp_path):
     from cxr.checkpoint import read_checkpoint
 

@@ -18,6 +18,8 @@ from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
+from cxr.models.ensemble import PredictionEnsemble
+
 
 def default_target_layer(net: nn.Module) -> nn.Module:
     """The last spatial feature map before pooling.
@@ -41,6 +43,12 @@ def default_target_layer(net: nn.Module) -> nn.Module:
     return convs[-1]
 
 
+def default_target_layers(net: nn.Module) -> list[nn.Module]:
+    """One layer per network: for an ensemble, each member's, so the heatmap is the members' mean."""
+    members = net.members if isinstance(net, PredictionEnsemble) else [net]
+    return [default_target_layer(member) for member in members]
+
+
 @dataclass
 class Explanation:
     target_index: int
@@ -54,8 +62,8 @@ class GradCamExplainer:
     def __init__(self, classifier, target_layer: nn.Module | None = None, alpha: float = 0.4):
         self.classifier = classifier
         self.alpha = alpha
-        self.target_layer = target_layer if target_layer is not None else default_target_layer(classifier.net)
-        self.cam = GradCAM(model=classifier.net, target_layers=[self.target_layer])
+        self.target_layers = [target_layer] if target_layer is not None else default_target_layers(classifier.net)
+        self.cam = GradCAM(model=classifier.net, target_layers=self.target_layers)
 
     def class_index(self, target: str | int | None, probabilities: np.ndarray) -> int:
         names = self.classifier.class_names

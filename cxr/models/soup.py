@@ -20,6 +20,9 @@ SHARED_SPEC_FIELDS = ("class_names", "backbone", "backbone_kwargs", "preprocessi
 def check_soup_members(specs: Sequence[dict], names: Sequence[str]) -> None:
     if len(specs) < 2:
         raise ValueError(f"a soup needs at least two checkpoints, got {len(specs)}")
+    for spec, name in zip(specs, names):
+        if spec.get("ensemble_size"):
+            raise ValueError(f"{name} is already an ensemble of {spec['ensemble_size']} networks; pass its members")
     for spec, name in zip(specs[1:], names[1:]):
         for field in SHARED_SPEC_FIELDS:
             if spec.get(field) != specs[0].get(field):
