@@ -61,8 +61,9 @@ def per_source(metrics: dict) -> list[str]:
 def wall_time(results: dict) -> str:
     if "soup" in results:  # cxr-soup: its members' fits, then the averaging and selection
         members = ", ".join(f"{seconds / 60:.1f}" for seconds in results["member_fit_seconds"])
+        step = "to assemble the ensemble" if results["soup"]["method"] == "ensemble" else "to select and average"
         return (f"Wall time: {results['fit_seconds'] / 60:.1f} min of member fits ({members} min), then "
-                f"{results['soup_seconds'] / 60:.1f} min to select and average")
+                f"{results['soup_seconds'] / 60:.1f} min {step}")
     return (f"Wall time (fit): {results['fit_seconds'] / 60:.1f} min for {results.get('epochs', '?')} epochs; "
             f"train throughput {results['train_images_per_second']:.1f} images/s")
 
