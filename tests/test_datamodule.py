@@ -27,6 +27,19 @@ def test_weighted_sampler_balances_classes():
         assert abs(drawn[c] / len(targets) - 1 / 3) < 0.05
 
 
+def test_sampler_can_balance_sources_within_each_class():
+    targets = np.array([0] * 600 + [0] * 200 + [1] * 300 + [1] * 100 + [2] * 300)
+    sources = ["big"] * 600 + ["small"] * 200 + ["big"] * 300 + ["small"] * 100 + ["tb_only"] * 300
+    sampler = balanced_sampler(targets, 3, seed=0, sources=sources)
+    sampler.num_samples = 30000
+    drawn = Counter((targets[i], sources[i]) for i in sampler)
+    for group in [(0, "big"), (0, "small"), (1, "big"), (1, "small")]:
+        assert abs(drawn[group] / 30000 - 1 / 6) < 0.02, group
+    assert abs(drawn[(2, "tb_only")] / 30000 - 1 / 3) < 0.02
+    by_class_only = Counter(sources[i] for i in balanced_sampler(targets, 3, seed=0) if targets[i] == 0)
+    assert by_class_only["big"] > 2 * by_class_only["small"]  # without it, a source's share follows its size
+
+
 def test_split_fingerprint_follows_the_assignment_not_the_folder():
     frame = pd.DataFrame({"path": ["/data/a/n1.png", "/data/a/p1.png", "/data/b/t1.png"], "split": ["train", "val", "test"]})
     moved = frame.assign(path=frame["path"].str.replace("/data/", "/mnt/copy/", regex=False))
@@ -53,6 +66,19 @@ def test_switches_turn_off_sampler_and_weights(synthetic_manifest):
                                            use_class_weights=False)
     assert dm.class_weights() is None
     assert not isinstance(dm.train_dataloader().sampler, torch.utils.data.WeightedRandomSampler)
+
+
+def test_balance_sources_reaches_the_train_sampler(tmp_path, synthetic_manifest):
+    table = pd.read_csv(synthetic_manifest)
+    table["source"] = np.where(np.arange(len(table)) % 3 == 0, "small", "big")
+    table["patient_id"] = table["path"]
+    table["path"] = [str(synthetic_manifest.parent / p) for p in table["path"]]
+    manifest = tmp_path / "two_sources.csv"
+    table.to_csv(manifest, index=False)
+    dm = ChestXrayDataModule.from_manifest(str(manifest), preprocessing=PREP, balance_sources=True)
+    train = dm.split_frame("train").assign(weight=dm.train_dataloader().sampler.weights.numpy())
+    share = train.groupby(["label", "source"])["weight"].sum()
+    assert np.allclose(share, 0.5)  # each class sums to 1, split evenly between its two sources
 
 
 def test_holdout_sources_train_without_and_test_on_all_of_them(tmp_path, synthetic_manifest):

@@ -40,11 +40,17 @@ def split_fingerprint(frame: pd.DataFrame) -> str:
     return hashlib.sha256("\n".join(pairs).encode()).hexdigest()
 
 
-def balanced_sampler(targets: Sequence[int], num_classes: int, seed: int) -> WeightedRandomSampler:
-    """Draw each class equally often in expectation; an epoch keeps the split's length."""
+def balanced_sampler(targets: Sequence[int], num_classes: int, seed: int,
+                     sources: Sequence[str] | None = None) -> WeightedRandomSampler:
+    """Draw each class equally often in expectation; with `sources`, also each source equally often within
+    a class (a source's share no longer follows its size). An epoch keeps the split's length."""
     targets = np.asarray(targets, dtype=int)
-    counts = np.bincount(targets, minlength=num_classes)
-    per_sample = 1.0 / counts[targets]
+    if sources is None:
+        per_sample = 1.0 / np.bincount(targets, minlength=num_classes)[targets]
+    else:
+        groups = pd.DataFrame({"target": targets, "source": np.asarray(sources)}).groupby("target")["source"]
+        group_size = groups.transform(lambda s: s.map(s.value_counts())).to_numpy()
+        per_sample = 1.0 / (group_size * groups.transform("nunique").to_numpy())
     generator = torch.Generator().manual_seed(seed)
     return WeightedRandomSampler(torch.as_tensor(per_sample, dtype=torch.double), num_samples=len(targets),
                                  replacement=True, generator=generator)
@@ -61,6 +67,7 @@ class ChestXrayDataModule(L.LightningDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         weighted_sampling: bool = True,
+        balance_sources: bool = False,
         use_class_weights: bool = True,
         val_fraction: float = 0.15,
         test_fraction: float = 0.15,
@@ -78,6 +85,7 @@ class ChestXrayDataModule(L.LightningDataModule):
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
         self.weighted_sampling = weighted_sampling
+        self.balance_sources = balance_sources
         self.use_class_weights = use_class_weights
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
@@ -176,7 +184,8 @@ class ChestXrayDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         dataset = self.dataset("train")
         if self.weighted_sampling:
-            sampler = balanced_sampler(dataset.targets.numpy(), len(self.class_names), self.seed)
+            sources = self.split_frame("train")["source"].tolist() if self.balance_sources else None
+            sampler = balanced_sampler(dataset.targets.numpy(), len(self.class_names), self.seed, sources)
             return self._loader(dataset, self.batch_size, sampler=sampler, drop_last=len(dataset) > self.batch_size)
         generator = torch.Generator().manual_seed(self.seed)
         return self._loader(dataset, self.batch_size, shuffle=True, generator=generator,
