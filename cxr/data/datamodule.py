@@ -48,9 +48,10 @@ def balanced_sampler(targets: Sequence[int], num_classes: int, seed: int,
     if sources is None:
         per_sample = 1.0 / np.bincount(targets, minlength=num_classes)[targets]
     else:
-        groups = pd.DataFrame({"target": targets, "source": np.asarray(sources)}).groupby("target")["source"]
-        group_size = groups.transform(lambda s: s.map(s.value_counts())).to_numpy()
-        per_sample = 1.0 / (group_size * groups.transform("nunique").to_numpy())
+        frame = pd.DataFrame({"target": targets, "source": np.asarray(sources)})
+        group_size = frame.groupby(["target", "source"])["source"].transform("size")
+        sources_in_class = frame.groupby("target")["source"].transform("nunique")
+        per_sample = 1.0 / (group_size * sources_in_class).to_numpy()
     generator = torch.Generator().manual_seed(seed)
     return WeightedRandomSampler(torch.as_tensor(per_sample, dtype=torch.double), num_samples=len(targets),
                                  replacement=True, generator=generator)
