@@ -47,10 +47,18 @@ def member_paths(members) -> list[Path]:
     return paths
 
 
-def member_fit_seconds(ckpt_path: Path) -> float | None:
-    """The fit time cxr-train recorded beside `<run>/checkpoints/best.ckpt`, if any."""
-    results = ckpt_path.parent.parent / "results.json"
-    return json.loads(results.read_text()).get("fit_seconds") if results.is_file() else None
+def run_fit_seconds(ckpt_paths: list[Path]) -> dict[str, float | None]:
+    """Each training run's fit time, as cxr-train recorded it in `<run>/results.json`, once per run: the
+    members may be the best checkpoints of several runs or the snapshots (`<run>/checkpoints/snapshots/`)
+    of one."""
+    fits = {}
+    for path in ckpt_paths:
+        results = next((d / "results.json" for d in path.parents[1:3] if (d / "results.json").is_file()), None)
+        if results is None:
+            fits[str(path)] = None
+        elif str(results.parent) not in fits:
+            fits[str(results.parent)] = json.loads(results.read_text()).get("fit_seconds")
+    return fits
 
 
 def write_soup_checkpoint(template: Path, net: torch.nn.Module, out_path: Path, soup_record: dict) -> Path:
@@ -114,9 +122,9 @@ def main(cfg: DictConfig) -> str:
     log.info("soup of %s (of %d) -> %s", [paths[i].as_posix() for i in selection["kept"]], len(paths), best)
 
     results = {"best_checkpoint": str(best), "soup": record, "soup_seconds": time.perf_counter() - start}
-    fits = [member_fit_seconds(p) for p in paths]
-    results["member_fit_seconds"] = fits
-    results["fit_seconds"] = sum(fits) if all(f is not None for f in fits) else None
+    fits = run_fit_seconds(paths)
+    results["run_fit_seconds"] = fits
+    results["fit_seconds"] = sum(fits.values()) if all(f is not None for f in fits.values()) else None
     calibration = cfg.get("calibration") or {"method": "none"}
     if calibration["method"] != "none":
         results["calibration"] = recalibrate_checkpoint(best, datamodule, calibration["split"], calibration["method"],

@@ -60,9 +60,11 @@ def per_source(metrics: dict) -> list[str]:
 
 def wall_time(results: dict) -> str:
     if "soup" in results:  # cxr-soup: its members' fits, then the averaging and selection
-        members = ", ".join(f"{seconds / 60:.1f}" for seconds in results["member_fit_seconds"])
+        runs = list(results["run_fit_seconds"].values())
+        fits = ("one training run" if len(runs) == 1
+                else f"{len(runs)} training runs: " + ", ".join(f"{seconds / 60:.1f}" for seconds in runs) + " min")
         step = "to assemble the ensemble" if results["soup"]["method"] == "ensemble" else "to select and average"
-        return (f"Wall time: {results['fit_seconds'] / 60:.1f} min of member fits ({members} min), then "
+        return (f"Wall time: {results['fit_seconds'] / 60:.1f} min of fitting ({fits}), then "
                 f"{results['soup_seconds'] / 60:.1f} min {step}")
     return (f"Wall time (fit): {results['fit_seconds'] / 60:.1f} min for {results.get('epochs', '?')} epochs; "
             f"train throughput {results['train_images_per_second']:.1f} images/s")

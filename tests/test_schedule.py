@@ -18,6 +18,22 @@ def test_cosine_factor_shape():
     assert cosine_factor(0, 5, warmup_epochs=1) == pytest.approx(0.5)
 
 
+def test_cycles_restart_the_decay():
+    from types import SimpleNamespace
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    decay = EpochCosineDecay(min_factor=0.1, cycle_epochs=3)
+    lrs = []
+    for epoch in range(7):
+        decay.on_train_epoch_start(SimpleNamespace(current_epoch=epoch, max_epochs=7, optimizers=[optimizer]), None)
+        lrs.append(optimizer.param_groups[0]["lr"])
+    one_cycle = [cosine_factor(e, 3, min_factor=0.1) for e in range(3)]
+    assert lrs == pytest.approx(one_cycle * 2 + one_cycle[:1])
+    assert lrs[2] == pytest.approx(0.1) and lrs[3] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="cycle_epochs"):
+        EpochCosineDecay(cycle_epochs=0)
+
+
 class LrRecorder(L.Callback):
     def __init__(self):
         self.lrs = []

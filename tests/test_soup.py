@@ -115,6 +115,23 @@ def test_ensemble_of_one_checkpoint_twice_predicts_what_that_checkpoint_does(mem
     assert evaluated["macro_auroc"] == pytest.approx(trained["macro_auroc"], abs=1e-6)
 
 
+def test_snapshots_of_one_run_make_an_ensemble_whose_fit_time_is_that_run(tmp_path):
+    run_dir, cache = tmp_path / "run", tmp_path / "cache"
+    run("cxr.train", "debug=smoke", *TINY, "data.batch_size=8", "callbacks=snapshots", "callbacks.lr_decay.cycle_epochs=1",
+        "trainer.max_epochs=2", f"paths.output_dir={run_dir}", cache_dir=cache)
+    snapshots = sorted((run_dir / "checkpoints" / "snapshots").glob("*.ckpt"))
+    assert [p.name for p in snapshots] == ["epoch0.ckpt", "epoch1.ckpt"]
+    out = tmp_path / "ensemble"
+    run("cxr.soup", f"members={run_dir}/checkpoints/snapshots/*.ckpt", "method=ensemble", *DATA,
+        f"paths.output_dir={out}", cache_dir=cache)
+    from cxr.checkpoint import read_spec
+
+    assert read_spec(out / "checkpoints" / "best.ckpt")["ensemble_size"] == 2
+    results = json.loads((out / "results.json").read_text())
+    fit = json.loads((run_dir / "results.json").read_text())["fit_seconds"]
+    assert results["run_fit_seconds"] == {str(run_dir): pytest.approx(fit)} and results["fit_seconds"] == pytest.approx(fit)
+
+
 def test_greedy_soup_writes_a_calibrated_checkpoint_and_its_record(members, tmp_path):
     from cxr.checkpoint import read_checkpoint
 
@@ -129,8 +146,10 @@ def test_greedy_soup_writes_a_calibrated_checkpoint_and_its_record(members, tmp_
     assert record["select_macro_auroc"] >= max(m["select_macro_auroc"] for m in record["members"])
     assert spec["calibration_fit"]["split"] == "val"
     results = json.loads((tmp_path / "results.json").read_text())
-    fits = [json.loads((p.parent.parent / "results.json").read_text())["fit_seconds"] for p in (first, second)]
-    assert results["fit_seconds"] == pytest.approx(sum(fits))
+    fits = {str(p.parent.parent): json.loads((p.parent.parent / "results.json").read_text())["fit_seconds"]
+            for p in (first, second)}
+    assert results["run_fit_seconds"] == pytest.approx(fits)
+    assert results["fit_seconds"] == pytest.approx(sum(fits.values()))
     assert results["eval"]["n"] == json.loads((tmp_path / "eval" / "metrics.json").read_text())["n"] > 0
 
 

@@ -3,6 +3,9 @@
 torch's LR schedulers remember one base rate per parameter group at construction, so the groups
 that progressive unfreezing adds later would never decay. This callback records each group's base
 rate when it first sees the group and sets lr = base * factor(epoch) at every epoch start.
+
+With `cycle_epochs` the decay restarts every `cycle_epochs` epochs (warm restarts, SGDR): the end of each
+cycle is a low-rate snapshot, and the snapshots of one run form an ensemble (callbacks=snapshots).
 """
 from __future__ import annotations
 
@@ -27,14 +30,20 @@ def base_lr(group: dict) -> float:
 
 
 class EpochCosineDecay(L.Callback):
-    def __init__(self, total_epochs: int | None = None, warmup_epochs: int = 0, min_factor: float = 0.05):
+    def __init__(self, total_epochs: int | None = None, warmup_epochs: int = 0, min_factor: float = 0.05,
+                 cycle_epochs: int | None = None):
+        if cycle_epochs is not None and cycle_epochs < 1:
+            raise ValueError(f"cycle_epochs must be a positive number of epochs, got {cycle_epochs}")
         self.total_epochs = total_epochs
+        self.cycle_epochs = cycle_epochs
         self.warmup_epochs = warmup_epochs
         self.min_factor = min_factor
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        total = self.total_epochs or trainer.max_epochs
-        factor = cosine_factor(trainer.current_epoch, total, self.warmup_epochs, self.min_factor)
+        epoch, total = trainer.current_epoch, self.total_epochs or trainer.max_epochs
+        if self.cycle_epochs:
+            epoch, total = epoch % self.cycle_epochs, self.cycle_epochs
+        factor = cosine_factor(epoch, total, self.warmup_epochs, self.min_factor)
         for optimizer in trainer.optimizers:
             for group in optimizer.param_groups:
                 group.setdefault(BASE_LR_KEY, group["lr"])
