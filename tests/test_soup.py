@@ -116,6 +116,8 @@ def test_ensemble_of_one_checkpoint_twice_predicts_what_that_checkpoint_does(mem
 
 
 def test_snapshots_of_one_run_make_an_ensemble_whose_fit_time_is_that_run(tmp_path):
+    from cxr.checkpoint import read_spec
+
     run_dir, cache = tmp_path / "run", tmp_path / "cache"
     run("cxr.train", "debug=smoke", *TINY, "data.batch_size=8", "callbacks=snapshots", "callbacks.lr_decay.cycle_epochs=1",
         "trainer.max_epochs=2", f"paths.output_dir={run_dir}", cache_dir=cache)
@@ -124,8 +126,6 @@ def test_snapshots_of_one_run_make_an_ensemble_whose_fit_time_is_that_run(tmp_pa
     out = tmp_path / "ensemble"
     run("cxr.soup", f"members={run_dir}/checkpoints/snapshots/*.ckpt", "method=ensemble", *DATA,
         f"paths.output_dir={out}", cache_dir=cache)
-    from cxr.checkpoint import read_spec
-
     assert read_spec(out / "checkpoints" / "best.ckpt")["ensemble_size"] == 2
     results = json.loads((out / "results.json").read_text())
     fit = json.loads((run_dir / "results.json").read_text())["fit_seconds"]
