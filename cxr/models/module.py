@@ -1,4 +1,5 @@
-"""LightningModule: a timm backbone, dropout before the head, label smoothing, class weights."""
+"""LightningModule: a timm backbone, dropout before the head, label smoothing, class weights, and an
+optional pairwise AUROC surrogate added to the loss."""
 from __future__ import annotations
 
 from typing import Callable, Sequence
@@ -14,6 +15,7 @@ from cxr.calibration import Calibration
 from cxr.checkpoint import CHECKPOINT_KEY
 from cxr.data.preprocess import Preprocessing
 from cxr.models.backbone import create_backbone, head_parameter_names
+from cxr.models.losses import pairwise_auc_loss
 
 
 def classification_metrics(num_classes: int) -> MetricCollection:
@@ -42,6 +44,8 @@ class ChestXrayClassifier(L.LightningModule):
         backbone_lr_factor: float = 0.1,
         backbone_kwargs: dict | None = None,
         channels_last: bool = True,
+        auc_loss_weight: float = 0.0,
+        auc_margin: float = 1.0,
     ):
         super().__init__()
         self.class_names = list(class_names)
@@ -57,6 +61,10 @@ class ChestXrayClassifier(L.LightningModule):
         weights = None if class_weights is None else torch.as_tensor(list(class_weights), dtype=torch.float32)
         self.register_buffer("class_weights", weights, persistent=False)
         self.label_smoothing = label_smoothing
+        if auc_loss_weight < 0:
+            raise ValueError(f"auc_loss_weight must be >= 0, got {auc_loss_weight}")
+        self.auc_loss_weight = auc_loss_weight
+        self.auc_margin = auc_margin
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.backbone_lr_factor = backbone_lr_factor
@@ -72,7 +80,10 @@ class ChestXrayClassifier(L.LightningModule):
         return self.net(x)
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits, targets, weight=self.class_weights, label_smoothing=self.label_smoothing)
+        loss = F.cross_entropy(logits, targets, weight=self.class_weights, label_smoothing=self.label_smoothing)
+        if self.auc_loss_weight:
+            loss = loss + self.auc_loss_weight * pairwise_auc_loss(logits, targets, self.auc_margin)
+        return loss
 
     def training_step(self, batch, batch_idx):
         x, y = batch
