@@ -1,6 +1,7 @@
 """Classification metrics from predicted probabilities, overall and per source hospital."""
 from __future__ import annotations
 
+import itertools
 from typing import Sequence
 
 import numpy as np
@@ -71,3 +72,45 @@ def metrics_by_group(probs: np.ndarray, targets: np.ndarray, groups: Sequence[st
     groups = np.asarray(groups)
     return {str(g): compute_metrics(probs[groups == g], np.asarray(targets)[groups == g], class_names)
             for g in sorted(set(groups.tolist()))}
+
+
+def _misranked_pairs(positive_scores: np.ndarray, negative_scores: np.ndarray) -> float:
+    """Number of (positive, negative) pairs with the negative scored higher, ties counting half."""
+    ordered = np.sort(negative_scores)
+    above = len(ordered) - np.searchsorted(ordered, positive_scores, side="right")
+    tied = np.searchsorted(ordered, positive_scores, side="right") - np.searchsorted(ordered, positive_scores, side="left")
+    return float(above.sum() + 0.5 * tied.sum())
+
+
+def auroc_shortfall_by_source(probs: np.ndarray, targets: np.ndarray, sources: Sequence[str],
+                              class_names: Sequence[str]) -> dict | None:
+    """Where each class's one-vs-rest AUROC is lost when several sources share a test set.
+
+    1 − AUROC is the share of (positive, negative) pairs ranked the wrong way (ties half). Split by the
+    two images' sources, it says whether the errors lie within a hospital (the model confuses the
+    classes there) or across hospitals (each hospital is ranked well, but their scores are not on one
+    scale). Per class: `shortfall` (= 1 − AUROC), `within_source`, `across_sources` (they sum to it) and
+    `pairs`, one record per (positive source, negative source) with a non-zero share, largest first.
+    None when the images come from one source.
+    """
+    probs, targets, sources = np.asarray(probs, dtype=np.float64), np.asarray(targets), np.asarray(sources, dtype=str)
+    names = sorted(set(sources.tolist()))
+    if len(names) < 2:
+        return None
+    out = {}
+    for c, class_name in enumerate(class_names):
+        positive = targets == c
+        total_pairs = int(positive.sum()) * int((~positive).sum())
+        if total_pairs == 0:
+            continue
+        pairs = []
+        for pos_source, neg_source in itertools.product(names, names):
+            share = _misranked_pairs(probs[positive & (sources == pos_source), c],
+                                     probs[~positive & (sources == neg_source), c]) / total_pairs
+            if share > 0:
+                pairs.append({"positive_source": pos_source, "negative_source": neg_source, "share": share})
+        pairs.sort(key=lambda record: -record["share"])
+        within = sum(r["share"] for r in pairs if r["positive_source"] == r["negative_source"])
+        across = sum(r["share"] for r in pairs if r["positive_source"] != r["negative_source"])
+        out[class_name] = {"shortfall": within + across, "within_source": within, "across_sources": across, "pairs": pairs}
+    return out

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from cxr.evaluation.figures import plot_confusion_matrix, plot_roc_curves
-from cxr.evaluation.metrics import compute_metrics, metrics_by_group
+from cxr.evaluation.metrics import auroc_shortfall_by_source, compute_metrics, metrics_by_group
 from cxr.evaluation.uncertainty import bootstrap_intervals
 
 
@@ -78,6 +78,16 @@ def markdown_report(metrics: dict, title: str) -> str:
             recalls = " | ".join(_pct(s["per_class"][c]["recall"]) if s["per_class"][c]["support"] else "–" for c in metrics["classes"])
             called = " | ".join(_pct(s["per_class"][c]["called"]) for c in metrics["classes"])
             lines.append(f"| {source} | {s['n']} | {_pct(s['accuracy'])} | {_num(s['pneumonia_vs_normal_auroc'])} | {recalls} | {called} |")
+    if metrics.get("auroc_shortfall_by_source"):
+        lines += ["", "## Where AUROC is lost", "",
+                  "Share of each class's (positive, negative) pairs ranked the wrong way (= 1 − AUROC), split by "
+                  "whether the two images come from the same source or from different ones.", "",
+                  "| Class | 1 − AUROC | within a source | across sources | largest part (positive source / negative source) |",
+                  "|---|---|---|---|---|"]
+        for name, s in metrics["auroc_shortfall_by_source"].items():
+            top = s["pairs"][0] if s["pairs"] else None
+            largest = f"{top['positive_source']} / {top['negative_source']}: {top['share']:.4f}" if top else "–"
+            lines.append(f"| {name} | {s['shortfall']:.4f} | {s['within_source']:.4f} | {s['across_sources']:.4f} | {largest} |")
     return "\n".join(lines) + "\n"
 
 
@@ -89,7 +99,9 @@ def write_report(out_dir: str | Path, probs: np.ndarray, frame: pd.DataFrame, cl
     out_dir.mkdir(parents=True, exist_ok=True)
     targets = frame["target"].to_numpy()
     metrics = compute_metrics(probs, targets, class_names)
-    metrics["per_source"] = metrics_by_group(probs, targets, frame["source"].astype(str).to_numpy(), class_names)
+    sources = frame["source"].astype(str).to_numpy()
+    metrics["per_source"] = metrics_by_group(probs, targets, sources, class_names)
+    metrics["auroc_shortfall_by_source"] = auroc_shortfall_by_source(probs, targets, sources, class_names)
     patients = frame["patient_id"].astype(str).where(frame["patient_id"].astype(str) != "", frame["path"].astype(str))
     metrics["confidence_intervals"] = bootstrap_intervals(probs, targets, patients.to_numpy(), class_names)
     metrics.update(extra or {})

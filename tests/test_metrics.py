@@ -1,0 +1,56 @@
+"""Where AUROC is lost: the split of 1 − AUROC into pairs within a source and pairs across sources."""
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from cxr.evaluation.metrics import auroc_shortfall_by_source
+from cxr.evaluation.report import write_report
+
+CLASSES = ["normal", "pneumonia", "tuberculosis"]
+
+
+def test_parts_add_up_to_one_minus_auroc_with_ties():
+    rng = np.random.default_rng(0)
+    n = 90
+    targets = np.arange(n) % 3
+    sources = rng.choice(["a", "b", "c"], size=n)
+    probs = rng.dirichlet(np.ones(3), size=n).round(2)  # rounding makes ties
+    shortfall = auroc_shortfall_by_source(probs, targets, sources, CLASSES)
+    for c, name in enumerate(CLASSES):
+        part = shortfall[name]
+        assert part["shortfall"] == pytest.approx(1 - roc_auc_score(targets == c, probs[:, c]), abs=1e-12)
+        assert part["within_source"] + part["across_sources"] == pytest.approx(part["shortfall"], abs=1e-12)
+        assert sum(r["share"] for r in part["pairs"]) == pytest.approx(part["shortfall"], abs=1e-12)
+        assert [r["share"] for r in part["pairs"]] == sorted((r["share"] for r in part["pairs"]), reverse=True)
+
+
+def test_hospitals_ranked_well_alone_but_on_different_scales_lose_only_across():
+    # Within each hospital every pneumonia outranks every normal, but hospital b's scores sit lower:
+    # b's pneumonias are scored below a's normals.
+    score = np.array([0.9, 0.8, 0.5, 0.4,   0.3, 0.25, 0.1, 0.05])
+    targets = np.array([1, 1, 0, 0,   1, 1, 0, 0])
+    sources = np.array(["a"] * 4 + ["b"] * 4)
+    probs = np.stack([1 - score, score, np.zeros_like(score)], axis=1)
+    part = auroc_shortfall_by_source(probs, targets, sources, CLASSES)["pneumonia"]
+    assert part["within_source"] == 0.0
+    assert part["across_sources"] == pytest.approx(1 - roc_auc_score(targets == 1, score)) and part["across_sources"] > 0
+    assert part["pairs"] == [{"positive_source": "b", "negative_source": "a", "share": pytest.approx(4 / 16)}]
+
+
+def test_one_source_gives_nothing_to_split():
+    probs = np.full((4, 3), 1 / 3)
+    assert auroc_shortfall_by_source(probs, np.array([0, 1, 2, 0]), ["a"] * 4, CLASSES) is None
+
+
+def test_report_shows_the_split(tmp_path):
+    score = np.array([0.9, 0.8, 0.5, 0.4, 0.3, 0.25, 0.1, 0.05])
+    frame = pd.DataFrame({"path": [f"{i}.png" for i in range(8)], "label": ["pneumonia", "pneumonia", "normal", "normal"] * 2,
+                          "source": ["a"] * 4 + ["b"] * 4, "patient_id": [str(i) for i in range(8)]})
+    frame["target"] = [CLASSES.index(label) for label in frame["label"]]
+    probs = np.stack([1 - score, score, np.zeros_like(score)], axis=1)
+    metrics = write_report(tmp_path, probs, frame, CLASSES)
+    assert metrics["auroc_shortfall_by_source"]["pneumonia"]["across_sources"] == pytest.approx(0.25)
+    report = (tmp_path / "report.md").read_text()
+    assert "## Where AUROC is lost" in report
+    assert "| pneumonia | 0.2500 | 0.0000 | 0.2500 | b / a: 0.2500 |" in report
