@@ -1,0 +1,70 @@
+"""Can a model trained without a hospital adapt to it from unlabeled images alone? AdaBN, measured.
+
+AdaBN (Li et al., 2016) re-estimates every BatchNorm layer's running mean and variance on images of
+the new hospital, with no labels, and leaves the learned weights alone. For each checkpoint trained
+with `data.holdout_sources=[SOURCE]`, this script evaluates it on all of SOURCE's images before and
+after that re-estimation (on the same unlabeled images, as a site would on its own archive) and
+prints pneumonia-vs-normal AUROC and the share of images called each class.
+
+    python experiments/batchnorm_adaptation.py RUN_DIR:SOURCE [RUN_DIR:SOURCE ...]
+    e.g. logs/exp/lite0_finetune-no-nih:nih-cxr8 logs/exp/lite0_finetune-no-kermany:kermany
+"""
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+from hydra import compose, initialize_config_dir
+
+from cxr.config import CONFIG_DIR, instantiate_checkpoint_datamodule
+from cxr.evaluation.evaluate import predict_logits
+from cxr.evaluation.metrics import pneumonia_vs_normal_auroc
+from cxr.inference import load_classifier
+
+
+def reestimate_batchnorm(net: torch.nn.Module, loader) -> None:
+    """Replace every BatchNorm layer's running statistics by their average over `loader`'s images."""
+    layers = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for layer in layers:
+        layer.reset_running_stats()
+        layer.momentum = None  # cumulative average over all batches
+        layer.train()
+    with torch.no_grad():
+        for images, _ in loader:
+            net(images.contiguous(memory_format=torch.channels_last))
+    for layer in layers:
+        layer.eval()
+
+
+def row(run: str, source: str, classifier, logits: torch.Tensor, targets: np.ndarray) -> str:
+    probs = classifier.calibration.probabilities(logits).numpy()
+    called = np.bincount(probs.argmax(axis=1), minlength=len(classifier.class_names)) / len(probs)
+    shares = " | ".join(f"{share:.1%}" for share in called)
+    return f"| {run} | {source} | {pneumonia_vs_normal_auroc(probs, targets, classifier.class_names):.3f} | {shares} |"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", help="RUN_DIR:SOURCE, a run trained without SOURCE")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    print("| run | held-out source | pneumonia-vs-normal AUROC | called normal | called pneumonia | called TB |")
+    print("|---|---|---|---|---|---|")
+    for spec in args.runs:
+        run, source = spec.rsplit(":", 1)
+        classifier = load_classifier(f"{run}/checkpoints/best.ckpt")
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            cfg = compose("eval", overrides=["data=shared", f"data.holdout_sources=[{source}]", f"ckpt_path={run}"])
+        datamodule = instantiate_checkpoint_datamodule(cfg, classifier.spec)
+        targets = datamodule.split_frame("test")["target"].to_numpy()
+        before = predict_logits(classifier, datamodule, "test")
+        loader = torch.utils.data.DataLoader(datamodule.dataset("test"), batch_size=64, shuffle=True)
+        reestimate_batchnorm(classifier.net, loader)
+        after = predict_logits(classifier, datamodule, "test")
+        print(row(run, source, classifier, before, targets))
+        print(row(f"{run} + AdaBN", source, classifier, after, targets), flush=True)
+
+
+if __name__ == "__main__":
+    main()
