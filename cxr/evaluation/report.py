@@ -51,6 +51,23 @@ def operating_point_lines(metrics: dict) -> list[str]:
     return lines
 
 
+def shortfall_lines(metrics: dict) -> list[str]:
+    """The "Where AUROC is lost" section, when the images come from several sources."""
+    shortfall = metrics.get("auroc_shortfall_by_source")
+    if not shortfall:
+        return []
+    lines = ["", "## Where AUROC is lost", "",
+             "Share of each class's (positive, negative) pairs ranked the wrong way (= 1 − AUROC), split by "
+             "whether the two images come from the same source or from different ones.", "",
+             "| Class | 1 − AUROC | within a source | across sources | largest part (positive source / negative source) |",
+             "|---|---|---|---|---|"]
+    for name, s in shortfall.items():
+        top = s["pairs"][0] if s["pairs"] else None
+        largest = f"{top['positive_source']} / {top['negative_source']}: {top['share']:.4f}" if top else "–"
+        lines.append(f"| {name} | {s['shortfall']:.4f} | {s['within_source']:.4f} | {s['across_sources']:.4f} | {largest} |")
+    return lines
+
+
 def markdown_report(metrics: dict, title: str) -> str:
     lines = [f"# {title}", "", f"n = {metrics['n']} images; accuracy {_pct(metrics['accuracy'])}; "
              f"macro AUROC {_num(metrics['macro_auroc'])}; pneumonia-vs-normal AUROC {_num(metrics['pneumonia_vs_normal_auroc'])}", "",
@@ -78,16 +95,7 @@ def markdown_report(metrics: dict, title: str) -> str:
             recalls = " | ".join(_pct(s["per_class"][c]["recall"]) if s["per_class"][c]["support"] else "–" for c in metrics["classes"])
             called = " | ".join(_pct(s["per_class"][c]["called"]) for c in metrics["classes"])
             lines.append(f"| {source} | {s['n']} | {_pct(s['accuracy'])} | {_num(s['pneumonia_vs_normal_auroc'])} | {recalls} | {called} |")
-    if metrics.get("auroc_shortfall_by_source"):
-        lines += ["", "## Where AUROC is lost", "",
-                  "Share of each class's (positive, negative) pairs ranked the wrong way (= 1 − AUROC), split by "
-                  "whether the two images come from the same source or from different ones.", "",
-                  "| Class | 1 − AUROC | within a source | across sources | largest part (positive source / negative source) |",
-                  "|---|---|---|---|---|"]
-        for name, s in metrics["auroc_shortfall_by_source"].items():
-            top = s["pairs"][0] if s["pairs"] else None
-            largest = f"{top['positive_source']} / {top['negative_source']}: {top['share']:.4f}" if top else "–"
-            lines.append(f"| {name} | {s['shortfall']:.4f} | {s['within_source']:.4f} | {s['across_sources']:.4f} | {largest} |")
+    lines += shortfall_lines(metrics)
     return "\n".join(lines) + "\n"
 
 
