@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from cxr.evaluation.metrics import compute_metrics
-from cxr.evaluation.uncertainty import bootstrap_intervals, weighted_auroc
+from cxr.evaluation.metrics import compute_metrics, weighted_auroc
+from cxr.evaluation.uncertainty import bootstrap_intervals
 
 NAMES = ["normal", "pneumonia", "tuberculosis"]
 

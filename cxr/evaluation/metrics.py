@@ -74,12 +74,18 @@ def metrics_by_group(probs: np.ndarray, targets: np.ndarray, groups: Sequence[st
             for g in sorted(set(groups.tolist()))}
 
 
-def _misranked_pairs(positive_scores: np.ndarray, negative_scores: np.ndarray) -> float:
-    """Number of (positive, negative) pairs with the negative scored higher, ties counting half."""
-    ordered = np.sort(negative_scores)
-    above = len(ordered) - np.searchsorted(ordered, positive_scores, side="right")
-    tied = np.searchsorted(ordered, positive_scores, side="right") - np.searchsorted(ordered, positive_scores, side="left")
-    return float(above.sum() + 0.5 * tied.sum())
+def weighted_auroc(scores: np.ndarray, positive: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """ROC AUC of `scores` for each row of `weights` (R, N): the weighted share of (positive, negative)
+    pairs ranked the right way round, ties counted half. NaN where a row weighs no positive or no negative."""
+    values, inverse = np.unique(scores, return_inverse=True)
+    by_value = np.zeros((len(scores), len(values)))
+    by_value[np.arange(len(scores)), inverse] = 1.0
+    pos = (weights * positive) @ by_value  # (R, distinct scores), ascending
+    neg = (weights * ~positive) @ by_value
+    below = np.cumsum(neg, axis=1) - neg
+    pairs = pos.sum(axis=1) * neg.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(pairs > 0, (pos * (below + 0.5 * neg)).sum(axis=1) / pairs, np.nan)
 
 
 def auroc_shortfall_by_source(probs: np.ndarray, targets: np.ndarray, sources: Sequence[str],
@@ -97,18 +103,21 @@ def auroc_shortfall_by_source(probs: np.ndarray, targets: np.ndarray, sources: S
     names = sorted(set(sources.tolist()))
     if len(names) < 2:
         return None
+    source_pairs = list(itertools.product(names, names))
     out = {}
     for c, class_name in enumerate(class_names):
         positive = targets == c
         total_pairs = int(positive.sum()) * int((~positive).sum())
         if total_pairs == 0:
             continue
+        # One weight row per (positive source, negative source): its AUROC counts only those pairs.
+        weights = np.stack([(positive & (sources == pos)) | (~positive & (sources == neg)) for pos, neg in source_pairs])
+        aurocs = weighted_auroc(probs[:, c], positive, weights.astype(np.float64))
         pairs = []
-        for pos_source, neg_source in itertools.product(names, names):
-            share = _misranked_pairs(probs[positive & (sources == pos_source), c],
-                                     probs[~positive & (sources == neg_source), c]) / total_pairs
-            if share > 0:
-                pairs.append({"positive_source": pos_source, "negative_source": neg_source, "share": share})
+        for (pos_source, neg_source), row, auroc in zip(source_pairs, weights, aurocs):
+            share = (1 - auroc) * int((row & positive).sum()) * int((row & ~positive).sum()) / total_pairs
+            if share > 0:  # NaN (no pair of these two sources) is not > 0
+                pairs.append({"positive_source": pos_source, "negative_source": neg_source, "share": float(share)})
         pairs.sort(key=lambda record: -record["share"])
         within = sum(r["share"] for r in pairs if r["positive_source"] == r["negative_source"])
         across = sum(r["share"] for r in pairs if r["positive_source"] != r["negative_source"])

@@ -11,24 +11,10 @@ from typing import Sequence
 
 import numpy as np
 
-from cxr.evaluation.metrics import pneumonia_vs_normal_scores
+from cxr.evaluation.metrics import pneumonia_vs_normal_scores, weighted_auroc
 
 CONFIDENCE = 0.95
 RESAMPLES = 2000
-
-
-def weighted_auroc(scores: np.ndarray, positive: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """ROC AUC of `scores` for each row of `weights` (R, N): the weighted share of (positive, negative)
-    pairs ranked the right way round, ties counted half. NaN where a row weighs no positive or no negative."""
-    values, inverse = np.unique(scores, return_inverse=True)
-    by_value = np.zeros((len(scores), len(values)))
-    by_value[np.arange(len(scores)), inverse] = 1.0
-    pos = (weights * positive) @ by_value  # (R, distinct scores), ascending
-    neg = (weights * ~positive) @ by_value
-    below = np.cumsum(neg, axis=1) - neg
-    pairs = pos.sum(axis=1) * neg.sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(pairs > 0, (pos * (below + 0.5 * neg)).sum(axis=1) / pairs, np.nan)
 
 
 def _weighted_mean(hit: np.ndarray, mask: np.ndarray, weights: np.ndarray) -> np.ndarray:
