@@ -34,6 +34,7 @@ def train(cfg: DictConfig) -> dict:
     datamodule.setup("fit")  # decodes every train/val image now: a broken file stops here, with its path
     calibration = cfg.get("calibration") or {"method": "none"}
     if calibration["method"] != "none":  # refuse (or warn about) the calibration now, not after the fit
+        datamodule.check_unseen(calibration["split"], datamodule.summary())
         check_calibration_targets(datamodule.split_frame(calibration["split"])["target"].tolist(),
                                   datamodule.class_names, calibration["method"])
     weights = datamodule.class_weights()
@@ -58,8 +59,10 @@ def train(cfg: DictConfig) -> dict:
     elif Path(checkpoint_cb.best_model_path).resolve() != best.resolve():
         raise RuntimeError(f"best checkpoint is {checkpoint_cb.best_model_path}, expected {best}")
 
+    # trainer.limit_train_batches may cut an epoch short of the training set
+    images_per_epoch = min(len(datamodule.dataset("train")), trainer.num_training_batches * datamodule.batch_size)
     results = {"best_checkpoint": str(best), "fit_seconds": fit_seconds, "epochs": trainer.current_epoch,
-               "train_images_per_second": len(datamodule.dataset("train")) * trainer.current_epoch / fit_seconds
+               "train_images_per_second": images_per_epoch * trainer.current_epoch / fit_seconds
                if trainer.current_epoch else None}
     if calibration["method"] != "none":
         results["calibration"] = recalibrate_checkpoint(best, datamodule, calibration["split"], calibration["method"],

@@ -117,3 +117,27 @@ def test_disk_cache_is_reused(tmp_path, synthetic_manifest):
     assert len(cached) == 1
     second = ChestXrayDataModule.from_manifest(str(synthetic_manifest), **kwargs).dataset("val").images
     assert np.array_equal(first, second)
+
+
+def test_refit_trains_on_val_too_and_refuses_in_sample_use_of_it(synthetic_manifest):
+    plain = ChestXrayDataModule.from_manifest(str(synthetic_manifest), preprocessing=PREP)
+    refit = ChestXrayDataModule.from_manifest(str(synthetic_manifest), preprocessing=PREP, train_splits=["train", "val"])
+    n_train, n_val = len(plain.split_frame("train")), len(plain.split_frame("val"))
+    assert len(refit.split_frame("train")) == len(refit.dataset("train")) == n_train + n_val
+    assert torch.allclose(refit.class_weights(), balanced_class_weights(
+        pd.concat([plain.split_frame("train"), plain.split_frame("val")])["target"], 3))
+    assert len(refit.split_frame("test")) == len(plain.split_frame("test"))
+    summary = refit.summary()
+    assert summary["train_splits"] == ["train", "val"] and summary["split_sha256"] == plain.summary()["split_sha256"]
+    with pytest.raises(ValueError, match="trained on the 'val' split"):
+        plain.check_unseen("val", summary)  # the same split assignment, read through another data module
+    plain.check_unseen("test", summary)
+    plain.check_unseen("val", plain.summary())
+    plain.check_unseen("val", {**summary, "split_sha256": "another assignment of other images"})
+
+
+def test_train_splits_must_hold_train_and_not_the_evaluation_split(synthetic_manifest):
+    with pytest.raises(ValueError, match="must include 'train' and not the evaluation split 'test'"):
+        ChestXrayDataModule.from_manifest(str(synthetic_manifest), preprocessing=PREP, train_splits=["train", "test"])
+    with pytest.raises(ValueError, match="must include 'train'"):
+        ChestXrayDataModule.from_manifest(str(synthetic_manifest), preprocessing=PREP, train_splits=["val"])

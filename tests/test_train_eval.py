@@ -116,3 +116,26 @@ def test_weight_averaging_checkpoint_is_what_testing_and_evaluation_see(tmp_path
     metrics = json.loads((out / "eval" / "metrics.json").read_text())
     assert metrics["macro_auroc"] == pytest.approx(results["test"]["test/auroc_macro"], abs=1e-5)
     assert metrics["accuracy"] == pytest.approx(results["test"]["test/acc"], abs=1e-6)
+
+
+def test_refit_on_train_and_val_keeps_val_out_of_every_later_choice(tmp_path_factory):
+    """experiment=lite0_member_refit trains on val too: no calibration is fitted there, and neither cxr-train
+    (calibrating) nor cxr-eval (evaluating) will use val afterwards."""
+    from cxr.inference import load_classifier
+
+    out, cache = tmp_path_factory.mktemp("refit_run"), tmp_path_factory.mktemp("refit_cache")
+    refit = ["experiment=lite0_member_refit", "data=synthetic", *TINY, "data.batch_size=8", "trainer.max_epochs=1",
+             "trainer.limit_train_batches=2"]
+    run("cxr.train", *refit, f"paths.output_dir={out}", cache_dir=cache)
+    spec = load_classifier(out / "checkpoints" / "best.ckpt").spec
+    assert spec["data_summary"]["train_splits"] == ["train", "val"]
+    assert spec.get("calibration_fit") is None and spec["temperature"] == 1.0
+    results = json.loads((out / "results.json").read_text())
+    assert results["train_images_per_second"] * results["fit_seconds"] == pytest.approx(2 * 8, rel=1e-6)
+    for module, overrides in (("cxr.train", [*refit, "calibration.method=temperature", f"paths.output_dir={out}/again"]),
+                              ("cxr.eval", [f"ckpt_path={out}/checkpoints/best.ckpt", "data=synthetic", "data.split=val",
+                                            "data.n_per_class=20", "data.size=96", f"paths.output_dir={out}/val"])):
+        proc = subprocess.run([sys.executable, "-m", module, *overrides, f"paths.cache_dir={cache}"],
+                              cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
+        assert proc.returncode != 0 and "trained on the 'val' split" in proc.stderr, proc.stderr[-2000:]
+    assert not (out / "again" / "checkpoints").exists()  # refused before any fitting

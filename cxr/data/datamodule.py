@@ -73,6 +73,7 @@ class ChestXrayDataModule(L.LightningDataModule):
         val_fraction: float = 0.15,
         test_fraction: float = 0.15,
         holdout_sources: Sequence[str] = (),
+        train_splits: Sequence[str] = ("train",),
         split: str = "test",
         cache_dir: str | None = None,
         seed: int = 0,
@@ -91,6 +92,10 @@ class ChestXrayDataModule(L.LightningDataModule):
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
         self.holdout_sources = list(holdout_sources)
+        self.train_splits = list(train_splits)
+        if "train" not in self.train_splits or split in self.train_splits:
+            raise ValueError(f"train_splits={self.train_splits} must include 'train' and not the evaluation split "
+                             f"{split!r}")
         self.split = split
         self.cache_dir = cache_dir
         self.seed = seed
@@ -137,8 +142,9 @@ class ChestXrayDataModule(L.LightningDataModule):
         return index
 
     def split_frame(self, split: str) -> pd.DataFrame:
+        """The images of `split`; "train" means every split the model trains on (`train_splits`)."""
         frame = self.build_index()
-        part = frame[frame["split"] == split]
+        part = frame[frame["split"].isin(self.train_splits) if split == "train" else frame["split"] == split]
         if part.empty:
             raise ValueError(f"split {split!r} has no images")
         return part
@@ -152,7 +158,15 @@ class ChestXrayDataModule(L.LightningDataModule):
         for (split, source, label), n in counts.items():
             out.setdefault(split, {}).setdefault(source, {})[label] = int(n)
         return {"counts": out, "holdout_sources": self.holdout_sources, "class_names": self.class_names,
-                "split_sha256": split_fingerprint(frame)}
+                "split_sha256": split_fingerprint(frame), "train_splits": self.train_splits}
+
+    def check_unseen(self, split: str, data_summary: dict) -> None:
+        """Refuse to calibrate, select or evaluate a checkpoint on images it trained on: `split` of this data
+        when the checkpoint's `data_summary` says it trained on that split of the same split assignment."""
+        trained_on = data_summary.get("train_splits", ["train"])
+        if split in trained_on and data_summary.get("split_sha256") == split_fingerprint(self.build_index()):
+            raise ValueError(f"the checkpoint trained on the {split!r} split (train_splits={trained_on}): its numbers "
+                             "there would be in-sample; use a split it has not seen")
 
     # ---- datasets ---------------------------------------------------------------------------
     def dataset(self, split: str) -> StandardizedImageDataset:

@@ -29,6 +29,7 @@ def predict_logits(classifier: Classifier, datamodule: ChestXrayDataModule, spli
 def evaluate(classifier: Classifier, datamodule: ChestXrayDataModule, split: str, out_dir: str | Path,
              title: str | None = None) -> dict:
     check_compatible(classifier, datamodule)
+    datamodule.check_unseen(split, classifier.spec.get("data_summary", {}))
     frame = datamodule.split_frame(split)
     start = time.perf_counter()
     logits = predict_logits(classifier, datamodule, split)
