@@ -13,7 +13,8 @@ import json
 import shutil
 from pathlib import Path
 
-from cxr.evaluation.report import format_interval, interval_lines, operating_point_lines, shortfall_lines
+from cxr.evaluation.report import (costliest_image_lines, format_interval, interval_lines, operating_point_lines,
+                                   shortfall_lines)
 
 REFERENCE_TABLE4 = {  # the reference technical report, Table 4 (its own test set of 2,569 images)
     "normal": (0.648, 0.804, 0.718, 0.840, 925),
@@ -100,7 +101,8 @@ def main() -> None:
              *interval_lines(metrics), *operating_point_lines(metrics), "", args.notes, "", "## Test split, beside the reference report's Table 4", "",
              "The reference numbers are on the report's own 2,569-image test set, not on this data.", "",
              *side_by_side(metrics), "", "![confusion matrix](confusion_matrix.png) ![ROC curves](roc_curves.png)", "",
-             "## Per source (in-distribution test split)", "", *per_source(metrics), *shortfall_lines(metrics), ""]
+             "## Per source (in-distribution test split)", "", *per_source(metrics), *shortfall_lines(metrics),
+             *costliest_image_lines(metrics), ""]
     if args.holdout:
         lines += ["## Cross-source: trained without a source, tested on all of its images", "",
                   "| Held out | n | Pneumonia-vs-normal AUROC (95% CI) | called normal | called pneumonia | called tuberculosis | accuracy |",

@@ -1,10 +1,10 @@
-"""Where AUROC is lost: the split of 1 − AUROC into pairs within a source and pairs across sources."""
+"""Where AUROC is lost: the split of 1 − AUROC into pairs within and across sources, and the images that cost most."""
 import numpy as np
 import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from cxr.evaluation.metrics import auroc_shortfall_by_source
+from cxr.evaluation.metrics import auroc_shortfall_by_source, costliest_images
 from cxr.evaluation.report import write_report
 
 CLASSES = ["normal", "pneumonia", "tuberculosis"]
@@ -54,3 +54,34 @@ def test_report_shows_the_split(tmp_path):
     report = (tmp_path / "report.md").read_text()
     assert "## Where AUROC is lost" in report
     assert "| pneumonia | 0.2500 | 0.0000 | 0.2500 | b / a: 0.2500 |" in report
+
+
+def test_costliest_images_shares_sum_to_one_minus_auroc_on_each_side():
+    rng = np.random.default_rng(1)
+    n = 60
+    targets = np.arange(n) % 3
+    probs = rng.dirichlet(np.ones(3), size=n).round(2)  # ties count half
+    paths = [f"img{i}.png" for i in range(n)]
+    costliest = costliest_images(probs, targets, paths, ["s"] * n, CLASSES, k=n)
+    for c, name in enumerate(CLASSES):
+        shortfall = 1 - roc_auc_score(targets == c, probs[:, c])
+        images = costliest[name]["images"]
+        assert costliest[name]["shortfall"] == pytest.approx(shortfall, abs=1e-12)
+        for role in ("positive", "negative"):
+            assert sum(i["share"] for i in images if i["role"] == role) == pytest.approx(shortfall, abs=1e-12)
+        assert [i["share"] for i in images] == sorted((i["share"] for i in images), reverse=True)
+
+
+def test_one_mislabelled_looking_image_carries_its_share_and_is_named(tmp_path):
+    # Four normals and four pneumonias ranked perfectly, but one "normal" scores like the pneumonias: it
+    # outranks 2 of the 4 pneumonias: 2 of the 20 pairs (5 normals x 4 pneumonias), all that is lost
+    score = np.array([0.1, 0.2, 0.15, 0.05, 0.85,   0.7, 0.8, 0.9, 0.95])
+    frame = pd.DataFrame({"path": [f"/data/site/{i}.png" for i in range(9)], "label": ["normal"] * 5 + ["pneumonia"] * 4,
+                          "source": "site", "patient_id": [str(i) for i in range(9)]})
+    frame["target"] = [CLASSES.index(label) for label in frame["label"]]
+    probs = np.stack([1 - score, score, np.zeros_like(score)], axis=1)
+    metrics = write_report(tmp_path, probs, frame, CLASSES)
+    top = metrics["costliest_images"]["pneumonia"]["images"][0]
+    assert (top["path"], top["role"], top["label"], top["share"]) == ("/data/site/4.png", "negative", "normal",
+                                                                      pytest.approx(2 / 20))
+    assert "| pneumonia (0.1000) | site/4.png | site | normal | negative | 0.850 | 0.1000 |" in (tmp_path / "report.md").read_text()

@@ -123,3 +123,38 @@ def auroc_shortfall_by_source(probs: np.ndarray, targets: np.ndarray, sources: S
         across = sum(r["share"] for r in pairs if r["positive_source"] != r["negative_source"])
         out[class_name] = {"shortfall": within + across, "within_source": within, "across_sources": across, "pairs": pairs}
     return out
+
+
+def costliest_images(probs: np.ndarray, targets: np.ndarray, paths: Sequence[str], sources: Sequence[str],
+                     class_names: Sequence[str], k: int = 5) -> dict:
+    """The images that take part in most of each class's misranked (positive, negative) pairs.
+
+    A positive's `share` is the share of all pairs in which a negative outscores it (ties half); a
+    negative's, the share in which it outscores a positive. Positives' shares sum to 1 − AUROC, and so do
+    negatives'. A few images often carry much of the shortfall: those are the ones to review (label
+    noise, an unusual acquisition) before reading a small AUROC difference between two models.
+    Per class: `shortfall` (1 − AUROC) and `images`, the `k` largest shares of either role, largest first.
+    """
+    probs, targets = np.asarray(probs, dtype=np.float64), np.asarray(targets)
+    out = {}
+    for c, class_name in enumerate(class_names):
+        scores, positive = probs[:, c], targets == c
+        pos_scores, neg_scores = np.sort(scores[positive]), np.sort(scores[~positive])
+        total_pairs = len(pos_scores) * len(neg_scores)
+        if total_pairs == 0:
+            continue
+
+        def outranked(values: np.ndarray, others: np.ndarray, above: bool) -> np.ndarray:
+            below = np.searchsorted(others, values, side="left")
+            ties = np.searchsorted(others, values, side="right") - below
+            return (len(others) - below - ties if above else below) + 0.5 * ties
+
+        misranked = np.where(positive, outranked(scores, neg_scores, above=True),
+                             outranked(scores, pos_scores, above=False)) / total_pairs
+        shortfall = float(misranked[positive].sum())
+        order = [i for i in np.argsort(-misranked, kind="stable")[:k] if misranked[i] > 0]
+        out[class_name] = {"shortfall": shortfall, "images": [
+            {"path": str(paths[i]), "source": str(sources[i]), "label": class_names[targets[i]],
+             "role": "positive" if positive[i] else "negative", "score": float(scores[i]), "share": float(misranked[i])}
+            for i in order]}
+    return out

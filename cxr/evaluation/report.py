@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from cxr.evaluation.figures import plot_confusion_matrix, plot_roc_curves
-from cxr.evaluation.metrics import auroc_shortfall_by_source, compute_metrics, metrics_by_group
+from cxr.evaluation.metrics import auroc_shortfall_by_source, compute_metrics, costliest_images, metrics_by_group
 from cxr.evaluation.uncertainty import bootstrap_intervals
 
 
@@ -68,6 +68,23 @@ def shortfall_lines(metrics: dict) -> list[str]:
     return lines
 
 
+def costliest_image_lines(metrics: dict) -> list[str]:
+    """The "Images that cost the most AUROC" section."""
+    costliest = {name: c for name, c in (metrics.get("costliest_images") or {}).items() if c["images"]}
+    if not costliest:
+        return []
+    lines = ["", "## Images that cost the most AUROC", "",
+             "Each image's share of its class's (positive, negative) pairs ranked the wrong way; the positives' shares "
+             "sum to 1 − AUROC, and so do the negatives'. Review these (label noise, unusual acquisitions) before "
+             "reading a small AUROC difference.", "",
+             "| Class (1 − AUROC) | Image | Source | True label | Role | Score | Share |", "|---|---|---|---|---|---|---|"]
+    for name, c in costliest.items():
+        for image in c["images"]:
+            lines.append(f"| {name} ({c['shortfall']:.4f}) | {'/'.join(Path(image['path']).parts[-2:])} | {image['source']} | "
+                         f"{image['label']} | {image['role']} | {image['score']:.3f} | {image['share']:.4f} |")
+    return lines
+
+
 def markdown_report(metrics: dict, title: str) -> str:
     lines = [f"# {title}", "", f"n = {metrics['n']} images; accuracy {_pct(metrics['accuracy'])}; "
              f"macro AUROC {_num(metrics['macro_auroc'])}; pneumonia-vs-normal AUROC {_num(metrics['pneumonia_vs_normal_auroc'])}", "",
@@ -96,6 +113,7 @@ def markdown_report(metrics: dict, title: str) -> str:
             called = " | ".join(_pct(s["per_class"][c]["called"]) for c in metrics["classes"])
             lines.append(f"| {source} | {s['n']} | {_pct(s['accuracy'])} | {_num(s['pneumonia_vs_normal_auroc'])} | {recalls} | {called} |")
     lines += shortfall_lines(metrics)
+    lines += costliest_image_lines(metrics)
     return "\n".join(lines) + "\n"
 
 
@@ -110,6 +128,8 @@ def write_report(out_dir: str | Path, probs: np.ndarray, frame: pd.DataFrame, cl
     sources = frame["source"].astype(str).to_numpy()
     metrics["per_source"] = metrics_by_group(probs, targets, sources, class_names)
     metrics["auroc_shortfall_by_source"] = auroc_shortfall_by_source(probs, targets, sources, class_names)
+    metrics["costliest_images"] = costliest_images(probs, targets, frame["path"].astype(str).to_numpy(), sources,
+                                                   class_names)
     patients = frame["patient_id"].astype(str).where(frame["patient_id"].astype(str) != "", frame["path"].astype(str))
     metrics["confidence_intervals"] = bootstrap_intervals(probs, targets, patients.to_numpy(), class_names)
     metrics.update(extra or {})
