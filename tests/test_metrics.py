@@ -84,4 +84,4 @@ def test_one_mislabelled_looking_image_carries_its_share_and_is_named(tmp_path):
     top = metrics["costliest_images"]["pneumonia"]["images"][0]
     assert (top["path"], top["role"], top["label"], top["share"]) == ("/data/site/4.png", "negative", "normal",
                                                                       pytest.approx(2 / 20))
-    assert "| pneumonia (0.1000) | site/4.png | site | normal | negative | 0.850 | 0.1000 |" in (tmp_path / "report.md").read_text()
+    assert "| pneumonia (0.1000) | site/4.png | site | normal | negative | 0.850 | 0.1000 | 100.0% |" in (tmp_path / "report.md").read_text()

@@ -77,11 +77,13 @@ def costliest_image_lines(metrics: dict) -> list[str]:
              "Each image's share of its class's (positive, negative) pairs ranked the wrong way; the positives' shares "
              "sum to 1 − AUROC, and so do the negatives'. Review these (label noise, unusual acquisitions) before "
              "reading a small AUROC difference.", "",
-             "| Class (1 − AUROC) | Image | Source | True label | Role | Score | Share |", "|---|---|---|---|---|---|---|"]
+             "| Class (1 − AUROC) | Image | Source | True label | Role | Score | Share | Of 1 − AUROC |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, c in costliest.items():
         for image in c["images"]:
             lines.append(f"| {name} ({c['shortfall']:.4f}) | {'/'.join(Path(image['path']).parts[-2:])} | {image['source']} | "
-                         f"{image['label']} | {image['role']} | {image['score']:.3f} | {image['share']:.4f} |")
+                         f"{image['label']} | {image['role']} | {image['score']:.3f} | {image['share']:.4f} | "
+                         f"{_pct(image['share'] / c['shortfall'])} |")
     return lines
 
 
