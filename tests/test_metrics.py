@@ -73,7 +73,7 @@ def test_costliest_images_shares_sum_to_one_minus_auroc_on_each_side():
 
 
 def test_one_mislabelled_looking_image_carries_its_share_and_is_named(tmp_path):
-    # Four normals and four pneumonias ranked perfectly, but one "normal" scores like the pneumonias: it
+    # Four normals and four pneumonias ranked perfectly, and a fifth "normal" that scores like the pneumonias: it
     # outranks 2 of the 4 pneumonias: 2 of the 20 pairs (5 normals x 4 pneumonias), all that is lost
     score = np.array([0.1, 0.2, 0.15, 0.05, 0.85,   0.7, 0.8, 0.9, 0.95])
     frame = pd.DataFrame({"path": [f"/data/site/{i}.png" for i in range(9)], "label": ["normal"] * 5 + ["pneumonia"] * 4,
