@@ -16,25 +16,12 @@ import argparse
 import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
+from torch.optim.swa_utils import update_bn
 
 from cxr.config import CONFIG_DIR, instantiate_checkpoint_datamodule
 from cxr.evaluation.evaluate import predict_logits
 from cxr.evaluation.metrics import pneumonia_vs_normal_auroc
 from cxr.inference import load_classifier
-
-
-def reestimate_batchnorm(net: torch.nn.Module, loader) -> None:
-    """Replace every BatchNorm layer's running statistics by their average over `loader`'s images."""
-    layers = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    for layer in layers:
-        layer.reset_running_stats()
-        layer.momentum = None  # cumulative average over all batches
-        layer.train()
-    with torch.no_grad():
-        for images, _ in loader:
-            net(images.contiguous(memory_format=torch.channels_last))
-    for layer in layers:
-        layer.eval()
 
 
 def row(run: str, source: str, classifier, logits: torch.Tensor, targets: np.ndarray) -> str:
@@ -60,7 +47,7 @@ def main() -> None:
         targets = datamodule.split_frame("test")["target"].to_numpy()
         before = predict_logits(classifier, datamodule, "test")
         loader = torch.utils.data.DataLoader(datamodule.dataset("test"), batch_size=64, shuffle=True)
-        reestimate_batchnorm(classifier.net, loader)
+        update_bn(loader, classifier.net)  # every BatchNorm's running statistics: the average over these images
         after = predict_logits(classifier, datamodule, "test")
         print(row(run, source, classifier, before, targets))
         print(row(f"{run} + AdaBN", source, classifier, after, targets), flush=True)
