@@ -32,15 +32,16 @@ def train(cfg: DictConfig) -> dict:
     preprocessing = instantiate(cfg.preprocess)
     datamodule = instantiate_datamodule(cfg, preprocessing)
     datamodule.setup("fit")  # decodes every train/val image now: a broken file stops here, with its path
+    data_summary = datamodule.summary()
     calibration = cfg.get("calibration") or {"method": "none"}
     if calibration["method"] != "none":  # refuse (or warn about) the calibration now, not after the fit
-        datamodule.check_unseen(calibration["split"], datamodule.summary())
+        datamodule.check_unseen(calibration["split"], data_summary)
         check_calibration_targets(datamodule.split_frame(calibration["split"])["target"].tolist(),
                                   datamodule.class_names, calibration["method"])
     weights = datamodule.class_weights()
     model = instantiate(cfg.model, _partial_=True)(class_names=datamodule.class_names, preprocessing=preprocessing,
                                                    class_weights=None if weights is None else weights.tolist())
-    model.data_summary = datamodule.summary()
+    model.data_summary = data_summary
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     for logger in loggers:
