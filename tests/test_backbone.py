@@ -31,7 +31,7 @@ def test_packaged_backbone_features_differ_from_random_init():
     packaged = create_backbone("tf_efficientnet_lite0", 3, pretrained="packaged")
     random = timm.create_model("tf_efficientnet_lite0", num_classes=3)
     assert not torch.equal(packaged.conv_stem.weight, random.conv_stem.weight)
-    assert torch.equal(packaged.conv_stem.weight, _packaged_state_dict()["_conv_stem.weight"])
+    assert torch.equal(packaged.conv_stem.weight, _packaged_state_dict("tf_efficientnet_lite0")["_conv_stem.weight"])
     assert packaged.classifier.weight.abs().max() < 0.05  # a small, freshly initialised head
 
 

@@ -28,7 +28,7 @@ class PretrainedWeightsError(RuntimeError):
     pass
 
 
-def _packaged_state_dict(backbone: str = "tf_efficientnet_lite0") -> dict[str, torch.Tensor]:
+def _packaged_state_dict(backbone: str) -> dict[str, torch.Tensor]:
     if backbone not in PACKAGED_WEIGHTS:
         raise PretrainedWeightsError(
             f"model.pretrained=packaged only has weights for {', '.join(PACKAGED_WEIGHTS)}, not {backbone}; "
