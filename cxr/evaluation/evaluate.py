@@ -13,11 +13,13 @@ from cxr.evaluation.report import write_report
 from cxr.inference import Classifier
 
 
-def check_compatible(classifier: Classifier, datamodule: ChestXrayDataModule) -> None:
+def check_compatible(classifier: Classifier, datamodule: ChestXrayDataModule, split: str) -> None:
+    """`classifier` may be measured on `datamodule`'s `split`: same classes and pixels, images it did not train on."""
     if list(datamodule.class_names) != classifier.class_names:
         raise ValueError(f"data classes {datamodule.class_names} differ from the checkpoint's {classifier.class_names}")
     if datamodule.preprocessing != classifier.preprocessing:
         raise ValueError("the data module's preprocessing differs from the checkpoint's; build it from the checkpoint")
+    datamodule.check_unseen(split, classifier.spec.get("data_summary", {}))
 
 
 def predict_logits(classifier: Classifier, datamodule: ChestXrayDataModule, split: str) -> torch.Tensor:
@@ -28,8 +30,7 @@ def predict_logits(classifier: Classifier, datamodule: ChestXrayDataModule, spli
 
 def evaluate(classifier: Classifier, datamodule: ChestXrayDataModule, split: str, out_dir: str | Path,
              title: str | None = None) -> dict:
-    check_compatible(classifier, datamodule)
-    datamodule.check_unseen(split, classifier.spec.get("data_summary", {}))
+    check_compatible(classifier, datamodule, split)
     frame = datamodule.split_frame(split)
     start = time.perf_counter()
     logits = predict_logits(classifier, datamodule, split)

@@ -21,8 +21,7 @@ def recalibrate_checkpoint(ckpt_path: str | Path, datamodule: ChestXrayDataModul
     checkpoint with it to `out_path`. Returns the fit record that is also stored as `calibration_fit`.
     `warn_few=False` when the caller already warned about this split's class counts."""
     classifier = load_classifier(ckpt_path)
-    check_compatible(classifier, datamodule)
-    datamodule.check_unseen(split, classifier.spec.get("data_summary", {}))
+    check_compatible(classifier, datamodule, split)
     logits = predict_logits(classifier, datamodule, split)
     frame = datamodule.split_frame(split)
     targets = torch.as_tensor(frame["target"].to_numpy(), dtype=torch.long)
