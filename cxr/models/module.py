@@ -1,5 +1,5 @@
-"""LightningModule: a timm backbone, dropout before the head, label smoothing, class weights, and an
-optional pairwise AUROC surrogate added to the loss."""
+"""LightningModule: a timm backbone, dropout before the head, label smoothing, class weights, and
+optionally mixup/cutmix of training batches or a pairwise AUROC surrogate added to the loss."""
 from __future__ import annotations
 
 from typing import Callable, Sequence
@@ -46,6 +46,7 @@ class ChestXrayClassifier(L.LightningModule):
         channels_last: bool = True,
         auc_loss_weight: float = 0.0,
         auc_margin: float = 1.0,
+        mixup: Callable | None = None,
     ):
         super().__init__()
         self.class_names = list(class_names)
@@ -65,12 +66,16 @@ class ChestXrayClassifier(L.LightningModule):
             raise ValueError(f"auc_loss_weight must be >= 0, got {auc_loss_weight}")
         self.auc_loss_weight = auc_loss_weight
         self.auc_margin = auc_margin
+        # timm's Mixup, given as a partial: it mixes images and builds the smoothed soft targets itself.
+        self.mixup = None if mixup is None else mixup(num_classes=len(self.class_names), label_smoothing=label_smoothing)
+        if self.mixup is not None and auc_loss_weight:
+            raise ValueError("mixup and auc_loss_weight cannot be combined: the AUROC surrogate needs hard labels")
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.backbone_lr_factor = backbone_lr_factor
         self.calibration = Calibration()  # fitted after training, on the validation split
         self.data_summary: dict = {}
-        self.save_hyperparameters(ignore=["optimizer", "scheduler", "preprocessing", "class_weights"])
+        self.save_hyperparameters(ignore=["optimizer", "scheduler", "mixup", "preprocessing", "class_weights"])
         self.val_metrics = classification_metrics(len(self.class_names)).clone(prefix="val/")
         self.test_metrics = classification_metrics(len(self.class_names)).clone(prefix="test/")
 
@@ -85,9 +90,16 @@ class ChestXrayClassifier(L.LightningModule):
             loss = loss + self.auc_loss_weight * pairwise_auc_loss(logits, targets, self.auc_margin)
         return loss
 
+    def mixed_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy on a mixed batch against timm's mixed, already smoothed soft targets. With class
+        weights, each image's term is weighted by its soft target (no renormalisation by the weights)."""
+        x, soft_targets = self.mixup(x, y)
+        return F.cross_entropy(self(x), soft_targets, weight=self.class_weights)
+
     def training_step(self, batch, batch_idx):
         x, y = batch
-        loss = self.loss(self(x), y)
+        # timm mixes each image with the batch reversed, so an odd-sized last batch trains unmixed.
+        loss = self.mixed_loss(x, y) if self.mixup is not None and len(y) % 2 == 0 else self.loss(self(x), y)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(y))
         return loss
 
