@@ -20,7 +20,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
 from cxr.data.dataset import load_standardized
@@ -28,7 +27,7 @@ from cxr.data.index import CLASS_NAMES, index_manifest
 from cxr.data.preprocess import Preprocessing
 from cxr.evaluation.metrics import pneumonia_vs_normal_auroc
 from cxr.models.backbone import create_backbone
-from preprocessing_probe import features  # the same frozen-feature extraction (this script's folder)
+from preprocessing_probe import features, probe  # the same features and logistic head (this script's folder)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -104,27 +103,21 @@ def main() -> None:
         mu, sigma = x[lab | target].mean(0), x[lab | target].std(0) + 1e-6
         z = (x - mu) / sigma
 
-        def evaluate(probs_of) -> tuple[float, float, float]:
-            p_held, p_in = probs_of(z[scored]), probs_of(z[in_dist])
+        def evaluate(probs: np.ndarray) -> tuple[float, float, float]:
+            """`probs`: a head's class probabilities for every image."""
+            p_held, p_in = probs[scored], probs[in_dist]
             in_auc = roc_auc_score(y[in_dist], p_in, multi_class="ovr")  # both held-out cases leave all three classes
             return (pneumonia_vs_normal_auroc(p_held, y[scored], list(CLASS_NAMES)), float((p_held.argmax(1) == 2).mean()),
                     in_auc)
 
-        logistic = LogisticRegression(max_iter=3000, C=0.5).fit(z[lab], y[lab])
-
-        def logistic_probs(a):
-            p = np.zeros((len(a), len(CLASS_NAMES)))
-            p[:, logistic.classes_] = logistic.predict_proba(a)
-            return p
-
-        rows = {"logistic regression": [evaluate(logistic_probs)]}
+        rows = {"logistic regression": [evaluate(probe(z[lab], y[lab], z))]}
         for adversary in [0.0, *args.adversary]:
             name = "MLP" if adversary == 0 else f"MLP + DANN (strength {adversary:g})"
             rows[name] = []
             for seed in range(args.seeds):
                 head = train_head(z[lab], y[lab], z[target], adversary, seed, args.steps)
                 with torch.no_grad():
-                    rows[name].append(evaluate(lambda a: torch.softmax(head(torch.as_tensor(a)), 1).numpy()))
+                    rows[name].append(evaluate(torch.softmax(head(torch.as_tensor(z)), 1).numpy()))
         lines += [f"## `{held}` held out: {int(lab.sum())} labelled training images, {int(target.sum())} unlabelled "
                   f"`{held}` train images, scored on its {int(scored.sum())} val + test images", "",
                   f"| Head | {held} pneumonia-vs-normal AUROC | {held} called tuberculosis | in-distribution macro AUROC (other sources' test) |",

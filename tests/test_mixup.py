@@ -10,14 +10,15 @@ from timm.data import Mixup
 
 from cxr.data.preprocess import Preprocessing
 from cxr.models.module import ChestXrayClassifier
+from tests import test_losses
 from tests.test_configs import compose_train
 
-CLASSES = ["normal", "pneumonia", "tuberculosis"]
+CLASSES = test_losses.CLASSES
 
 
 def classifier(**kwargs) -> ChestXrayClassifier:
-    torch.manual_seed(0)
-    return ChestXrayClassifier("test_efficientnet", CLASSES, Preprocessing(image_size=32), pretrained="none", **kwargs)
+    torch.manual_seed(0)  # the same tiny net in every run
+    return test_losses.classifier(**kwargs)
 
 
 def decisive(model: ChestXrayClassifier) -> ChestXrayClassifier:
