@@ -84,7 +84,8 @@ class CxrAPI(ls.LitAPI):
         job.image = decode_bytes(data, self.settings.max_pixels)
         return job
 
-    def result(self, job: Job, probabilities: np.ndarray, endpoint: str, index: int | None = None) -> dict:
+    def result(self, job: Job, probabilities: np.ndarray, endpoint: str, index: int | None = None,
+               audit_extra: dict | None = None) -> dict:
         label, confidence, needs_review, reason = self.referral.decide(probabilities)
         probs = {name: float(p) for name, p in zip(self.class_names, probabilities)}
         latency_ms = (time.perf_counter() - job.started) * 1000.0
@@ -97,7 +98,7 @@ class CxrAPI(ls.LitAPI):
                  "latency_ms": result["latency_ms"]}
         if index is not None:
             audit["index"] = index
-        self.audit.write(audit)
+        self.audit.write({**audit, **(audit_extra or {})})
         return result
 
 
@@ -207,7 +208,8 @@ class ExplainAPI(CxrAPI):
 
     def encode_response(self, output) -> Response:
         job, explanation = output
-        result = self.result(job, explanation.probabilities, self.endpoint)
+        result = self.result(job, explanation.probabilities, self.endpoint,
+                             audit_extra={"target_class": explanation.target_class})
         result["target_class"] = explanation.target_class
         result["heatmap_png_base64"] = base64.b64encode(explanation.overlay_png).decode()
         return JSONResponse(result)

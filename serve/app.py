@@ -24,6 +24,7 @@ from cxr import __version__
 from cxr.checkpoint import file_sha256, read_spec
 from cxr.config import CONFIG_DIR, log_config
 from serve.api import BatchAPI, ExplainAPI, PredictAPI, Settings
+from serve.audit import AuditLog
 from serve.errors import error_response, http_exception_response
 from serve.middleware import RequestGuard
 from serve.referral import Referral
@@ -76,6 +77,7 @@ def build_server(cfg: DictConfig) -> ls.LitServer:
                         review_confidence=float(s.review_confidence), max_pixels=int(s.max_pixels),
                         max_images_per_request=int(s.max_images_per_request),
                         num_threads=s.threads, model_sha256=file_sha256(cfg.ckpt_path))
+    AuditLog(settings.audit_log).ensure_writable()
     info = model_info(spec, settings, s)
 
     predict = PredictAPI(settings, max_batch_size=int(s.max_batch_size), batch_timeout=float(s.batch_timeout))

@@ -31,6 +31,17 @@ class AuditLog:
     def enabled(self) -> bool:
         return self.path is not None
 
+    def ensure_writable(self) -> None:
+        """Create the log now, so that a path that cannot be written stops the server at start instead of
+        failing every prediction."""
+        if self.path is None:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            os.close(os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640))
+        except OSError as exc:
+            raise ValueError(f"audit log {self.path} cannot be written ({exc}); fix server.audit_log") from exc
+
     def _descriptor(self) -> int:
         if self._fd is None or self._pid != os.getpid():
             self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -34,7 +34,7 @@ class RequestGuard:
             # Close the connection when the body was not read, so the client stops sending it.
             headers = {"Connection": "close"} if status == 413 else None
             return await error_response(status, code, message, headers)(scope, receive, send)
-        return await self.app(scope, _replay(reply, receive), send)
+        return await self.app(_lowercase_media_type(scope), _replay(reply, receive), send)
 
     async def _check(self, scope, receive):
         headers = Headers(scope=scope)
@@ -74,8 +74,8 @@ class RequestGuard:
         if media == "application/json":
             try:
                 parsed = json.loads(body)
-            except (ValueError, UnicodeDecodeError) as exc:
-                return 400, "malformed_json", f"request body is not valid JSON: {exc}"
+            except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: absurd nesting
+                return 400, "malformed_json", f"request body is not valid JSON: {type(exc).__name__}: {exc}"
             if not isinstance(parsed, dict):
                 return 422, "invalid_request", "JSON body must be an object like {\"image\": \"<base64>\"}"
             return body
@@ -85,6 +85,18 @@ class RequestGuard:
         except Exception as exc:  # multipart errors: missing boundary, truncated parts, ...
             return 400, "malformed_multipart", f"request body is not valid multipart/form-data: {exc}"
         return body
+
+
+def _lowercase_media_type(scope) -> dict:
+    """The scope with its Content-Type's media type lower-cased (parameters such as the multipart boundary are
+    case-sensitive and kept): media types are case-insensitive, but LitServe compares them as written."""
+    headers = []
+    for name, value in scope["headers"]:
+        if name.lower() == b"content-type":
+            media, sep, params = value.partition(b";")
+            value = media.strip().lower() + sep + params
+        headers.append((name, value))
+    return {**scope, "headers": headers}
 
 
 async def _disconnected() -> dict:

@@ -43,6 +43,7 @@ def _b64(value, field: str) -> bytes:
         raise ServeError(422, "invalid_base64", f"'{field}' must be a base64 string, got {type(value).__name__}")
     if value.startswith("data:") and "," in value:  # tolerate data URLs
         value = value.split(",", 1)[1]
+    value = "".join(value.split())  # line-wrapped base64 (`base64` CLI, MIME) is still base64
     try:
         return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError) as exc:

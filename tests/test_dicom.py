@@ -1,11 +1,14 @@
-"""DICOM decoding (built with pydicom at test time): rescale, VOI window, MONOCHROME1, 16-bit, no pixels."""
+"""DICOM decoding (built with pydicom at test time): rescale, VOI window, MONOCHROME1, 16-bit, no pixels,
+multi-frame, broken rescale/window headers."""
 from __future__ import annotations
 
 import io
 
 import numpy as np
 import pytest
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from cxr.data.decode import ImageDecodeError, decode_image, to_uint8
@@ -13,8 +16,11 @@ from cxr.data.decode import ImageDecodeError, decode_image, to_uint8
 
 def make_dicom(pixels: np.ndarray | None, photometric: str = "MONOCHROME2", slope: float | None = None,
                intercept: float | None = None, window: tuple[float, float] | None = None,
-               rows: int | None = None, columns: int | None = None) -> bytes:
-    """A minimal Secondary Capture DICOM file; `pixels=None` leaves out the pixel data."""
+               rows: int | None = None, columns: int | None = None, frames: int = 1,
+               header: dict[int, str] | None = None) -> bytes:
+    """A minimal Secondary Capture DICOM file; `pixels=None` leaves out the pixel data. With `frames` > 1,
+    `pixels` is (frames, rows, columns[, 3]); an RGB image has a trailing axis of 3 samples. `header` holds
+    decimal-string (DS) elements written as given, valid or not."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
     meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -24,9 +30,14 @@ def make_dicom(pixels: np.ndarray | None, photometric: str = "MONOCHROME2", slop
     ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
     ds.Modality = "DX"
     ds.PatientID = "TEST"
-    ds.SamplesPerPixel = 1
+    rgb = photometric == "RGB"
+    ds.SamplesPerPixel = 3 if rgb else 1
+    if rgb:
+        ds.PlanarConfiguration = 0
+    if frames > 1:
+        ds.NumberOfFrames = frames
     ds.PhotometricInterpretation = photometric
-    shape = pixels.shape if pixels is not None else (rows or 64, columns or 64)
+    shape = pixels.shape[frames > 1:] if pixels is not None else (rows or 64, columns or 64)
     ds.Rows, ds.Columns = rows or shape[0], columns or shape[1]
     bits = 16 if pixels is None or pixels.dtype != np.uint8 else 8
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, bits, bits - 1, 0
@@ -36,6 +47,9 @@ def make_dicom(pixels: np.ndarray | None, photometric: str = "MONOCHROME2", slop
         ds.WindowCenter, ds.WindowWidth = window
     if pixels is not None:
         ds.PixelData = np.ascontiguousarray(pixels).tobytes()
+    for tag, value in (header or {}).items():  # raw bytes: pydicom would refuse to store a bad value
+        raw = value.encode() + b" " * (len(value) % 2)
+        ds[tag] = RawDataElement(Tag(tag), "DS", len(raw), raw, 0, True, True)
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
@@ -95,3 +109,28 @@ def test_dicom_over_pixel_limit_refused_from_header():
     with pytest.raises(ImageDecodeError) as info:
         decode_image(data, max_pixels=1_000_000)
     assert info.value.code == "image_too_large"
+
+
+def test_multiframe_decodes_the_first_frame_only():
+    frames = np.stack([gradient16(), np.zeros((80, 60), np.uint16), np.full((80, 60), 4000, np.uint16)])
+    np.testing.assert_array_equal(decode_image(make_dicom(frames, frames=3)), to_uint8(frames[0]))
+
+
+def test_multiframe_rgb_gives_one_grey_image():
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (2, 32, 48, 3), dtype=np.uint8)
+    gray = decode_image(make_dicom(frames, "RGB", frames=2))
+    assert gray.shape == (32, 48) and gray.dtype == np.uint8
+    np.testing.assert_array_equal(gray, to_uint8(frames[0].mean(axis=-1)))
+
+
+
+@pytest.mark.parametrize("header", [
+    {0x00281050: "1000", 0x00281051: "0"},    # Window Width 0
+    {0x00281050: "abc", 0x00281051: "100"},   # Window Center not a number
+    {0x00281053: "1", 0x00281052: "xyz"},     # Rescale Intercept not a number
+], ids=["window-width-0", "window-center-text", "rescale-intercept-text"])
+def test_broken_rescale_or_window_header_is_a_decode_error(header):
+    with pytest.raises(ImageDecodeError, match="rescale/window") as info:
+        decode_image(make_dicom(gradient16(), header=header))
+    assert info.value.code == "invalid_image"

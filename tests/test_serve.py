@@ -177,6 +177,19 @@ def test_predict_formats(server, ckpt, reference, name):
     np.testing.assert_allclose(got, reference(data), atol=1e-5)
 
 
+def test_mixed_case_media_type_and_wrapped_base64_are_accepted(server, reference):
+    """Media types are case-insensitive, and line-wrapped base64 (the `base64` CLI, MIME) is still base64."""
+    data = png(3)
+    form = requests.Request("POST", server.url, files={"file": ("x.png", data, "image/png")}).prepare()
+    content_type = form.headers["Content-Type"].replace("multipart/form-data", "Multipart/Form-Data")
+    mixed_case = post(server, "/predict", data=form.body, headers={**AUTH, "Content-Type": content_type})
+    wrapped = post(server, "/predict", json={"image": base64.encodebytes(data).decode()})
+    for response in (mixed_case, wrapped):
+        assert response.status_code == 200, response.text
+        np.testing.assert_allclose([response.json()["probabilities"][c] for c in CLASS_NAMES], reference(data),
+                                   atol=1e-5)
+
+
 def test_dicom_monochrome1_served_as_inverted_image(server):
     pixels = gradient16()
     inverted_png = encode(Image.fromarray(255 - to_uint8(pixels)))
@@ -248,6 +261,8 @@ def test_explain_requested_class(server, encoding):
     assert response.status_code == 200, response.text
     assert response.json()["target_class"] == "pneumonia"
     heatmap(response.json())
+    audited = [line for line in audit_lines(server) if line["request_id"] == response.json()["request_id"]]
+    assert [line["target_class"] for line in audited] == ["pneumonia"]
 
 
 def test_explain_unknown_class(server):
@@ -274,6 +289,11 @@ BAD_INPUTS = {
                                  headers={**AUTH, "Content-Type": "multipart/form-data; boundary=b"}),
                             (400, 422), None),
     "dicom_without_pixels": (dict(json={"image": b64(make_dicom(None))}), 422, "dicom_without_pixels"),
+    "dicom_window_width_0": (dict(json={"image": b64(make_dicom(gradient16(), header={0x00281050: "100",
+                                                                                   0x00281051: "0"}))}),
+                             422, "invalid_image"),
+    "deeply_nested_json": (dict(data=b'{"image": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+                                headers={**AUTH, "Content-Type": "application/json"}), 400, "malformed_json"),
     "pixel_bomb": (dict(files={"file": ("bomb.png", png_bomb(), "image/png")}), 413, "image_too_large"),
     "payload_too_large": (dict(data=b"{" + b" " * (MAX_PAYLOAD + 10) + b"}",
                                headers={**AUTH, "Content-Type": "application/json"}), 413, "payload_too_large"),

@@ -109,3 +109,17 @@ def test_predict_workers_only_scale_predict(tiny_checkpoint, tmp_path, overrides
     with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
         cfg = compose("serve", overrides=[f"ckpt_path={tiny_checkpoint}", f"paths.cache_dir={tmp_path}", *overrides])
     assert build_server(cfg)._workers_per_device_by_api_path == expected
+
+
+def test_unwritable_audit_log_stops_the_server_at_build(tiny_checkpoint, tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from cxr.config import CONFIG_DIR
+    from serve.app import build_server
+
+    (tmp_path / "a_file").write_text("")
+    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+        cfg = compose("serve", overrides=[f"ckpt_path={tiny_checkpoint}", f"paths.cache_dir={tmp_path}",
+                                          f"server.audit_log={tmp_path / 'a_file' / 'audit.jsonl'}"])
+    with pytest.raises(ValueError, match="server.audit_log"):
+        build_server(cfg)

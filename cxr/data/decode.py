@@ -49,7 +49,7 @@ def is_dicom(data: bytes) -> bool:
 
 def _decode_dicom(data: bytes, max_pixels: int) -> np.ndarray:
     import pydicom
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
 
     try:
         ds = pydicom.dcmread(io.BytesIO(data))
@@ -58,17 +58,18 @@ def _decode_dicom(data: bytes, max_pixels: int) -> np.ndarray:
     if "PixelData" not in ds:
         raise ImageDecodeError("DICOM file has no pixel data", code="dicom_without_pixels")
     _check_pixels(int(ds.get("Columns", 0)), int(ds.get("Rows", 0)), max_pixels)
+    # Only the first frame is decoded: the pixel limit then bounds the work whatever NumberOfFrames says.
     try:
-        pixels = ds.pixel_array
+        pixels = pixel_array(ds, index=0)
     except Exception as exc:
         raise ImageDecodeError(f"cannot decode DICOM pixel data: {exc}") from exc
-    if pixels.ndim == 3 and ds.get("SamplesPerPixel", 1) == 1:
-        pixels = pixels[0]  # multi-frame: the first frame
     if pixels.ndim == 3:
         pixels = pixels.mean(axis=-1)
-    pixels = apply_modality_lut(pixels, ds)
-    pixels = apply_voi_lut(pixels, ds, index=0)
-    gray = to_uint8(np.asarray(pixels))
+    try:  # rescale and window come from header values that may be missing, zero or not numbers
+        pixels = apply_voi_lut(apply_modality_lut(pixels, ds), ds, index=0)
+        gray = to_uint8(np.asarray(pixels))
+    except Exception as exc:
+        raise ImageDecodeError(f"cannot apply the DICOM rescale/window: {type(exc).__name__}: {exc}") from exc
     if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
         gray = 255 - gray
     return gray
