@@ -90,8 +90,9 @@ def main(cfg: DictConfig) -> str:
     spec = members[0].spec
     datamodule = instantiate_checkpoint_datamodule(cfg, spec)
     summary = datamodule.summary()
-    # Which splits trained the members is theirs to say (check_unseen below), not the data config's.
-    if any(summary.get(key) != value for key, value in spec["data_summary"].items() if key != "train_splits"):
+    # Which splits and images trained the members is theirs to say (checked below), not the data config's.
+    theirs = ("train_splits", "train_image_sha256")
+    if any(summary.get(key) != value for key, value in spec["data_summary"].items() if key not in theirs):
         raise ValueError("data= is not the data the members were trained on (its splits, held-out sources or classes "
                          "differ), so the selection split could hold their training images; pass the members' data "
                          "config")
@@ -100,6 +101,7 @@ def main(cfg: DictConfig) -> str:
         raise ValueError(f"select_split={select_split} is the evaluation split: choose the members on another one")
     if cfg.method == "greedy":
         datamodule.check_unseen(select_split, spec["data_summary"])
+        datamodule.check_not_trained_on(select_split, spec["data_summary"].get("train_image_sha256", []), "the members")
     targets = datamodule.split_frame(select_split)["target"].to_numpy()
 
     def score(net: torch.nn.Module) -> float:

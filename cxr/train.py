@@ -29,10 +29,19 @@ def train(cfg: DictConfig) -> dict:
     configure_threads(cfg)
     L.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.paths.output_dir)
+    best = out_dir / "checkpoints" / "best.ckpt"
+    if best.exists():
+        raise FileExistsError(f"{best} exists: this folder holds a finished run; choose another paths.output_dir=")
     preprocessing = instantiate(cfg.preprocess)
     datamodule = instantiate_datamodule(cfg, preprocessing)
-    datamodule.setup("fit")  # decodes every train/val image now: a broken file stops here, with its path
-    data_summary = datamodule.summary()
+    test_after_fit = cfg.get("test_after_fit", True)
+    # Decode every image now: a missing or broken file stops the run here, with its path, not after the fit.
+    datamodule.setup(None if test_after_fit else "fit")
+    train_images = datamodule.fingerprints("train")
+    for split in ("val", datamodule.split) if test_after_fit else ("val",):
+        if split not in datamodule.train_splits:  # a refit trains on val too
+            datamodule.check_not_trained_on(split, train_images, "the training split")
+    data_summary = {**datamodule.summary(), "train_image_sha256": sorted(train_images)}
     calibration = cfg.get("calibration") or {"method": "none"}
     if calibration["method"] != "none":  # refuse (or warn about) the calibration now, not after the fit
         datamodule.check_unseen(calibration["split"], data_summary)
@@ -51,7 +60,6 @@ def train(cfg: DictConfig) -> dict:
     start = time.perf_counter()
     trainer.fit(model, datamodule=datamodule)
     fit_seconds = time.perf_counter() - start
-    best = out_dir / "checkpoints" / "best.ckpt"
     checkpoint_cb = trainer.checkpoint_callback
     if checkpoint_cb is None or not checkpoint_cb.best_model_path:
         # fast_dev_run and runs without validation keep no best checkpoint: keep the final weights.
@@ -68,7 +76,7 @@ def train(cfg: DictConfig) -> dict:
     if calibration["method"] != "none":
         results["calibration"] = recalibrate_checkpoint(best, datamodule, calibration["split"], calibration["method"],
                                                         out_path=best, warn_few=False)
-    if cfg.get("test_after_fit", True):
+    if test_after_fit:
         trainer.test(model, datamodule=datamodule, ckpt_path=str(best), weights_only=False)
         results["test"] = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
         metrics = evaluate(load_classifier(best), datamodule, datamodule.split, out_dir / "eval",

@@ -53,7 +53,7 @@ def model_info(spec: dict, settings: Settings, server_cfg) -> dict:
         "referral_rule": referral.describe(),
         "checkpoint_sha256": settings.model_sha256,
         "backend": settings.backend,
-        "training_data": spec.get("data_summary"),
+        "training_data": {k: v for k, v in (spec.get("data_summary") or {}).items() if k != "train_image_sha256"},
         "cxr_version": spec.get("cxr_version"),
         "package_version": __version__,
         "limits": {"max_images_per_request": settings.max_images_per_request,

@@ -1,5 +1,6 @@
 """Balanced sampling, class weights, cross-source hold-out and the up-front data check."""
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -8,6 +9,7 @@ import torch
 
 from cxr.data.datamodule import ChestXrayDataModule, balanced_class_weights, balanced_sampler, split_fingerprint
 from cxr.data.dataset import DataCheckError
+from cxr.data.index import LeakageError
 from cxr.data.preprocess import Preprocessing
 
 PREP = Preprocessing(image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3)
@@ -108,6 +110,39 @@ def test_corrupt_files_reported_before_training(tmp_path, synthetic_manifest):
     dm = ChestXrayDataModule.from_manifest(str(manifest), preprocessing=PREP, val_fraction=0.0, test_fraction=0.0)
     with pytest.raises(DataCheckError, match="broken.png"):
         dm.setup("fit")
+
+
+def test_missing_files_all_listed_before_training(tmp_path, synthetic_manifest):
+    table = pd.read_csv(synthetic_manifest)
+    table["path"] = [str(synthetic_manifest.parent / p) for p in table["path"]]
+    for i, name in enumerate(("gone-a.png", "gone-b.png")):
+        table.loc[len(table)] = {**table.iloc[i].to_dict(), "path": str(tmp_path / name), "patient_id": f"gone-{i}"}
+    manifest = tmp_path / "with_missing.csv"
+    table.to_csv(manifest, index=False)
+    dm = ChestXrayDataModule.from_manifest(str(manifest), preprocessing=PREP, val_fraction=0.0, test_fraction=0.0,
+                                           cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(DataCheckError, match=r"2 of \d+ image file\(s\) do not exist:\n.*gone-a.png\n.*gone-b.png"):
+        dm.setup("fit")
+
+
+def test_copies_of_training_images_are_refused_whatever_their_name(tmp_path, synthetic_manifest):
+    """A test image with a training image's pixels (a copy under another name, another split assignment of the
+    same data) would be scored in-sample."""
+    dm = ChestXrayDataModule.from_manifest(str(synthetic_manifest), preprocessing=PREP)
+    trained = dm.fingerprints("train")
+    assert len(set(trained)) == len(trained) == len(dm.split_frame("train"))
+    dm.check_not_trained_on("test", trained, "the training split")  # disjoint: passes
+    table = pd.read_csv(synthetic_manifest)
+    table["path"] = [str(synthetic_manifest.parent / p) for p in table["path"]]
+    table["split"] = ""  # drawn by the data module, as for dm
+    source = table[table["path"] == dm.split_frame("train")["path"].iloc[0]].iloc[0]
+    copy = tmp_path / "renamed-copy.png"
+    copy.write_bytes(Path(source["path"]).read_bytes())
+    table.loc[len(table)] = {**source.to_dict(), "path": str(copy), "split": "test", "patient_id": "someone-else"}
+    table.to_csv(tmp_path / "with_copy.csv", index=False)
+    with_copy = ChestXrayDataModule.from_manifest(str(tmp_path / "with_copy.csv"), preprocessing=PREP)
+    with pytest.raises(LeakageError, match=r"1 of the \d+ images of the 'test' split .*renamed-copy.png"):
+        with_copy.check_not_trained_on("test", trained, "the checkpoint")
 
 
 def test_disk_cache_is_reused(tmp_path, synthetic_manifest):

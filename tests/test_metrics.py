@@ -85,3 +85,16 @@ def test_one_mislabelled_looking_image_carries_its_share_and_is_named(tmp_path):
     assert (top["path"], top["role"], top["label"], top["share"]) == ("/data/site/4.png", "negative", "normal",
                                                                       pytest.approx(2 / 20))
     assert "| pneumonia (0.1000) | site/4.png | site | normal | negative | 0.850 | 0.1000 | 100.0% |" in (tmp_path / "report.md").read_text()
+
+
+@pytest.mark.parametrize("evaluated, expected", [
+    ("test", "fitted on the val split (n = 40), not on the test split evaluated here."),
+    ("val", "fitted on a val split (n = 40), the split evaluated here: if these are the same images, the operating "
+            "point was tuned on them and accuracy, precision and recall are optimistic."),
+])
+def test_report_never_claims_the_operating_point_was_fitted_elsewhere_when_it_may_not_be(evaluated, expected):
+    from cxr.evaluation.report import operating_point_lines
+
+    metrics = {"split": evaluated, "temperature": 0.5, "logit_bias": None,
+               "calibration_fit": {"method": "temperature", "split": "val", "n": 40}}
+    assert operating_point_lines(metrics)[1].endswith(expected)

@@ -123,3 +123,17 @@ def test_unwritable_audit_log_stops_the_server_at_build(tiny_checkpoint, tmp_pat
                                           f"server.audit_log={tmp_path / 'a_file' / 'audit.jsonl'}"])
     with pytest.raises(ValueError, match="server.audit_log"):
         build_server(cfg)
+
+
+def test_model_info_keeps_training_image_fingerprints_private(tiny_checkpoint):
+    from types import SimpleNamespace
+
+    from cxr.checkpoint import read_spec
+    from serve.api import Settings
+    from serve.app import model_info
+
+    spec = read_spec(tiny_checkpoint)
+    spec["data_summary"] = {**spec["data_summary"], "train_image_sha256": ["0123456789abcdef"]}
+    info = model_info(spec, Settings(ckpt_path=str(tiny_checkpoint)), SimpleNamespace(max_payload_bytes=1000))
+    assert info["training_data"] == {k: v for k, v in spec["data_summary"].items() if k != "train_image_sha256"}
+    assert "0123456789abcdef" not in json.dumps(info)

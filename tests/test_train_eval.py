@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import pandas as pd
 import pytest
 
 from tests.conftest import PROJECT_ROOT
@@ -61,6 +62,41 @@ def test_eval_of_saved_checkpoint_matches_training_test_metrics(trained_run, tmp
     assert evaluated["confusion_matrix"] == trained["confusion_matrix"]
     for name in evaluated["classes"]:
         assert evaluated["per_class"][name]["recall"] == pytest.approx(results["test"][f"test/recall_{name}"], abs=1e-6)
+
+
+def failing_run(module: str, *overrides: str, cache_dir) -> str:
+    proc = subprocess.run([sys.executable, "-m", module, *overrides, f"paths.cache_dir={cache_dir}"],
+                          cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    return proc.stderr
+
+
+def test_eval_refuses_another_split_of_the_training_data(trained_run, tmp_path):
+    """The synthetic data is split by `seed`: with another seed, its test split holds training images."""
+    out, cache, _ = trained_run
+    stderr = failing_run("cxr.eval", f"ckpt_path={out}/checkpoints/best.ckpt", "data.n_per_class=20", "data.size=96",
+                         "seed=7", f"paths.output_dir={tmp_path}", cache_dir=cache)
+    assert "same pixels as images the checkpoint trained on" in stderr and "seed" in stderr, stderr[-2000:]
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_train_stops_before_fitting_on_a_used_folder_or_a_missing_test_image(trained_run, tmp_path,
+                                                                           synthetic_manifest):
+    out, cache, _ = trained_run
+    before = (out / "checkpoints" / "best.ckpt").stat().st_mtime_ns
+    stderr = failing_run("cxr.train", "debug=fast_dev_run", *TINY, f"paths.output_dir={out}", cache_dir=cache)
+    assert "holds a finished run" in stderr and (out / "checkpoints" / "best.ckpt").stat().st_mtime_ns == before
+    table = pd.read_csv(synthetic_manifest)
+    table["path"] = [str(synthetic_manifest.parent / p) for p in table["path"]]
+    table["patient_id"] = table["path"]
+    table["split"] = [("test", "val", "train", "train", "train")[i % 5] for i in range(len(table))]
+    table.loc[table.index[table["split"] == "test"][0], "path"] += "-deleted.png"
+    manifest = tmp_path / "manifest.csv"
+    table.to_csv(manifest, index=False)
+    stderr = failing_run("cxr.train", "debug=fast_dev_run", "model=tiny", "preprocess.image_size=64", "data=manifest",
+                         f"data.manifest={manifest}", f"paths.output_dir={tmp_path / 'run'}", cache_dir=cache)
+    assert "do not exist" in stderr and "-deleted.png" in stderr, stderr[-2000:]
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_train_fits_the_operating_point_on_val_and_evaluation_applies_it(trained_run):

@@ -14,8 +14,9 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
-from cxr.data.dataset import StandardizedImageDataset, load_standardized
-from cxr.data.index import CLASS_NAMES, assign_splits, check_patient_leakage, index_folder, index_manifest
+from cxr.data.dataset import StandardizedImageDataset, image_fingerprints, load_standardized
+from cxr.data.index import (CLASS_NAMES, LeakageError, assign_splits, check_patient_leakage, index_folder,
+                            index_manifest)
 from cxr.data.preprocess import Preprocessing
 from cxr.data.synthetic import synthetic_index
 
@@ -167,6 +168,24 @@ class ChestXrayDataModule(L.LightningDataModule):
         if split in trained_on and data_summary.get("split_sha256") == split_fingerprint(self.build_index()):
             raise ValueError(f"the checkpoint trained on the {split!r} split (train_splits={trained_on}): its numbers "
                              "there would be in-sample; use a split it has not seen")
+
+    def fingerprints(self, split: str) -> list[str]:
+        """Pixel fingerprints of `split`'s standardized images (see `image_fingerprints`)."""
+        return image_fingerprints(self.dataset(split).images)
+
+    def check_not_trained_on(self, split: str, trained: Sequence[str], whose: str) -> None:
+        """Refuse when images of `split` have the pixels of images in `trained` (fingerprints of what `whose`
+        trained on): copies under other names, or another split assignment of the same data."""
+        trained = set(trained)
+        if not trained:
+            return
+        paths = self.split_frame(split)["path"].tolist()
+        seen = [path for path, fingerprint in zip(paths, self.fingerprints(split)) if fingerprint in trained]
+        if seen:
+            raise LeakageError(
+                f"{len(seen)} of the {len(paths)} images of the {split!r} split have the same pixels as images {whose} "
+                f"trained on, e.g. {seen[:3]}: numbers there would be in-sample. Remove the copies, or, for data "
+                "split automatically, use the seed and data.val_fraction / data.test_fraction of the training run")
 
     # ---- datasets ---------------------------------------------------------------------------
     def dataset(self, split: str) -> StandardizedImageDataset:

@@ -23,6 +23,19 @@ class DataCheckError(ValueError):
     """One or more files of the index cannot be decoded; the message lists them."""
 
 
+def image_fingerprints(images: np.ndarray) -> list[str]:
+    """A short SHA-256 of each standardized image: the same pixels give the same fingerprint, whatever the
+    file is called or wherever it lives."""
+    return [hashlib.sha256(image.tobytes()).hexdigest()[:16] for image in images]
+
+
+def _check_files_exist(paths: Sequence[str]) -> None:
+    missing = [path for path in paths if not Path(path).is_file()]
+    if missing:
+        shown = "\n  ".join(missing[:20])
+        raise DataCheckError(f"{len(missing)} of {len(paths)} image file(s) do not exist:\n  {shown}")
+
+
 def _cache_key(paths: Sequence[str], preprocessing: Preprocessing) -> str:
     digest = hashlib.sha1(json.dumps(preprocessing.to_dict(), sort_keys=True).encode())
     for path in paths:
@@ -35,10 +48,11 @@ def load_standardized(paths: Sequence[str], preprocessing: Preprocessing, cache_
                       workers: int = 4) -> np.ndarray:
     """Decode and standardize every image once: an (N, S, S) uint8 stack.
 
-    This is also the data check: every undecodable file is collected and reported together,
+    This is also the data check: every missing or undecodable file is collected and reported together,
     with its path, before any training starts. With `cache_dir` the stack is kept on disk
     (keyed by paths, file sizes/mtimes and preprocessing) and reused by later runs.
     """
+    _check_files_exist(paths)
     cache_file = None
     if cache_dir is not None:
         cache_file = Path(cache_dir) / f"standardized-{_cache_key(paths, preprocessing)}.npy"

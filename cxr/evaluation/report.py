@@ -41,8 +41,12 @@ def operating_point_lines(metrics: dict) -> list[str]:
         return []
     bias = metrics.get("logit_bias")
     bias_text = ", logit bias " + ", ".join(f"{name} {value:+.2f}" for name, value in bias.items()) if bias else ""
-    lines = ["", f"Operating point ({fit['method']}): temperature {metrics['temperature']:.3f}{bias_text}; "
-             f"fitted on the {fit['split']} split (n = {fit['n']}), not on these images."]
+    if fit["split"] == metrics.get("split"):
+        where = (f"fitted on a {fit['split']} split (n = {fit['n']}), the split evaluated here: if these are the same "
+                 "images, the operating point was tuned on them and accuracy, precision and recall are optimistic.")
+    else:
+        where = f"fitted on the {fit['split']} split (n = {fit['n']}), not on the {metrics.get('split')} split evaluated here."
+    lines = ["", f"Operating point ({fit['method']}): temperature {metrics['temperature']:.3f}{bias_text}; {where}"]
     raw = metrics.get("uncalibrated")
     if raw:
         recalls = ", ".join(f"{name} {_pct(value)}" for name, value in raw["recall"].items())
