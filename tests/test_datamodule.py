@@ -9,7 +9,7 @@ import torch
 
 from cxr.data.datamodule import ChestXrayDataModule, balanced_class_weights, balanced_sampler, split_fingerprint
 from cxr.data.dataset import DataCheckError
-from cxr.data.index import LeakageError
+from cxr.data.index import CLASS_NAMES, LeakageError
 from cxr.data.preprocess import Preprocessing
 
 PREP = Preprocessing(image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3)
@@ -176,3 +176,32 @@ def test_train_splits_must_hold_train_and_not_the_evaluation_split(synthetic_man
         ChestXrayDataModule.from_manifest(str(synthetic_manifest), preprocessing=PREP, train_splits=["train", "test"])
     with pytest.raises(ValueError, match="must include 'train'"):
         ChestXrayDataModule.from_manifest(str(synthetic_manifest), preprocessing=PREP, train_splits=["val"])
+
+
+def test_train_and_test_folders_only_draw_val_from_train_by_patient(tmp_path, synthetic_manifest, caplog):
+    table = pd.read_csv(synthetic_manifest)
+    table["path"] = [str(synthetic_manifest.parent / p) for p in table["path"]]
+    table["split"] = ["test" if i % 4 == 0 else "train" for i in range(len(table))]
+    table["patient_id"] = table["path"]
+    table.to_csv(tmp_path / "train_test.csv", index=False)
+    with caplog.at_level("WARNING"):
+        index = ChestXrayDataModule.from_manifest(str(tmp_path / "train_test.csv"), preprocessing=PREP,
+                                                  val_fraction=0.25).build_index()
+    assert "no val split given" in caplog.text
+    given_test = set(table.loc[table["split"] == "test", "path"])
+    assert set(index.loc[index["split"] == "test", "path"]) == given_test
+    val = index[index["split"] == "val"]
+    assert not given_test & set(val["path"]) and set(val["label"]) == set(CLASS_NAMES)
+    assert len(val) == pytest.approx(0.25 * (table["split"] == "train").sum(), abs=3)
+
+
+def test_a_class_without_training_images_is_warned_about(tmp_path, synthetic_manifest, caplog):
+    table = pd.read_csv(synthetic_manifest)
+    table["path"] = [str(synthetic_manifest.parent / p) for p in table["path"]]
+    table["split"] = ["train" if label != "tuberculosis" else "test" for label in table["label"]]
+    table.loc[table.index[:3], "split"] = "val"
+    table["patient_id"] = table["path"]
+    table.to_csv(tmp_path / "no_tb_in_train.csv", index=False)
+    with caplog.at_level("WARNING"):
+        ChestXrayDataModule.from_manifest(str(tmp_path / "no_tb_in_train.csv"), preprocessing=PREP).build_index()
+    assert "['tuberculosis'] have no training images" in caplog.text

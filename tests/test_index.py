@@ -67,3 +67,25 @@ def test_existing_splits_are_kept():
     index = pd.DataFrame({"path": ["a", "b"], "label": ["normal", "normal"], "split": ["test", "train"],
                           "patient_id": ["p1", "p2"], "source": ["s", "s"]})
     assert assign_splits(index, 0.2, 0.2, 0)["split"].tolist() == ["test", "train"]
+
+
+def test_split_folder_aliases_and_class_folders_beside_them_are_named(tmp_path, caplog):
+    write_png(tmp_path / "Training" / "NORMAL" / "a.png")
+    write_png(tmp_path / "validation" / "PNEUMONIA" / "b.png")
+    write_png(tmp_path / "TESTING" / "tb" / "c.png")
+    write_png(tmp_path / "NORMAL" / "stray.png")  # beside the split folders: not in any split
+    with caplog.at_level("WARNING"):
+        index = index_folder(tmp_path)
+    assert sorted(zip(index["split"], index["label"])) == [
+        ("test", "tuberculosis"), ("train", "normal"), ("val", "pneumonia")]
+    assert "ignoring folder" in caplog.text and "NORMAL" in caplog.text
+
+
+def test_manifest_split_aliases_and_padded_patient_ids(tmp_path):
+    write_png(tmp_path / "a.png")
+    write_png(tmp_path / "b.png")
+    (tmp_path / "m.csv").write_text("path,label,split,patient_id\na.png,normal,Validation,p1\nb.png,normal,train, p1 \n")
+    index = index_manifest(tmp_path / "m.csv")
+    assert index["split"].tolist() == ["val", "train"] and index["patient_id"].tolist() == ["p1", "p1"]
+    with pytest.raises(LeakageError, match="p1"):
+        check_patient_leakage(index)

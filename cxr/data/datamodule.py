@@ -126,6 +126,12 @@ class ChestXrayDataModule(L.LightningDataModule):
         if unknown:
             raise ValueError(f"labels {sorted(unknown)} are not among the model's classes {self.class_names}")
         check_patient_leakage(index)
+        given = set(index["split"])
+        if "" not in given and "train" in given and "val" not in given:
+            # train/ and test/ only, a common layout: val is drawn from train, patient-grouped and seeded.
+            log.warning("no val split given: drawing %.0f%% of the train images as val", 100 * self.val_fraction)
+            index = assign_splits(index.assign(split=index["split"].replace("train", "")), self.val_fraction, 0.0,
+                                  self.seed)
         index = assign_splits(index, self.val_fraction, self.test_fraction, self.seed)
         check_patient_leakage(index)
         if self.holdout_sources:
@@ -138,6 +144,10 @@ class ChestXrayDataModule(L.LightningDataModule):
             index.loc[held, "split"] = "test"
             index.loc[~held & (index["split"] == "test"), "split"] = "unused"
         index = index.reset_index(drop=True)
+        untrained = sorted(set(self.class_names) - set(index.loc[index["split"].isin(self.train_splits), "label"]))
+        if untrained:
+            log.warning("class(es) %s have no training images: the model cannot learn them; if the data holds only "
+                        "some classes, pass +data.class_names=[...]", untrained)
         index["target"] = [self.class_names.index(label) for label in index["label"]]
         self.index = index
         return index

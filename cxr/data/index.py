@@ -16,6 +16,8 @@ log = logging.getLogger(__name__)
 
 CLASS_NAMES = ("normal", "pneumonia", "tuberculosis")
 SPLITS = ("train", "val", "test")
+SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+                 "test": "test", "testing": "test"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".bmp", ".tif", ".tiff"}
 LABEL_ALIASES = {
     "normal": "normal", "healthy": "normal", "no_finding": "normal", "no finding": "normal",
@@ -41,11 +43,17 @@ def _label_or_raise(name: str, where: str) -> str:
 
 
 def index_folder(root: str | Path) -> pd.DataFrame:
-    """`root/<class>/*` or `root/<split>/<class>/*`; class folder names are matched case-insensitively."""
+    """`root/<class>/*` or `root/<split>/<class>/*`; class and split folder names (train/training,
+    val/valid/validation, test/testing) are matched case-insensitively."""
     root = Path(root).expanduser().resolve()
     if not root.is_dir():
         raise FileNotFoundError(f"data folder {root} does not exist")
-    split_dirs = {d.name.lower(): d for d in root.iterdir() if d.is_dir() and d.name.lower() in SPLITS}
+    split_dirs = {SPLIT_ALIASES[d.name.lower()]: d for d in root.iterdir()
+                  if d.is_dir() and d.name.lower() in SPLIT_ALIASES}
+    if split_dirs:
+        for other in sorted(d for d in root.iterdir() if d.is_dir() and d.name.lower() not in SPLIT_ALIASES):
+            log.warning("ignoring folder %s: next to the split folders %s, class folders must sit inside them",
+                        other, sorted(d.name for d in split_dirs.values()))
     groups = split_dirs.items() if split_dirs else [("", root)]
     rows = []
     for split, base in groups:
@@ -75,8 +83,8 @@ def index_manifest(manifest: str | Path) -> pd.DataFrame:
     frame = pd.DataFrame({
         "path": [str((manifest.parent / p).resolve()) for p in table["path"]],
         "label": [_label_or_raise(v, f"{manifest} row {i + 2}") for i, v in enumerate(table["label"])],
-        "split": table["split"].str.strip().str.lower() if "split" in table else "",
-        "patient_id": table["patient_id"] if "patient_id" in table else "",
+        "split": table["split"].str.strip().str.lower().replace(SPLIT_ALIASES) if "split" in table else "",
+        "patient_id": table["patient_id"].str.strip() if "patient_id" in table else "",
         "source": table["source"] if "source" in table else manifest.parent.name,
     })
     bad_splits = set(frame["split"]) - set(SPLITS) - {""}
