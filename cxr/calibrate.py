@@ -12,13 +12,14 @@ import hydra
 from omegaconf import DictConfig
 
 from cxr.checkpoint import read_spec
-from cxr.config import CONFIG_DIR, configure_threads, instantiate_checkpoint_datamodule, log_config
+from cxr.config import CONFIG_DIR, configure_threads, instantiate_checkpoint_datamodule, log_config, user_errors
 from cxr.evaluation.recalibrate import recalibrate_checkpoint
 
 log = logging.getLogger("cxr.calibrate")
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="calibrate")
+@user_errors
 def main(cfg: DictConfig) -> None:
     log_config(cfg, log)
     configure_threads(cfg)

@@ -1,7 +1,9 @@
 """Hydra helpers shared by the entry points."""
 from __future__ import annotations
 
+import functools
 import logging
+import sys
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -50,3 +52,25 @@ def configure_threads(cfg: DictConfig) -> None:
 
 def log_config(cfg: DictConfig, log: logging.Logger) -> None:
     log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def user_errors(main):
+    """Wrap an entry point: an expected error (unreadable or leaking data, a missing file, weights that cannot
+    be had, a required override left out) is printed as its message on stderr with exit status 1, not as a
+    traceback; any other exception keeps its traceback."""
+    @functools.wraps(main)
+    def wrapper(cfg: DictConfig):
+        from omegaconf.errors import MissingMandatoryValue
+
+        from cxr.data.dataset import DataCheckError
+        from cxr.data.index import LeakageError
+        from cxr.models.backbone import PretrainedWeightsError
+
+        try:
+            return main(cfg)
+        except (DataCheckError, LeakageError, PretrainedWeightsError, FileNotFoundError, FileExistsError,
+                MissingMandatoryValue) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            raise SystemExit(1) from None
+
+    return wrapper

@@ -9,7 +9,7 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
-from cxr.config import CONFIG_DIR, configure_threads, instantiate_checkpoint_datamodule, log_config
+from cxr.config import CONFIG_DIR, configure_threads, instantiate_checkpoint_datamodule, log_config, user_errors
 from cxr.evaluation.evaluate import evaluate
 from cxr.inference import load_classifier
 
@@ -17,6 +17,7 @@ log = logging.getLogger("cxr.eval")
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
+@user_errors
 def main(cfg: DictConfig) -> float | None:
     log_config(cfg, log)
     configure_threads(cfg)

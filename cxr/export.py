@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from cxr.config import CONFIG_DIR, configure_threads, log_config
+from cxr.config import CONFIG_DIR, configure_threads, log_config, user_errors
 from cxr.inference import Classifier, load_classifier
 
 log = logging.getLogger("cxr.export")
@@ -74,6 +74,7 @@ def max_probability_difference(classifier: Classifier, onnx_path: str | Path, im
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="export")
+@user_errors
 def main(cfg: DictConfig) -> None:
     log_config(cfg, log)
     configure_threads(cfg)

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, ListConfig
 
 from cxr.calibration import Calibration
 from cxr.checkpoint import CHECKPOINT_KEY, read_checkpoint, save_checkpoint
-from cxr.config import CONFIG_DIR, configure_threads, instantiate_checkpoint_datamodule, log_config
+from cxr.config import CONFIG_DIR, configure_threads, instantiate_checkpoint_datamodule, log_config, user_errors
 from cxr.evaluation.evaluate import evaluate, predict_logits
 from cxr.evaluation.metrics import compute_metrics
 from cxr.evaluation.recalibrate import recalibrate_checkpoint
@@ -77,6 +77,7 @@ def write_soup_checkpoint(template: Path, net: torch.nn.Module, out_path: Path, 
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="soup")
+@user_errors
 def main(cfg: DictConfig) -> str:
     log_config(cfg, log)
     configure_threads(cfg)

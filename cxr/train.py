@@ -17,7 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from cxr.calibration import check_calibration_targets
-from cxr.config import CONFIG_DIR, configure_threads, instantiate_datamodule, log_config
+from cxr.config import CONFIG_DIR, configure_threads, instantiate_datamodule, log_config, user_errors
 from cxr.evaluation.evaluate import evaluate
 from cxr.evaluation.recalibrate import recalibrate_checkpoint
 from cxr.inference import load_classifier
@@ -94,6 +94,7 @@ def train(cfg: DictConfig) -> dict:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+@user_errors
 def main(cfg: DictConfig) -> float | None:
     log_config(cfg, log)
     results = train(cfg)

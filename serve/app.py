@@ -22,7 +22,7 @@ from starlette.responses import JSONResponse, Response
 
 from cxr import __version__
 from cxr.checkpoint import file_sha256, read_spec
-from cxr.config import CONFIG_DIR, log_config
+from cxr.config import CONFIG_DIR, log_config, user_errors
 from serve.api import BatchAPI, ExplainAPI, PredictAPI, Settings
 from serve.audit import AuditLog
 from serve.errors import error_response, http_exception_response
@@ -144,6 +144,7 @@ def _interrupt(signum, frame):
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="serve")
+@user_errors
 def main(cfg: DictConfig) -> None:
     log_config(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "server"]), log)
     log.info("server: %s", {k: ("***" if k == "api_key" and v else v) for k, v in cfg.server.items()})

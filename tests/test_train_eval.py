@@ -80,6 +80,17 @@ def test_eval_refuses_another_split_of_the_training_data(trained_run, tmp_path):
     assert not (tmp_path / "metrics.json").exists()
 
 
+@pytest.mark.parametrize("module, overrides, message", [
+    ("cxr.eval", [], "Missing mandatory value: ckpt_path"),
+    ("cxr.eval", ["ckpt_path=/nonexistent/best.ckpt"], "/nonexistent/best.ckpt"),
+    ("cxr.train", ["model=efficientnet_b0", "model.pretrained=/nonexistent/weights.pth", "debug=fast_dev_run"],
+     "/nonexistent/weights.pth"),
+])
+def test_expected_errors_are_one_message_not_a_traceback(module, overrides, message, tmp_path):
+    stderr = failing_run(module, *overrides, f"paths.output_dir={tmp_path}", cache_dir=tmp_path / "cache")
+    assert "\nerror: " in "\n" + stderr and message in stderr and "Traceback" not in stderr, stderr[-2000:]
+
+
 def test_train_stops_before_fitting_on_a_used_folder_or_a_missing_test_image(trained_run, tmp_path,
                                                                            synthetic_manifest):
     out, cache, _ = trained_run
