@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 
 class DataCheckError(ValueError):
-    """One or more files of the index cannot be decoded; the message lists them."""
+    """One or more files of the index are missing or cannot be decoded; the message lists them."""
 
 
 def image_fingerprints(images: np.ndarray) -> list[str]:

@@ -45,7 +45,8 @@ def operating_point_lines(metrics: dict) -> list[str]:
         where = (f"fitted on a {fit['split']} split (n = {fit['n']}), the split evaluated here: if these are the same "
                  "images, the operating point was tuned on them and accuracy, precision and recall are optimistic.")
     else:
-        where = f"fitted on the {fit['split']} split (n = {fit['n']}), not on the {metrics.get('split')} split evaluated here."
+        where = (f"fitted on the {fit['split']} split (n = {fit['n']}), not on the {metrics.get('split')} split "
+                 "evaluated here.")
     lines = ["", f"Operating point ({fit['method']}): temperature {metrics['temperature']:.3f}{bias_text}; {where}"]
     raw = metrics.get("uncalibrated")
     if raw:
