@@ -52,6 +52,11 @@ def train(cfg: DictConfig) -> dict:
                                                    class_weights=None if weights is None else weights.tolist())
     model.data_summary = data_summary
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    if "val" in datamodule.train_splits:
+        selecting = [type(c).__name__ for c in callbacks if str(getattr(c, "monitor", None) or "").startswith("val/")]
+        if selecting:
+            raise ValueError(f"data.train_splits includes val, so {selecting} would choose on images the model trains "
+                             "on; switch them off as experiment=lite0_member_refit does")
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))

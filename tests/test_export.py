@@ -114,3 +114,14 @@ def test_cli(tmp_path):
     assert result.stdout.strip().splitlines()[-1] == str(output)
     assert output.is_file() and output.with_name("model.onnx.json").is_file()
     assert read_onnx_spec(output)["checkpoint_sha256"] == file_sha256(ckpt)
+
+
+def test_metadata_leaves_out_training_image_fingerprints(sharp_checkpoint):
+    from types import SimpleNamespace
+
+    from cxr.export import onnx_metadata
+
+    spec = load_classifier(sharp_checkpoint).spec
+    summary = {**spec["data_summary"], "train_image_sha256": ["0123456789abcdef"]}
+    meta = onnx_metadata(SimpleNamespace(spec={**spec, "data_summary": summary}, sha256="abc"))
+    assert meta["data_summary"] == spec["data_summary"] and "0123456789abcdef" not in json.dumps(meta)

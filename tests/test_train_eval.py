@@ -110,6 +110,13 @@ def test_train_stops_before_fitting_on_a_used_folder_or_a_missing_test_image(tra
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_a_refit_may_not_choose_on_val(tmp_path):
+    """Training on val too, a checkpoint chosen (or a run stopped) by val scores would be chosen in-sample."""
+    stderr = failing_run("cxr.train", "debug=fast_dev_run", *TINY, "data.train_splits=[train,val]",
+                         "calibration.method=none", f"paths.output_dir={tmp_path}", cache_dir=tmp_path / "cache")
+    assert "would choose on images the model trains on" in stderr and "ModelCheckpoint" in stderr, stderr[-2000:]
+
+
 def test_train_fits_the_operating_point_on_val_and_evaluation_applies_it(trained_run):
     from cxr.calibration import Calibration
     from cxr.checkpoint import read_spec
