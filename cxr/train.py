@@ -94,6 +94,10 @@ def train(cfg: DictConfig) -> dict:
         summary = dict(results.get("eval") or {})
         summary.update({f"uncalibrated_{k}": v for k, v in summary.pop("uncalibrated", {}).items() if k != "recall"})
         logger.log_metrics({f"summary/{k}": v for k, v in summary.items() if v is not None})
+        if test_after_fit and hasattr(logger, "log_image"):  # W&B: the report's figures on the run's page
+            figures = ("confusion_matrix.png", "roc_curves.png")
+            logger.log_image("eval/figures", [str(out_dir / "eval" / name) for name in figures],
+                             caption=["confusion matrix, rows = true class (test split)", "one-vs-rest ROC (test split)"])
         logger.finalize("success")
     return results
 

@@ -110,6 +110,13 @@ def test_train_stops_before_fitting_on_a_used_folder_or_a_missing_test_image(tra
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_wandb_run_gets_the_test_figures(tmp_path):
+    run("cxr.train", "debug=smoke", *TINY, "data.batch_size=8", "logger=wandb", f"paths.output_dir={tmp_path}",
+        cache_dir=tmp_path / "cache")
+    images = list(tmp_path.glob("wandb/offline-run-*/files/media/images/eval/figures_*.png"))
+    assert len(images) == 2, sorted(str(p) for p in tmp_path.glob("wandb/offline-run-*/files/**/*"))
+
+
 def test_a_refit_may_not_choose_on_val(tmp_path):
     """Training on val too, a checkpoint chosen (or a run stopped) by val scores would be chosen in-sample."""
     stderr = failing_run("cxr.train", "debug=fast_dev_run", *TINY, "data.train_splits=[train,val]",
