@@ -82,8 +82,10 @@ def fit_calibration(logits: torch.Tensor, targets: torch.Tensor, class_names: Se
     """Minimise the mean negative log-likelihood of `targets` over log-temperature (and the bias).
 
     A standard-normal prior on log-temperature and on each bias, worth one image, keeps the fit finite
-    when the split is perfectly classified (the NLL alone then drives the temperature to zero); on a
-    few hundred images it changes nothing measurable.
+    when the split is perfectly classified (the NLL alone then drives the temperature to zero). On a few
+    hundred images with informative logits it moves the fit little (a bias of -1.90 instead of -2.00 on
+    301 images); on under ~100 images of uninformative logits it holds the temperature well below the
+    pure-NLL optimum.
     """
     check_calibration_targets(targets.tolist(), class_names, method, warn_few)
     if method == "none":

@@ -98,3 +98,26 @@ def test_report_never_claims_the_operating_point_was_fitted_elsewhere_when_it_ma
     metrics = {"split": evaluated, "temperature": 0.5, "logit_bias": None,
                "calibration_fit": {"method": "temperature", "split": "val", "n": 40}}
     assert operating_point_lines(metrics)[1].endswith(expected)
+
+
+def test_macro_averages_include_a_wrongly_called_absent_class_as_scikit_learn_does():
+    from sklearn.metrics import precision_recall_fscore_support
+
+    from cxr.evaluation.metrics import compute_metrics
+
+    targets = np.array([0, 0, 1, 1])
+    probs = np.array([[.1, .1, .8], [.9, .05, .05], [.2, .7, .1], [.2, .7, .1]])  # tuberculosis called once, wrongly
+    macro = compute_metrics(probs, targets, ["normal", "pneumonia", "tuberculosis"])["macro_avg"]
+    expected = precision_recall_fscore_support(targets, probs.argmax(1), average="macro", zero_division=0)[:3]
+    assert [macro["precision"], macro["recall"], macro["f1"]] == pytest.approx(list(expected))
+
+
+def test_auroc_and_accuracy_keep_float64_precision():
+    from cxr.evaluation.metrics import compute_metrics
+
+    probs = np.array([[1 - 2e-9, 1e-9, 1e-9], [1 - 1e-9, 5e-10, 5e-10], [.1, .8, .1]])
+    targets = np.array([1, 0, 2])
+    metrics = compute_metrics(probs, targets, ["normal", "pneumonia", "tuberculosis"])
+    assert metrics["per_class"]["normal"]["auroc"] == roc_auc_score(targets == 0, probs[:, 0]) == 1.0
+    near_tie = np.array([[.3, .3 + 1e-9, .4 - 1e-9], [.4, .4 + 1e-9, .2 - 1e-9]])
+    assert compute_metrics(near_tie, np.array([1, 1]), ["normal", "pneumonia", "tuberculosis"])["accuracy"] == 0.5

@@ -57,3 +57,17 @@ def test_repeated_images_of_one_patient_do_not_narrow_the_interval():
 def test_no_interval_from_a_single_patient():
     probs, targets = noisy_predictions(6)
     assert bootstrap_intervals(probs, targets, ["p1"] * 6, NAMES) is None
+
+
+def test_macro_interval_only_from_resamples_holding_every_class():
+    """With tuberculosis in one patient of 20, a resample without that patient would average two classes'
+    AUROC instead of three: it is left out, and the count kept says so."""
+    rng = np.random.default_rng(1)
+    targets = np.array([0] * 10 + [1] * 9 + [2])
+    probs = rng.dirichlet(np.ones(3), size=len(targets))
+    groups = [f"p{i:02d}" for i in range(len(targets))]
+    ci = bootstrap_intervals(probs, targets, groups, ["normal", "pneumonia", "tuberculosis"], n_resamples=500)
+    counts = np.random.default_rng(0).multinomial(20, np.full(20, 1 / 20), size=500)  # the draw, replayed
+    positives = np.stack([counts[:, targets == c].sum(axis=1) for c in range(3)], axis=1)
+    every_class = ((positives > 0) & (positives < 20)).all(axis=1)
+    assert 0 < ci["macro_auroc_resamples"] == int(every_class.sum()) < 500

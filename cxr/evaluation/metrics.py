@@ -14,7 +14,7 @@ def _auroc(scores: np.ndarray, positive: np.ndarray) -> float | None:
     """ROC AUC, or None when only one of the two classes is present (it is undefined then)."""
     if positive.all() or not positive.any():
         return None
-    return float(binary_auroc(torch.as_tensor(scores, dtype=torch.float32), torch.as_tensor(positive, dtype=torch.long)))
+    return float(binary_auroc(torch.as_tensor(scores, dtype=torch.float64), torch.as_tensor(positive, dtype=torch.long)))
 
 
 def pneumonia_vs_normal_scores(probs: np.ndarray, targets: np.ndarray, class_names: Sequence[str]):
@@ -39,7 +39,7 @@ def compute_metrics(probs: np.ndarray, targets: np.ndarray, class_names: Sequenc
     targets = np.asarray(targets, dtype=int)
     class_names = list(class_names)
     k = len(class_names)
-    p, t = torch.as_tensor(probs, dtype=torch.float32), torch.as_tensor(targets)
+    p, t = torch.as_tensor(probs, dtype=torch.float64), torch.as_tensor(targets)  # float32 would tie near-equal scores
     per_class_stats = {
         "precision": multiclass_precision(p, t, k, average=None),
         "recall": multiclass_recall(p, t, k, average=None),
@@ -53,7 +53,9 @@ def compute_metrics(probs: np.ndarray, targets: np.ndarray, class_names: Sequenc
         per_class[name]["auroc"] = _auroc(probs[:, c], targets == c)
         per_class[name]["support"] = int(support[c])
         per_class[name]["called"] = float((predicted == c).mean()) if len(targets) else 0.0
-    present = [name for name in class_names if per_class[name]["support"] > 0]
+    # As scikit-learn: a class enters the macro averages if it occurs or is predicted, so a wrongly called
+    # absent class (precision 0) is not averaged out.
+    present = [name for c, name in enumerate(class_names) if per_class[name]["support"] > 0 or (predicted == c).any()]
     aurocs = [per_class[name]["auroc"] for name in present if per_class[name]["auroc"] is not None]
     return {
         "classes": class_names,

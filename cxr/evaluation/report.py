@@ -29,10 +29,12 @@ def interval_lines(metrics: dict) -> list[str]:
     if not ci:
         return []
     recalls = ", ".join(f"{name} {format_interval(value, _pct)}" for name, value in ci["recall"].items())
+    kept = ci.get("macro_auroc_resamples", ci["resamples"])
+    kept_text = f" from the {kept} resamples holding every class" if kept < ci["resamples"] else ""
     return ["", f"{100 * ci['confidence']:.0f}% confidence intervals ({ci['method']}: {ci['patients']} patients, "
                 f"{ci['resamples']} resamples): accuracy {format_interval(ci['accuracy'], _pct)}; macro AUROC "
-                f"{format_interval(ci['macro_auroc'], _num)}; pneumonia-vs-normal AUROC {format_interval(ci['pneumonia_vs_normal_auroc'], _num)}; "
-                f"recall {recalls}."]
+                f"{format_interval(ci['macro_auroc'], _num)}{kept_text}; pneumonia-vs-normal AUROC "
+                f"{format_interval(ci['pneumonia_vs_normal_auroc'], _num)}; recall {recalls}."]
 
 
 def operating_point_lines(metrics: dict) -> list[str]:

@@ -46,11 +46,13 @@ def bootstrap_intervals(probs: np.ndarray, targets: np.ndarray, groups: Sequence
     correct = predicted == targets
     auroc = {name: weighted_auroc(probs[:, c], targets == c, weights) for c, name in enumerate(class_names)}
     recall = {name: _weighted_mean(correct, targets == c, weights) for c, name in enumerate(class_names)}
-    stacked = np.stack(list(auroc.values()))
-    defined = ~np.isnan(stacked)
-    macro = np.where(defined.any(axis=0), np.nansum(stacked, axis=0) / np.maximum(defined.sum(axis=0), 1), np.nan)
+    # The macro average of the classes the point estimate averages: a resample that lacks one of them is left
+    # out (a 2-class mean is another statistic), and the count of resamples kept is reported.
+    ranked = [c for c in range(len(class_names)) if 0 < (targets == c).sum() < len(targets)]
+    macro = np.stack([auroc[class_names[c]] for c in ranked]).mean(axis=0) if ranked else np.full(n_resamples, np.nan)
     out = {"confidence": confidence, "resamples": n_resamples, "patients": n_groups,
            "method": "percentile bootstrap over patients",
+           "macro_auroc_resamples": int(np.isfinite(macro).sum()),
            "accuracy": _interval(_weighted_mean(correct, np.ones_like(correct), weights), confidence),
            "macro_auroc": _interval(macro, confidence),
            "pneumonia_vs_normal_auroc": None,

@@ -24,8 +24,9 @@ from cxr.models.ensemble import PredictionEnsemble
 def default_target_layer(net: nn.Module) -> nn.Module:
     """The last spatial feature map before pooling.
 
-    EfficientNet / MobileNet style timm models: `bn2` (conv_head + BN + activation) or `conv_head`.
-    ResNet / ConvNeXt style: the last stage (`layer4`, `stages[-1]`). Anything else: the last Conv2d.
+    EfficientNet style timm models: `bn2` (conv_head + BN + activation) or `conv_head`. ResNet / ConvNeXt
+    style: the last stage (`layer4`, `stages[-1]`). Anything else: the last Conv2d. Not right for timm's
+    MobileNetV3, whose `conv_head` runs after global pooling (a 1x1 map): pass its last block instead.
     """
     for name in ("bn2", "conv_head"):
         layer = getattr(net, name, None)
