@@ -124,7 +124,6 @@ def test_multiframe_rgb_gives_one_grey_image():
     np.testing.assert_array_equal(gray, to_uint8(frames[0].mean(axis=-1)))
 
 
-
 @pytest.mark.parametrize("header", [
     {0x00281050: "1000", 0x00281051: "0"},    # Window Width 0
     {0x00281050: "abc", 0x00281051: "100"},   # Window Center not a number
