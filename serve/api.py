@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import hmac
+import logging
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -23,6 +24,8 @@ from serve.audit import AuditLog
 from serve.errors import ServeError, error_response
 from serve.referral import Referral
 from serve.requests import DecodedImage, HealthProbe, decode_bytes, image_bytes, target_class
+
+log = logging.getLogger("serve.api")
 
 
 @dataclass
@@ -126,8 +129,17 @@ class PredictAPI(CxrAPI):
     def predict(self, x):
         jobs = x if isinstance(x, list) else [x]
         ok = [job for job in jobs if job.error is None]
-        probabilities = self.backend.predict([job.image.gray for job in ok]) if ok else []
-        by_id = {id(job): p for job, p in zip(ok, probabilities)}
+        try:
+            by_id = dict(zip(map(id, ok), self.backend.predict([job.image.gray for job in ok]))) if ok else {}
+        except Exception:  # an image the model cannot take fails its own request, not the batch it joined
+            log.exception("a batch of %d failed; predicting its images one by one", len(ok))
+            by_id = {}
+            for job in ok:
+                try:
+                    by_id[id(job)] = self.backend.predict([job.image.gray])[0]
+                except Exception:
+                    log.exception("the model failed on request %s", job.request_id)
+                    job.error = ServeError(500, "internal_error", "the model failed on this image")
         outputs = [(job, by_id.get(id(job))) for job in jobs]
         return outputs if isinstance(x, list) else outputs[0]
 

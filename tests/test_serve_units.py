@@ -137,3 +137,25 @@ def test_model_info_keeps_training_image_fingerprints_private(tiny_checkpoint):
     info = model_info(spec, Settings(ckpt_path=str(tiny_checkpoint)), SimpleNamespace(max_payload_bytes=1000))
     assert info["training_data"] == {k: v for k, v in spec["data_summary"].items() if k != "train_image_sha256"}
     assert "0123456789abcdef" not in json.dumps(info)
+
+
+def test_an_image_the_model_fails_on_fails_alone_in_a_dynamic_batch():
+    from serve.api import Job, PredictAPI, Settings
+    from serve.requests import DecodedImage
+
+    class PickyBackend:  # stands in for a model that raises on one odd input
+        def predict(self, images):
+            if any(image.shape == (3, 3) for image in images):
+                raise RuntimeError("cannot take a 3x3 image")
+            return np.full((len(images), 3), 1 / 3)
+
+    api = PredictAPI(Settings(ckpt_path="unused.ckpt"))
+    api.backend = PickyBackend()
+    jobs = [Job(request_id=str(i), started=0.0, image=DecodedImage(np.zeros(shape, np.uint8), ""))
+            for i, shape in enumerate([(8, 8), (3, 3), (8, 8)])]
+    outputs = api.predict(jobs)
+    assert [job.error is None for job, _ in outputs] == [True, False, True]
+    assert outputs[1][0].error.status_code == 500 and outputs[1][1] is None
+    np.testing.assert_allclose(outputs[0][1], 1 / 3)
+    np.testing.assert_allclose(outputs[2][1], 1 / 3)
+    assert api.encode_response(outputs[1]).status_code == 500
