@@ -10,6 +10,8 @@ import os
 from pathlib import Path
 
 CHECKPOINT_KEY = "cxr"
+# The data_summary key under which a checkpoint keeps the pixel fingerprints of its training images.
+TRAIN_FINGERPRINTS = "train_image_sha256"
 
 
 def file_sha256(path: str | Path) -> str:
@@ -36,6 +38,12 @@ def read_checkpoint(ckpt_path: str | Path) -> tuple[dict, dict]:
 
 def read_spec(ckpt_path: str | Path) -> dict:
     return read_checkpoint(ckpt_path)[1]
+
+
+def public_data_summary(spec: dict) -> dict:
+    """The training-data summary to publish with a model (/model/info, ONNX metadata), without the training
+    images' fingerprints: with them, anyone holding an X-ray could tell whether it was trained on."""
+    return {k: v for k, v in (spec.get("data_summary") or {}).items() if k != TRAIN_FINGERPRINTS}
 
 
 def write_checkpoint_with_spec(ckpt_path: str | Path, out_path: str | Path, **spec_updates) -> Path:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from cxr.checkpoint import public_data_summary
 from cxr.config import CONFIG_DIR, configure_threads, log_config, user_errors
 from cxr.inference import Classifier, load_classifier
 
@@ -26,10 +27,8 @@ OUTPUT_NAME = "logits"
 
 
 def onnx_metadata(classifier: Classifier) -> dict:
-    """The spec to ship with the model, without the training images' fingerprints: with them, anyone holding
-    an X-ray could tell whether it was in the training set."""
-    summary = {k: v for k, v in (classifier.spec.get("data_summary") or {}).items() if k != "train_image_sha256"}
-    return {**classifier.spec, "data_summary": summary, "checkpoint_sha256": classifier.sha256}
+    return {**classifier.spec, "data_summary": public_data_summary(classifier.spec),
+            "checkpoint_sha256": classifier.sha256}
 
 
 def export_onnx(classifier: Classifier, output: str | Path, opset: int = 17) -> Path:

@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig, ListConfig
 
 from cxr.calibration import Calibration
-from cxr.checkpoint import CHECKPOINT_KEY, read_checkpoint, save_checkpoint
+from cxr.checkpoint import CHECKPOINT_KEY, TRAIN_FINGERPRINTS, read_checkpoint, save_checkpoint
 from cxr.config import CONFIG_DIR, configure_threads, instantiate_checkpoint_datamodule, log_config, user_errors
 from cxr.evaluation.evaluate import evaluate, predict_logits
 from cxr.evaluation.metrics import compute_metrics
@@ -92,7 +92,7 @@ def main(cfg: DictConfig) -> str:
     datamodule = instantiate_checkpoint_datamodule(cfg, spec)
     summary = datamodule.summary()
     # Which splits and images trained the members is theirs to say (checked below), not the data config's.
-    theirs = ("train_splits", "train_image_sha256")
+    theirs = ("train_splits", TRAIN_FINGERPRINTS)
     if any(summary.get(key) != value for key, value in spec["data_summary"].items() if key not in theirs):
         raise ValueError("data= is not the data the members were trained on (its splits, held-out sources or classes "
                          "differ), so the selection split could hold their training images; pass the members' data "
@@ -101,8 +101,7 @@ def main(cfg: DictConfig) -> str:
     if select_split == datamodule.split:
         raise ValueError(f"select_split={select_split} is the evaluation split: choose the members on another one")
     if cfg.method == "greedy":
-        datamodule.check_unseen(select_split, spec["data_summary"])
-        datamodule.check_not_trained_on(select_split, spec["data_summary"].get("train_image_sha256", []), "the members")
+        datamodule.check_unseen(select_split, spec["data_summary"], whose="the members")
     targets = datamodule.split_frame(select_split)["target"].to_numpy()
 
     def score(net: torch.nn.Module) -> float:

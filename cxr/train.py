@@ -17,6 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from cxr.calibration import check_calibration_targets
+from cxr.checkpoint import TRAIN_FINGERPRINTS
 from cxr.config import CONFIG_DIR, configure_threads, instantiate_datamodule, log_config, user_errors
 from cxr.evaluation.evaluate import evaluate
 from cxr.evaluation.recalibrate import recalibrate_checkpoint
@@ -37,14 +38,14 @@ def train(cfg: DictConfig) -> dict:
     test_after_fit = cfg.get("test_after_fit", True)
     # Decode every image now: a missing or broken file stops the run here, with its path, not after the fit.
     datamodule.setup(None if test_after_fit else "fit")
-    train_images = datamodule.fingerprints("train")
-    for split in ("val", datamodule.split) if test_after_fit else ("val",):
-        if split not in datamodule.train_splits:  # a refit trains on val too
-            datamodule.check_not_trained_on(split, train_images, "the training split")
-    data_summary = {**datamodule.summary(), "train_image_sha256": sorted(train_images)}
+    data_summary = {**datamodule.summary(), TRAIN_FINGERPRINTS: sorted(datamodule.fingerprints("train"))}
     calibration = cfg.get("calibration") or {"method": "none"}
-    if calibration["method"] != "none":  # refuse (or warn about) the calibration now, not after the fit
-        datamodule.check_unseen(calibration["split"], data_summary)
+    # Every split that will choose or measure the model must hold none of its training images: checked now,
+    # not after the fit (a refit trains on val, and then must not calibrate there).
+    held_out = ({"val", datamodule.split} if test_after_fit else {"val"}) - set(datamodule.train_splits)
+    for split in sorted(held_out | ({calibration["split"]} if calibration["method"] != "none" else set())):
+        datamodule.check_unseen(split, data_summary, whose="the model")
+    if calibration["method"] != "none":  # warn about (or refuse) few calibration images now, not after the fit
         check_calibration_targets(datamodule.split_frame(calibration["split"])["target"].tolist(),
                                   datamodule.class_names, calibration["method"])
     weights = datamodule.class_weights()

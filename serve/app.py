@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from cxr import __version__
-from cxr.checkpoint import file_sha256, read_spec
+from cxr.checkpoint import file_sha256, public_data_summary, read_spec
 from cxr.config import CONFIG_DIR, log_config, user_errors
 from serve.api import BatchAPI, ExplainAPI, PredictAPI, Settings
 from serve.audit import AuditLog
@@ -53,7 +53,7 @@ def model_info(spec: dict, settings: Settings, server_cfg) -> dict:
         "referral_rule": referral.describe(),
         "checkpoint_sha256": settings.model_sha256,
         "backend": settings.backend,
-        "training_data": {k: v for k, v in (spec.get("data_summary") or {}).items() if k != "train_image_sha256"},
+        "training_data": public_data_summary(spec),
         "cxr_version": spec.get("cxr_version"),
         "package_version": __version__,
         "limits": {"max_images_per_request": settings.max_images_per_request,

@@ -14,6 +14,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
+from cxr.checkpoint import TRAIN_FINGERPRINTS
 from cxr.data.dataset import StandardizedImageDataset, image_fingerprints, load_standardized
 from cxr.data.index import (CLASS_NAMES, LeakageError, assign_splits, check_patient_leakage, index_folder,
                             index_manifest)
@@ -171,13 +172,15 @@ class ChestXrayDataModule(L.LightningDataModule):
         return {"counts": out, "holdout_sources": self.holdout_sources, "class_names": self.class_names,
                 "split_sha256": split_fingerprint(frame), "train_splits": self.train_splits}
 
-    def check_unseen(self, split: str, data_summary: dict) -> None:
+    def check_unseen(self, split: str, data_summary: dict, whose: str = "the checkpoint") -> None:
         """Refuse to calibrate, select or evaluate a checkpoint on images it trained on: `split` of this data
-        when the checkpoint's `data_summary` says it trained on that split of the same split assignment."""
+        when the checkpoint's `data_summary` says it trained on that split of the same split assignment, or
+        when images of `split` have the pixels of its training images."""
         trained_on = data_summary.get("train_splits", ["train"])
         if split in trained_on and data_summary.get("split_sha256") == split_fingerprint(self.build_index()):
             raise ValueError(f"the checkpoint trained on the {split!r} split (train_splits={trained_on}): its numbers "
                              "there would be in-sample; use a split it has not seen")
+        self.check_not_trained_on(split, data_summary.get(TRAIN_FINGERPRINTS, []), whose)
 
     def fingerprints(self, split: str) -> list[str]:
         """Pixel fingerprints of `split`'s standardized images (see `image_fingerprints`)."""
