@@ -25,9 +25,8 @@ from sklearn.preprocessing import StandardScaler
 from cxr.data.dataset import load_standardized
 from cxr.data.index import CLASS_NAMES, index_manifest
 from cxr.data.preprocess import Preprocessing
-from cxr.evaluation.metrics import pneumonia_vs_normal_auroc
 from cxr.models.backbone import create_backbone
-from preprocessing_probe import probe  # the same logistic head (this script's folder)
+from preprocessing_probe import holdout_scores, probe  # the same heads and protocol (this script's folder)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,11 +63,8 @@ def main() -> None:
         x = StandardScaler().fit(x[split == "train"]).transform(x)
         p = probe(x[split == "train"], y[split == "train"], x[split == "test"])
         cells = [f"{roc_auc_score(y[split == 'test'], p, multi_class='ovr'):.3f}"]
-        for held in ("nih-cxr8", "kermany"):
-            keep = source != held
-            ph = probe(x[keep & (split != "test")], y[keep & (split != "test")], x[~keep])
-            cells += [f"{pneumonia_vs_normal_auroc(ph, y[~keep], list(CLASS_NAMES)):.3f}",
-                      f"{100 * (ph.argmax(1) == CLASS_NAMES.index('tuberculosis')).mean():.0f}%"]
+        for auroc, called_tb in holdout_scores(x, y, source, split).values():
+            cells += [f"{auroc:.3f}", f"{100 * called_tb:.0f}%"]
         rows.append(f"| {name} | " + " | ".join(cells) + " |")
         print(rows[-1], flush=True)
     lines = ["# Feature depth vs change of hospital: linear probes on each block of frozen Lite0", "",

@@ -59,6 +59,18 @@ def probe(x_train, y_train, x_test) -> np.ndarray:
     return probs
 
 
+def holdout_scores(x, y, source, split) -> dict[str, tuple[float, float]]:
+    """Per held-out source: a probe trained on the other sources' train + val images, tested on all of the
+    held-out source's images: (pneumonia-vs-normal AUROC, share called tuberculosis)."""
+    out = {}
+    for held in ("nih-cxr8", "kermany"):
+        keep = source != held
+        ph = probe(x[keep & (split != "test")], y[keep & (split != "test")], x[~keep])
+        out[held] = (pneumonia_vs_normal_auroc(ph, y[~keep], list(CLASS_NAMES)),
+                     float((ph.argmax(1) == CLASS_NAMES.index("tuberculosis")).mean()))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--manifest", default=str(ROOT.parent / "shared/data/cxr/manifest.csv"))
@@ -81,11 +93,7 @@ def main() -> None:
         src_pred = cross_val_predict(LogisticRegression(max_iter=3000, C=0.5), x[np_mask], source[np_mask] == "nih-cxr8",
                                      cv=5, method="predict_proba")[:, 1]
         src_auc = roc_auc_score(source[np_mask] == "nih-cxr8", src_pred)
-        out = {}
-        for held in ("nih-cxr8", "kermany"):
-            keep = source != held
-            ph = probe(x[keep & (split != "test")], y[keep & (split != "test")], x[~keep])
-            out[held] = (pneumonia_vs_normal_auroc(ph, y[~keep], list(CLASS_NAMES)), float((ph.argmax(1) == 2).mean()))
+        out = holdout_scores(x, y, source, split)
         rows.append((name, in_dist, src_auc, *out["nih-cxr8"], out["kermany"][0], time.perf_counter() - start))
         print(rows[-1], flush=True)
     lines = ["# Preprocessing against source cues: linear-probe ablation", "",
