@@ -6,12 +6,14 @@ import io
 import numpy as np
 import pytest
 import timm
+import torch
 from PIL import Image
 from torch import nn
 
-from conftest import CLASS_NAMES
+from conftest import CLASS_NAMES, TINY_PREPROCESSING
 from cxr.explain import GradCamExplainer, default_target_layer
-from cxr.inference import load_classifier
+from cxr.inference import Classifier, load_classifier
+from cxr.models.module import ChestXrayClassifier
 
 
 @pytest.fixture(scope="module")
@@ -55,12 +57,42 @@ def test_unknown_class_raises(explainer, target):
         explainer.explain(image(), target)
 
 
-def test_target_layer_choice():
+def spatial_output(net: nn.Module, layer: nn.Module, size: int = 64) -> torch.Tensor:
+    captured = []
+    handle = layer.register_forward_hook(lambda _m, _i, out: captured.append(out))
+    with torch.no_grad():
+        net.eval()(torch.zeros(1, 3, size, size))
+    handle.remove()
+    return captured[0]
+
+
+@pytest.mark.parametrize("backbone", ["test_efficientnet", "resnet10t", "mobilenetv3_small_050", "test_convnext"])
+def test_target_layer_is_the_last_spatial_map(backbone):
+    net = timm.create_model(backbone, num_classes=3)
+    layer = default_target_layer(net, 64)
+    with torch.no_grad():
+        features = net.eval().forward_features(torch.zeros(1, 3, 64, 64))
+    torch.testing.assert_close(spatial_output(net, layer), features)
+    assert min(features.shape[-2:]) > 1
+
+
+def test_target_layer_choice_by_name():
     efficientnet = timm.create_model("test_efficientnet", num_classes=3)
     assert default_target_layer(efficientnet) is efficientnet.bn2
-    resnet = timm.create_model("resnet10t", num_classes=3)
-    assert default_target_layer(resnet) is resnet.layer4[-1]  # the usual Grad-CAM layer for ResNets
+    mobilenet = timm.create_model("mobilenetv3_small_050", num_classes=3)
+    assert default_target_layer(mobilenet) is mobilenet.blocks  # not conv_head, which runs after pooling
     plain = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 8, 3), nn.AdaptiveAvgPool2d(1))
     assert default_target_layer(plain) is plain[2]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="no convolutional layer"):
         default_target_layer(nn.Sequential(nn.Flatten(), nn.Linear(4, 2)))
+    with pytest.raises(ValueError, match="reshape transform"):
+        default_target_layer(timm.create_model("test_vit", num_classes=3))
+
+
+def test_mobilenet_heatmap_is_spatial():
+    torch.manual_seed(0)
+    module = ChestXrayClassifier("mobilenetv3_small_050", CLASS_NAMES, TINY_PREPROCESSING, pretrained="none")
+    explainer = GradCamExplainer(Classifier(net=module.net, spec=module.inference_spec()))
+    assert explainer.target_layers == [module.net.blocks]
+    heatmap = explainer.explain(image(3), "pneumonia").heatmap
+    assert heatmap.shape == (64, 64) and heatmap.std() > 0.01  # a 1x1 map would upsample to a constant

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import io
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,33 +22,64 @@ from torch import nn
 from cxr.models.ensemble import PredictionEnsemble
 
 
-def default_target_layer(net: nn.Module) -> nn.Module:
-    """The last spatial feature map before pooling.
+def default_target_layer(net: nn.Module, input_size: int | None = None) -> nn.Module:
+    """The outermost module giving the last spatial feature map (H, W > 1) of a forward pass at
+    `input_size` (default: the model's own).
 
-    EfficientNet style timm models: `bn2` (conv_head + BN + activation) or `conv_head`. ResNet / ConvNeXt
-    style: the last stage (`layer4`, `stages[-1]`). Anything else: the last Conv2d. Not right for timm's
-    MobileNetV3, whose `conv_head` runs after global pooling (a 1x1 map): pass its last block instead.
+    Found by running a dummy image through the network, so it follows the real data flow rather than
+    attribute names: `bn2` for timm EfficientNets, `layer4` for ResNets, `blocks` for timm's MobileNetV3
+    (whose `conv_head` runs after global pooling, on a 1x1 map). Token-based backbones (ViT) end in a
+    (B, N, C) sequence and need an explicit layer and a reshape transform, so they raise.
     """
-    for name in ("bn2", "conv_head"):
-        layer = getattr(net, name, None)
-        if isinstance(layer, nn.Module) and not isinstance(layer, nn.Identity):
-            return layer
-    for name in ("layer4", "stages", "features", "blocks"):
-        layer = getattr(net, name, None)
-        if isinstance(layer, nn.Sequential) and len(layer) > 0:
-            return layer[-1]
-        if isinstance(layer, nn.Module) and not isinstance(layer, nn.Identity):
-            return layer
+    channels, size = _input_shape(net)
+    dummy = torch.zeros(1, channels, input_size or size, input_size or size)
+    if hasattr(net, "forward_features"):
+        with _eval_mode(net), torch.no_grad():
+            features = net.forward_features(dummy)
+        if features.ndim != 4:
+            raise ValueError(f"{type(net).__name__} ends in {features.ndim}-D features, not a spatial map: "
+                             "pass target_layer (and a reshape transform) for Grad-CAM")
+    spatial: list[nn.Module] = []
+
+    def record(module: nn.Module, _inputs, output) -> None:
+        if isinstance(output, torch.Tensor) and output.ndim == 4 and min(output.shape[-2:]) > 1:
+            spatial.append(module)
+
+    hooks = [m.register_forward_hook(record) for m in net.modules() if m is not net and not isinstance(m, nn.Identity)]
+    try:
+        with _eval_mode(net), torch.no_grad():
+            net(dummy)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if not spatial:
+        raise ValueError(f"no spatial feature map found in {type(net).__name__} for Grad-CAM")
+    return spatial[-1]  # hooks fire inner module first, so the last is the outermost of the last map
+
+
+def _input_shape(net: nn.Module) -> tuple[int, int]:
+    """(channels, side) of a dummy input: the first convolution's channels, the model's own input size."""
     convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
     if not convs:
         raise ValueError(f"no convolutional layer found in {type(net).__name__} for Grad-CAM")
-    return convs[-1]
+    input_size = getattr(net, "pretrained_cfg", {}).get("input_size", (0, 224, 224))
+    return convs[0].in_channels, int(input_size[-1])
 
 
-def default_target_layers(net: nn.Module) -> list[nn.Module]:
+@contextmanager
+def _eval_mode(net: nn.Module):
+    was_training = net.training
+    net.eval()
+    try:
+        yield
+    finally:
+        net.train(was_training)
+
+
+def default_target_layers(net: nn.Module, input_size: int | None = None) -> list[nn.Module]:
     """One layer per network: for an ensemble, each member's, so the heatmap is the members' mean."""
     members = net.members if isinstance(net, PredictionEnsemble) else [net]
-    return [default_target_layer(member) for member in members]
+    return [default_target_layer(member, input_size) for member in members]
 
 
 @dataclass
@@ -63,7 +95,8 @@ class GradCamExplainer:
     def __init__(self, classifier, target_layer: nn.Module | None = None, alpha: float = 0.4):
         self.classifier = classifier
         self.alpha = alpha
-        self.target_layers = [target_layer] if target_layer is not None else default_target_layers(classifier.net)
+        self.target_layers = [target_layer] if target_layer is not None else default_target_layers(
+            classifier.net, classifier.preprocessing.image_size)
         self.cam = GradCAM(model=classifier.net, target_layers=self.target_layers)
 
     def class_index(self, target: str | int | None, probabilities: np.ndarray) -> int:
