@@ -17,6 +17,7 @@ class Recorder(L.Callback):
 
     def __init__(self):
         self.trainable, self.changed, self.frozen_bn_training, self.frozen_bn_stats_changed = [], [], [], []
+        self.unfrozen_bn_training, self.unfrozen_bn_stats_changed = [], []
 
     def on_train_epoch_start(self, trainer, pl_module):
         self.before = {n: p.detach().clone() for n, p in pl_module.net.named_parameters()}
@@ -26,28 +27,39 @@ class Recorder(L.Callback):
                      if isinstance(m, _BatchNorm) and not any(p.requires_grad for p in m.parameters())]
         self.frozen_bn_training.append(any(m.training for m in frozen_bn))
 
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == 0:  # after every callback's epoch-start hook
+            unfrozen_bn = [m for m in pl_module.net.modules()
+                           if isinstance(m, _BatchNorm) and any(p.requires_grad for p in m.parameters())]
+            self.unfrozen_bn_training.append([m.training for m in unfrozen_bn])
+
     def on_train_epoch_end(self, trainer, pl_module):
         params = dict(pl_module.net.named_parameters())
         self.changed.append({n for n, p in params.items() if not torch.equal(p.detach(), self.before[n])})
         frozen_prefixes = {n.rsplit(".", 1)[0] for n in params if n not in self.trainable[-1]}
-        self.frozen_bn_stats_changed.append(any(
-            not torch.equal(b, self.buffers[n]) for n, b in pl_module.net.named_buffers()
-            if n in self.buffers and n.rsplit(".", 1)[0] in frozen_prefixes))
+        stats_changed = {n.rsplit(".", 1)[0]: not torch.equal(b, self.buffers[n])
+                         for n, b in pl_module.net.named_buffers() if n in self.buffers}
+        self.frozen_bn_stats_changed.append(any(v for k, v in stats_changed.items() if k in frozen_prefixes))
+        self.unfrozen_bn_stats_changed.append([v for k, v in stats_changed.items() if k not in frozen_prefixes])
 
 
-@pytest.fixture(scope="module")
-def trained(synthetic_manifest):
+def fit_progressively(manifest, **unfreeze_options):
     torch.manual_seed(0)
-    dm = ChestXrayDataModule.from_manifest(str(synthetic_manifest), preprocessing=PREP, batch_size=8)
+    dm = ChestXrayDataModule.from_manifest(str(manifest), preprocessing=PREP, batch_size=8)
     model = ChestXrayClassifier("test_efficientnet", dm.class_names, PREP, pretrained="none", dropout=0.0,
                                 backbone_lr_factor=0.1)
     stages = backbone_stages(model.net)
     recorder = Recorder()
-    unfreeze = ProgressiveUnfreezing(unfreeze_at=[1, 2], stages_per_step=[2, -1])
+    unfreeze = ProgressiveUnfreezing(unfreeze_at=[1, 2], stages_per_step=[2, -1], **unfreeze_options)
     trainer = L.Trainer(max_epochs=3, limit_train_batches=2, limit_val_batches=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, callbacks=[unfreeze, recorder])
     trainer.fit(model, datamodule=dm)
     return model, stages, recorder, trainer
+
+
+@pytest.fixture(scope="module")
+def trained(synthetic_manifest):
+    return fit_progressively(synthetic_manifest)
 
 
 def names_of(model, modules):
@@ -82,6 +94,22 @@ def test_frozen_batchnorm_stays_in_eval_and_keeps_its_statistics(trained):
     _, _, recorder, _ = trained
     assert recorder.frozen_bn_training[:2] == [False, False]
     assert recorder.frozen_bn_stats_changed[:2] == [False, False]
+
+
+def test_unfrozen_batchnorm_trains_on_batch_statistics(trained):
+    """Each epoch after a stage opens, its BatchNorm layers run in train mode and update their statistics."""
+    _, _, recorder, _ = trained
+    assert recorder.unfrozen_bn_training[0] == []  # head only: the head has no BatchNorm
+    for training, changed in zip(recorder.unfrozen_bn_training[1:], recorder.unfrozen_bn_stats_changed[1:]):
+        assert training and all(training)
+        assert changed and all(changed)
+
+
+def test_freeze_bn_stats_keeps_unfrozen_batchnorm_on_imagenet_statistics(synthetic_manifest):
+    _, _, recorder, _ = fit_progressively(synthetic_manifest, freeze_bn_stats=True)
+    assert len(recorder.unfrozen_bn_training[2]) > 0 and not any(recorder.unfrozen_bn_training[2])
+    assert not any(recorder.unfrozen_bn_stats_changed[2])
+    assert len(recorder.changed[2]) >= 0.9 * len(recorder.trainable[2])  # the affine weights still train
 
 
 def test_schedule_validation():

@@ -1,8 +1,10 @@
 """Progressive unfreezing: train the head first, then open the backbone stage by stage, top down.
 
 Frozen BatchNorm layers stay in eval mode (their ImageNet running statistics are used and kept),
-rather than Lightning's default of normalising frozen layers with batch statistics; a stage's
-BatchNorm layers start training when the stage is unfrozen (`train_bn`).
+rather than Lightning's default of normalising frozen layers with batch statistics. When a stage is
+unfrozen, its BatchNorm weights train (`train_bn`) and, unless `freeze_bn_stats`, its layers switch to
+batch statistics and update their running statistics; with `freeze_bn_stats` they stay in eval mode
+on ImageNet's statistics (Keras' advice for fine-tuning small data sets).
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ class ProgressiveUnfreezing(BaseFinetuning):
     """At epoch `unfreeze_at[i]`, unfreeze the next `stages_per_step[i]` stages (or all that remain, if -1)."""
 
     def __init__(self, unfreeze_at: Sequence[int] = (1, 3, 5), stages_per_step: Sequence[int] = (2, 3, -1),
-                 backbone_lr_factor: float | None = None, train_bn: bool = True):
+                 backbone_lr_factor: float | None = None, train_bn: bool = True, freeze_bn_stats: bool = False):
         super().__init__()
         if len(unfreeze_at) != len(stages_per_step):
             raise ValueError("unfreeze_at and stages_per_step need the same length")
@@ -48,6 +50,7 @@ class ProgressiveUnfreezing(BaseFinetuning):
         self.stages_per_step = list(stages_per_step)
         self.backbone_lr_factor = backbone_lr_factor
         self.train_bn = train_bn
+        self.freeze_bn_stats = freeze_bn_stats
         self.n_unfrozen = 0
 
     def state_dict(self) -> dict:
@@ -79,7 +82,9 @@ class ProgressiveUnfreezing(BaseFinetuning):
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_epoch_start(trainer, pl_module)
-        # trainer.fit puts every module in train mode each epoch; keep frozen BatchNorm on its running stats.
+        # Lightning restores each module's own mode after validation, so set every BatchNorm's mode here:
+        # an unfrozen layer would otherwise stay in the eval mode it was frozen in.
         for module in pl_module.net.modules():
-            if isinstance(module, _BatchNorm) and not any(p.requires_grad for p in module.parameters()):
-                module.eval()
+            if isinstance(module, _BatchNorm):
+                trainable = any(p.requires_grad for p in module.parameters())
+                module.train(trainable and not self.freeze_bn_stats)
