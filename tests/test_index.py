@@ -21,6 +21,19 @@ def test_folder_aliases_and_split_subfolders(tmp_path):
         ("test", "pneumonia"), ("test", "tuberculosis"), ("train", "normal"), ("train", "tuberculosis")]
 
 
+def test_masks_beside_images_are_not_indexed(tmp_path, caplog):
+    write_png(tmp_path / "TB" / "a.png")
+    write_png(tmp_path / "TB" / "a_mask.png")  # the synthetic generator's layout
+    write_png(tmp_path / "Normal" / "images" / "b.png")
+    write_png(tmp_path / "Normal" / "masks" / "b.png")  # COVID-19 Radiography Database layout
+    write_png(tmp_path / "Normal" / "images" / "masked_lungs.png")  # only the name's start: an image
+    with caplog.at_level("WARNING"):
+        index = index_folder(tmp_path)
+    assert sorted(p.removeprefix(str(tmp_path)) for p in index["path"]) == [
+        "/Normal/images/b.png", "/Normal/images/masked_lungs.png", "/TB/a.png"]
+    assert "skipped 2 segmentation masks" in caplog.text
+
+
 def test_folder_without_images_is_an_error(tmp_path):
     (tmp_path / "NORMAL").mkdir()
     with pytest.raises(ValueError, match="no images"):

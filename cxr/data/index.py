@@ -42,9 +42,16 @@ def _label_or_raise(name: str, where: str) -> str:
     return label
 
 
+def is_mask(file: Path, class_dir: Path) -> bool:
+    """Segmentation masks kept beside the images (`x_mask.png`, `masks/x.png`, as in the COVID-19
+    Radiography Database's `Normal/images/` + `Normal/masks/`) are not radiographs."""
+    folders = [part.lower() for part in file.relative_to(class_dir).parts[:-1]]
+    return file.stem.lower().endswith(("_mask", "-mask")) or any(f in ("mask", "masks") for f in folders)
+
+
 def index_folder(root: str | Path) -> pd.DataFrame:
     """`root/<class>/*` or `root/<split>/<class>/*`; class and split folder names (train/training,
-    val/valid/validation, test/testing) are matched case-insensitively."""
+    val/valid/validation, test/testing) are matched case-insensitively. Masks (see `is_mask`) are skipped."""
     root = Path(root).expanduser().resolve()
     if not root.is_dir():
         raise FileNotFoundError(f"data folder {root} does not exist")
@@ -55,7 +62,7 @@ def index_folder(root: str | Path) -> pd.DataFrame:
             log.warning("ignoring folder %s: next to the split folders %s, class folders must sit inside them",
                         other, sorted(d.name for d in split_dirs.values()))
     groups = split_dirs.items() if split_dirs else [("", root)]
-    rows = []
+    rows, masks = [], []
     for split, base in groups:
         for class_dir in sorted(d for d in base.iterdir() if d.is_dir()):
             label = canonical_label(class_dir.name)
@@ -63,9 +70,15 @@ def index_folder(root: str | Path) -> pd.DataFrame:
                 log.warning("ignoring folder %s: not a known class name", class_dir)
                 continue
             for file in sorted(class_dir.rglob("*")):
-                if file.is_file() and file.suffix.lower() in IMAGE_SUFFIXES:
+                if not (file.is_file() and file.suffix.lower() in IMAGE_SUFFIXES):
+                    continue
+                if is_mask(file, class_dir):
+                    masks.append(file)
+                else:
                     rows.append({"path": str(file), "label": label, "split": split,
                                  "patient_id": "", "source": root.name})
+    if masks:
+        log.warning("skipped %d segmentation masks (e.g. %s): not radiographs", len(masks), masks[0])
     if not rows:
         raise ValueError(f"no images found under {root} (expected class sub-folders such as NORMAL/, PNEUMONIA/, TB/)")
     return pd.DataFrame(rows, columns=COLUMNS)
