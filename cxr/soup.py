@@ -2,7 +2,7 @@
 or their predictions (method=ensemble), fit its operating point on the validation split and evaluate it
 like cxr-train does.
 
-    cxr-train -m experiment=lite0_finetune trainer.max_epochs=3 data.seed=1,2,3 hydra.sweep.dir=logs/members
+    cxr-train -m experiment=lite0_finetune trainer.max_epochs=3 seed=1,2,3 hydra.sweep.dir=logs/members
     cxr-soup data=shared 'members=logs/members/*/checkpoints/best.ckpt' paths.output_dir=logs/soup
     cxr-soup data=shared 'members=logs/members/*/checkpoints/best.ckpt' method=ensemble paths.output_dir=logs/ens
 """

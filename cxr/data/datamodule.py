@@ -12,7 +12,8 @@ import lightning as L
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, WeightedRandomSampler
+from lightning.fabric.utilities.seed import pl_worker_init_function
+from torch.utils.data import DataLoader, WeightedRandomSampler, get_worker_info
 
 from cxr.checkpoint import TRAIN_FINGERPRINTS
 from cxr.data.dataset import StandardizedImageDataset, image_fingerprints, load_standardized
@@ -59,6 +60,15 @@ def balanced_sampler(targets: Sequence[int], num_classes: int, seed: int,
                                  replacement=True, generator=generator)
 
 
+def seed_worker(worker_id: int) -> None:
+    """Lightning's worker seeding, plus albumentations' own generator, which every worker would otherwise
+    inherit unchanged from the main process: N workers would repeat the same augmentations N times."""
+    pl_worker_init_function(worker_id)
+    augment = getattr(get_worker_info().dataset, "augment", None)
+    if augment is not None and hasattr(augment, "set_random_seed"):
+        augment.set_random_seed(torch.initial_seed() % 2**32)
+
+
 class ChestXrayDataModule(L.LightningDataModule):
     def __init__(
         self,
@@ -79,6 +89,7 @@ class ChestXrayDataModule(L.LightningDataModule):
         split: str = "test",
         cache_dir: str | None = None,
         seed: int = 0,
+        split_seed: int = 0,
     ):
         super().__init__()
         self._index_factory = index
@@ -101,6 +112,7 @@ class ChestXrayDataModule(L.LightningDataModule):
         self.split = split
         self.cache_dir = cache_dir
         self.seed = seed
+        self.split_seed = split_seed
         self.index: pd.DataFrame | None = None
         self._datasets: dict[str, StandardizedImageDataset] = {}
 
@@ -132,8 +144,8 @@ class ChestXrayDataModule(L.LightningDataModule):
             # train/ and test/ only, a common layout: val is drawn from train, patient-grouped and seeded.
             log.warning("no val split given: drawing %.0f%% of the train images as val", 100 * self.val_fraction)
             index = assign_splits(index.assign(split=index["split"].replace("train", "")), self.val_fraction, 0.0,
-                                  self.seed)
-        index = assign_splits(index, self.val_fraction, self.test_fraction, self.seed)
+                                  self.split_seed)
+        index = assign_splits(index, self.val_fraction, self.test_fraction, self.split_seed)
         check_patient_leakage(index)
         if self.holdout_sources:
             missing = set(self.holdout_sources) - set(index["source"])
@@ -198,7 +210,7 @@ class ChestXrayDataModule(L.LightningDataModule):
             raise LeakageError(
                 f"{len(seen)} of the {len(paths)} images of the {split!r} split have the same pixels as images {whose} "
                 f"trained on, e.g. {seen[:3]}: numbers there would be in-sample. Remove the copies, or, for data "
-                "split automatically, use the seed and data.val_fraction / data.test_fraction of the training run")
+                "split automatically, use the data.split_seed, data.val_fraction and data.test_fraction of the training run")
 
     # ---- datasets ---------------------------------------------------------------------------
     def dataset(self, split: str) -> StandardizedImageDataset:
@@ -226,7 +238,7 @@ class ChestXrayDataModule(L.LightningDataModule):
     # ---- loaders ----------------------------------------------------------------------------
     def _loader(self, dataset, batch_size: int, **kwargs) -> DataLoader:
         return DataLoader(dataset, batch_size=batch_size, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0, **kwargs)
+                          persistent_workers=self.num_workers > 0, worker_init_fn=seed_worker, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         dataset = self.dataset("train")
