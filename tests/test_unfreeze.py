@@ -112,6 +112,21 @@ def test_freeze_bn_stats_keeps_unfrozen_batchnorm_on_imagenet_statistics(synthet
     assert len(recorder.changed[2]) >= 0.9 * len(recorder.trainable[2])  # the affine weights still train
 
 
+@pytest.mark.parametrize("backbone", ["resnet10t", "test_convnext"])  # classifier `fc`; nested `head.fc`
+def test_other_backbones_train_their_head_first(synthetic_manifest, backbone):
+    torch.manual_seed(0)
+    dm = ChestXrayDataModule.from_manifest(str(synthetic_manifest), preprocessing=PREP, batch_size=8)
+    model = ChestXrayClassifier(backbone, dm.class_names, PREP, pretrained="none", dropout=0.0)
+    recorder = Recorder()
+    trainer = L.Trainer(max_epochs=2, limit_train_batches=2, limit_val_batches=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        callbacks=[ProgressiveUnfreezing(unfreeze_at=[1], stages_per_step=[1]), recorder])
+    trainer.fit(model, datamodule=dm)
+    assert model.head_names <= recorder.trainable[0]
+    assert len(recorder.trainable[0]) < len(recorder.trainable[1]) < len(list(model.net.parameters()))
+    assert recorder.changed[0] and recorder.changed[1] <= recorder.trainable[1]
+
+
 def test_schedule_validation():
     with pytest.raises(ValueError):
         ProgressiveUnfreezing(unfreeze_at=[3, 1], stages_per_step=[1, 1])

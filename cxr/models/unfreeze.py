@@ -25,7 +25,8 @@ def backbone_stages(net: nn.Module) -> list[nn.Module]:
     """The backbone's stages, deepest (closest to the head) first.
 
     EfficientNet-style timm models: [conv_head + bn2, blocks[-1], ..., blocks[0], conv_stem + bn1].
-    Other models: their top-level children except the classifier, in reverse order.
+    Other models: their top-level children except the one holding the classifier (ConvNeXt's `head`,
+    whose norm then trains from the start with it), in reverse order.
     """
     head = net.default_cfg.get("classifier", "classifier") if hasattr(net, "default_cfg") else "classifier"
     if hasattr(net, "blocks") and hasattr(net, "conv_stem"):
@@ -33,7 +34,9 @@ def backbone_stages(net: nn.Module) -> list[nn.Module]:
         stem = [m for name in ("conv_stem", "bn1") if isinstance(m := getattr(net, name, None), nn.Module)]
         stages = ([nn.ModuleList(top)] if top else []) + list(reversed(list(net.blocks))) + [nn.ModuleList(stem)]
         return stages
-    return [m for name, m in reversed(list(net.named_children())) if name != head and any(True for _ in m.parameters())]
+    head_child = head.split(".")[0]
+    return [m for name, m in reversed(list(net.named_children()))
+            if name != head_child and any(True for _ in m.parameters())]
 
 
 class ProgressiveUnfreezing(BaseFinetuning):
