@@ -14,6 +14,7 @@ from pathlib import Path
 import hydra
 import lightning as L
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
 from cxr.calibration import check_calibration_targets
@@ -59,6 +60,8 @@ def train(cfg: DictConfig) -> dict:
             raise ValueError(f"data.train_splits includes val, so {selecting} would choose on images the model trains "
                              "on; switch them off as experiment=lite0_member_refit does")
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    if not loggers:  # logger=none: nothing to log learning rates to, and Lightning refuses the monitor
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)

@@ -117,6 +117,24 @@ def test_wandb_run_gets_the_test_figures(tmp_path):
     assert len(images) == 2, sorted(str(p) for p in tmp_path.glob("wandb/offline-run-*/files/**/*"))
 
 
+def test_logged_learning_rates_are_the_ones_each_epoch_uses(tmp_path):
+    from cxr.models.schedule import cosine_factor
+
+    run("cxr.train", "debug=smoke", *TINY, "data.batch_size=8", "callbacks=cosine", f"paths.output_dir={tmp_path}",
+        cache_dir=tmp_path / "cache")
+    curves = pd.read_csv(tmp_path / "csv" / "metrics.csv")
+    head = curves.filter(like="lr-").filter(like="head").columns[0]
+    by_epoch = curves[head].dropna().tolist()  # one row per epoch, logged at its first step
+    assert len(by_epoch) == 2
+    assert by_epoch[1] / by_epoch[0] == pytest.approx(cosine_factor(1, 2, 0, 0.05) / cosine_factor(0, 2, 0, 0.05))
+
+
+def test_train_without_a_logger(tmp_path):
+    run("cxr.train", "debug=smoke", *TINY, "data.batch_size=8", "logger=none", f"paths.output_dir={tmp_path}",
+        cache_dir=tmp_path / "cache")
+    assert (tmp_path / "checkpoints" / "best.ckpt").is_file() and not (tmp_path / "csv").exists()
+
+
 def test_a_refit_may_not_choose_on_val(tmp_path):
     """Training on val too, a checkpoint chosen (or a run stopped) by val scores would be chosen in-sample."""
     stderr = failing_run("cxr.train", "debug=fast_dev_run", *TINY, "data.train_splits=[train,val]",
