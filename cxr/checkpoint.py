@@ -22,17 +22,30 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+class CheckpointError(ValueError):
+    """A file given as a checkpoint that is not a cxr checkpoint."""
+
+
 def read_checkpoint(ckpt_path: str | Path) -> tuple[dict, dict]:
-    """(checkpoint, spec); raises FileNotFoundError / ValueError for a missing or foreign file."""
+    """(checkpoint, spec); raises FileNotFoundError for a missing file, CheckpointError for anything else."""
+    import pickle
+
     import torch
 
     path = Path(ckpt_path).expanduser()
+    if path.is_dir():
+        hint = path / "checkpoints" / "best.ckpt"
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file"
+                              + (f": did you mean {hint}?" if hint.is_file() else ""))
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(exc).__name__})") from exc
     spec = checkpoint.get(CHECKPOINT_KEY) if isinstance(checkpoint, dict) else None
     if not spec:
-        raise ValueError(f"{path} is not a cxr checkpoint (no '{CHECKPOINT_KEY}' record)")
+        raise CheckpointError(f"{path} is not a cxr checkpoint (no '{CHECKPOINT_KEY}' record)")
     return checkpoint, spec
 
 

@@ -6,6 +6,7 @@ import logging
 import sys
 from pathlib import Path
 
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -27,6 +28,7 @@ def instantiate_datamodule(cfg, preprocessing):
     from hydra.utils import instantiate
 
     # Runtime objects go to partials: instantiate() would turn them into OmegaConf nodes.
+    require_values(cfg.data, "data")
     augment = instantiate_optional(cfg.get("augment"))
     return instantiate(cfg.data, _partial_=True)(preprocessing=preprocessing, augment=augment)
 
@@ -38,8 +40,20 @@ def instantiate_checkpoint_datamodule(cfg, spec: dict):
 
     from cxr.data.preprocess import Preprocessing
 
+    require_values(cfg.data, "data")
     return instantiate(cfg.data, _partial_=True)(preprocessing=Preprocessing.from_dict(spec["preprocessing"]),
                                                  class_names=list(spec["class_names"]), augment=None)
+
+
+def require_values(node: DictConfig, prefix: str) -> None:
+    """A required override left out (`data=folder` without `data.root`) named as such: instantiate() with
+    _partial_ would drop the `???` and fail later with a TypeError about a missing argument."""
+    from omegaconf.errors import MissingMandatoryValue
+
+    missing = OmegaConf.missing_keys(node)
+    if missing:
+        raise MissingMandatoryValue(f"{', '.join(f'{prefix}.{k}' for k in sorted(missing))} must be set, "
+                                    f"e.g. {prefix}.{sorted(missing)[0]}=...")
 
 
 def configure_threads(cfg: DictConfig) -> None:
@@ -55,22 +69,60 @@ def log_config(cfg: DictConfig, log: logging.Logger) -> None:
 
 
 def user_errors(main):
-    """Wrap an entry point: an expected error (unreadable or leaking data, a missing file, weights that cannot
-    be had, a required override left out) is printed as its message on stderr with exit status 1, not as a
-    traceback; any other exception keeps its traceback."""
+    """Wrap an entry point: an expected error (unreadable or leaking data, a missing file or checkpoint, weights
+    that cannot be had, a required override left out) is printed as its message on stderr with exit status 1,
+    not as a traceback; any other exception keeps its traceback. In a sweep (-m) the error is re-raised
+    instead, so Hydra marks that job failed and still runs the others."""
     @functools.wraps(main)
     def wrapper(cfg: DictConfig):
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
         from omegaconf.errors import MissingMandatoryValue
 
+        from cxr.checkpoint import CheckpointError
         from cxr.data.dataset import DataCheckError
         from cxr.data.index import LeakageError
         from cxr.models.backbone import PretrainedWeightsError
 
         try:
             return main(cfg)
-        except (DataCheckError, LeakageError, PretrainedWeightsError, FileNotFoundError, FileExistsError,
-                MissingMandatoryValue) as exc:
+        except (DataCheckError, LeakageError, PretrainedWeightsError, CheckpointError, FileNotFoundError,
+                FileExistsError, MissingMandatoryValue) as exc:
             print(f"error: {exc}", file=sys.stderr)
+            if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+                raise
             raise SystemExit(1) from None
 
     return wrapper
+
+
+def used_run_folder(folder: Path) -> str | None:
+    """Why `folder` may not receive a new training run, or None."""
+    if (folder / "results.json").exists():
+        return f"{folder} holds a finished run (results.json)"
+    if (folder / "checkpoints" / "best.ckpt").exists():
+        return f"{folder} holds an interrupted run (checkpoints/best.ckpt without results.json)"
+    return None
+
+
+class RefuseUsedRunFolder(Callback):
+    """cxr-train's Hydra callback: refuse a run folder (or a sweep folder) that already holds a training run
+    before Hydra saves the new run's .hydra/ config over the old one's."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        raw = OmegaConf.to_container(config.paths, resolve=False)["output_dir"]
+        # paths.output_dir follows Hydra's run folder unless set: resolved here, before Hydra sets it.
+        folder = config.hydra.run.dir if "hydra:runtime.output_dir" in str(raw) else config.paths.output_dir
+        self._refuse([reason] if (reason := used_run_folder(Path(folder))) else [], "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        sweep = Path(config.hydra.sweep.dir)
+        jobs = sorted(p for p in sweep.iterdir() if p.is_dir()) if sweep.is_dir() else []
+        self._refuse([reason for job in jobs if (reason := used_run_folder(job))], "hydra.sweep.dir")
+
+    @staticmethod
+    def _refuse(reasons: list[str], option: str) -> None:
+        if reasons:
+            print(f"error: {reasons[0]}" + (f" (and {len(reasons) - 1} more)" if len(reasons) > 1 else "")
+                  + f"; choose a new {option}=", file=sys.stderr)
+            raise SystemExit(1)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -19,7 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from cxr.calibration import check_calibration_targets
 from cxr.checkpoint import TRAIN_FINGERPRINTS
-from cxr.config import CONFIG_DIR, configure_threads, instantiate_datamodule, log_config, user_errors
+from cxr.config import (CONFIG_DIR, configure_threads, instantiate_datamodule, log_config, used_run_folder,
+                        user_errors)
 from cxr.evaluation.evaluate import evaluate
 from cxr.evaluation.recalibrate import recalibrate_checkpoint
 from cxr.inference import load_classifier
@@ -32,8 +34,8 @@ def train(cfg: DictConfig) -> dict:
     L.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.paths.output_dir)
     best = out_dir / "checkpoints" / "best.ckpt"
-    if best.exists():
-        raise FileExistsError(f"{best} exists: this folder holds a finished run; choose another paths.output_dir=")
+    if reason := used_run_folder(out_dir):  # also checked before Hydra writes there (RefuseUsedRunFolder)
+        raise FileExistsError(f"{reason}; choose a new hydra.run.dir=")
     preprocessing = instantiate(cfg.preprocess)
     datamodule = instantiate_datamodule(cfg, preprocessing)
     test_after_fit = cfg.get("test_after_fit", True)
@@ -82,6 +84,8 @@ def train(cfg: DictConfig) -> dict:
     results = {"best_checkpoint": str(best), "fit_seconds": fit_seconds, "epochs": trainer.current_epoch,
                "train_images_per_second": images_per_epoch * trainer.current_epoch / fit_seconds
                if trainer.current_epoch else None}
+    if checkpoint_cb is not None and checkpoint_cb.best_model_score is not None:
+        results["selection"] = {"monitor": checkpoint_cb.monitor, "best": float(checkpoint_cb.best_model_score)}
     if calibration["method"] != "none":
         results["calibration"] = recalibrate_checkpoint(best, datamodule, calibration["split"], calibration["method"],
                                                         out_path=best, warn_few=False)
@@ -109,11 +113,25 @@ def train(cfg: DictConfig) -> dict:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 @user_errors
 def main(cfg: DictConfig) -> float | None:
+    """Returns the validation score that chose the checkpoint: what a sweeper (Optuna, ...) optimises, so a
+    sweep never tunes on the test split."""
     log_config(cfg, log)
-    results = train(cfg)
+    try:
+        results = train(cfg)
+    except BaseException:
+        finish_wandb_run(exit_code=1)
+        raise
+    finish_wandb_run(exit_code=0)
     log.info("results: %s", results)
     print(results["best_checkpoint"])
-    return (results.get("eval") or {}).get("macro_auroc")
+    return (results.get("selection") or {}).get("best")
+
+
+def finish_wandb_run(exit_code: int) -> None:
+    """Lightning's WandbLogger.finalize leaves the W&B run open: the next job of a sweep would log into it."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish(exit_code=exit_code)
 
 
 if __name__ == "__main__":

@@ -74,8 +74,8 @@ def members(tmp_path_factory):
     paths = []
     for seed in (1, 2):
         out = tmp_path_factory.mktemp(f"member{seed}")
-        # Another model seed, the same data seed: synthetic data has no split column, and data.seed draws it.
-        run("cxr.train", "debug=smoke", *TINY, "data.batch_size=8", f"seed={seed}", "data.seed=42",
+        # Another seed, the same split: synthetic data has no split column, and data.split_seed draws it.
+        run("cxr.train", "debug=smoke", *TINY, "data.batch_size=8", f"seed={seed}",
             f"paths.output_dir={out}", cache_dir=cache)
         paths.append(out / "checkpoints" / "best.ckpt")
     return paths, cache
@@ -166,7 +166,7 @@ def test_soup_refuses_other_data_than_the_members_and_an_existing_output(members
                                f"paths.cache_dir={cache}"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
 
     # The same images, split by another seed (the split fingerprint differs even where counts agree).
-    other = soup(*DATA, "data.seed=7", f"paths.output_dir={tmp_path / 'other'}")
+    other = soup(*DATA, "data.split_seed=7", f"paths.output_dir={tmp_path / 'other'}")
     assert other.returncode != 0 and "is not the data the members were trained on" in other.stderr
     (tmp_path / "taken" / "checkpoints").mkdir(parents=True)
     (tmp_path / "taken" / "checkpoints" / "best.ckpt").write_text("x")

@@ -24,7 +24,7 @@ def run(module: str, *overrides: str, cache_dir) -> str:
 def trained_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     cache = tmp_path_factory.mktemp("cache")
-    stdout = run("cxr.train", "debug=fast_dev_run", *TINY, f"paths.output_dir={out}", cache_dir=cache)
+    stdout = run("cxr.train", "debug=fast_dev_run", *TINY, f"hydra.run.dir={out}", cache_dir=cache)
     return out, cache, stdout
 
 
@@ -72,17 +72,20 @@ def failing_run(module: str, *overrides: str, cache_dir) -> str:
 
 
 def test_eval_refuses_another_split_of_the_training_data(trained_run, tmp_path):
-    """The synthetic data is split by `seed`: with another seed, its test split holds training images."""
+    """The synthetic data is split by `data.split_seed`: with another, its test split holds training images."""
     out, cache, _ = trained_run
     stderr = failing_run("cxr.eval", f"ckpt_path={out}/checkpoints/best.ckpt", "data.n_per_class=20", "data.size=96",
-                         "seed=7", f"paths.output_dir={tmp_path}", cache_dir=cache)
-    assert "same pixels as images the checkpoint trained on" in stderr and "seed" in stderr, stderr[-2000:]
+                         "data.split_seed=7", f"paths.output_dir={tmp_path}", cache_dir=cache)
+    assert "same pixels as images the checkpoint trained on" in stderr and "split_seed" in stderr, stderr[-2000:]
     assert not (tmp_path / "metrics.json").exists()
 
 
 @pytest.mark.parametrize("module, overrides, message", [
     ("cxr.eval", [], "Missing mandatory value: ckpt_path"),
     ("cxr.eval", ["ckpt_path=/nonexistent/best.ckpt"], "/nonexistent/best.ckpt"),
+    ("cxr.eval", ["ckpt_path=" + str(PROJECT_ROOT / "pyproject.toml")], "not a readable PyTorch checkpoint"),
+    ("cxr.eval", ["ckpt_path=" + str(PROJECT_ROOT)], "is a folder, not a checkpoint file"),
+    ("cxr.train", ["data=folder", "debug=fast_dev_run"], "data.root must be set"),
     ("cxr.train", ["model=efficientnet_b0", "model.pretrained=/nonexistent/weights.pth", "debug=fast_dev_run"],
      "/nonexistent/weights.pth"),
 ])
@@ -94,9 +97,15 @@ def test_expected_errors_are_one_message_not_a_traceback(module, overrides, mess
 def test_train_stops_before_fitting_on_a_used_folder_or_a_missing_test_image(trained_run, tmp_path,
                                                                            synthetic_manifest):
     out, cache, _ = trained_run
-    before = (out / "checkpoints" / "best.ckpt").stat().st_mtime_ns
-    stderr = failing_run("cxr.train", "debug=fast_dev_run", *TINY, f"paths.output_dir={out}", cache_dir=cache)
-    assert "holds a finished run" in stderr and (out / "checkpoints" / "best.ckpt").stat().st_mtime_ns == before
+    before = {p: p.read_bytes() for p in [out / "checkpoints" / "best.ckpt", *(out / ".hydra").iterdir()]}
+    stderr = failing_run("cxr.train", "debug=fast_dev_run", *TINY, "seed=7", f"hydra.run.dir={out}", cache_dir=cache)
+    assert "holds a finished run" in stderr, stderr[-2000:]
+    assert all(p.read_bytes() == content for p, content in before.items())  # nothing of the old run rewritten
+    interrupted = tmp_path / "interrupted"
+    (interrupted / "checkpoints").mkdir(parents=True)
+    (interrupted / "checkpoints" / "best.ckpt").write_bytes(b"epoch 3 of 8")
+    stderr = failing_run("cxr.train", "debug=fast_dev_run", *TINY, f"hydra.run.dir={interrupted}", cache_dir=cache)
+    assert "holds an interrupted run" in stderr and not (interrupted / ".hydra").exists(), stderr[-2000:]
     table = pd.read_csv(synthetic_manifest)
     table["path"] = [str(synthetic_manifest.parent / p) for p in table["path"]]
     table["patient_id"] = table["path"]
@@ -133,6 +142,26 @@ def test_train_without_a_logger(tmp_path):
     run("cxr.train", "debug=smoke", *TINY, "data.batch_size=8", "logger=none", f"paths.output_dir={tmp_path}",
         cache_dir=tmp_path / "cache")
     assert (tmp_path / "checkpoints" / "best.ckpt").is_file() and not (tmp_path / "csv").exists()
+
+
+def test_a_sweep_runs_past_a_failed_job_with_one_wandb_run_per_job(tmp_path):
+    """Jobs 0 and 1 fail (weights that cannot be had); 2 and 3 train, each logging to its own W&B run; the
+    sweep folder, once used, is refused as a whole before anything in it is rewritten."""
+    sweep = tmp_path / "sweep"
+    stderr = failing_run("cxr.train", "-m", "model.pretrained=/nonexistent/weights.pth,none", "seed=1,2", "debug=smoke",
+                         *TINY, "data.batch_size=8", "logger=wandb", f"hydra.sweep.dir={sweep}",
+                         cache_dir=tmp_path / "cache")
+    assert "error: " in stderr and "/nonexistent/weights.pth" in stderr, stderr[-2000:]
+    assert [(sweep / str(job) / "results.json").exists() for job in range(4)] == [False, False, True, True]
+    for job in (2, 3):  # before, job 3 logged into job 2's still open run and had no run of its own
+        runs = list((sweep / str(job) / "wandb").glob("offline-run-*"))
+        assert len(runs) == 1, runs
+        assert len(list(runs[0].glob("files/media/images/eval/figures_*.png"))) == 2
+    before = (sweep / "2" / ".hydra" / "overrides.yaml").read_text()
+    stderr = failing_run("cxr.train", "-m", "seed=3,4", "debug=smoke", *TINY, f"hydra.sweep.dir={sweep}",
+                         cache_dir=tmp_path / "cache")
+    assert "holds a finished run" in stderr and "choose a new hydra.sweep.dir=" in stderr, stderr[-2000:]
+    assert (sweep / "2" / ".hydra" / "overrides.yaml").read_text() == before
 
 
 def test_a_refit_may_not_choose_on_val(tmp_path):
