@@ -37,6 +37,8 @@ def test_seed_report_is_the_reference_recipe():
     assert cfg.model.backbone == "efficientnet_b0"
     assert cfg.model.label_smoothing == 0.1 and cfg.model.dropout == 0.3
     assert cfg.data.weighted_sampling and cfg.data.use_class_weights
+    default = compose_train()
+    assert default.data.weighted_sampling and not default.data.use_class_weights  # one way of balancing by default
     assert cfg.callbacks.early_stopping.patience == 10
     assert "unfreeze" in cfg.callbacks
     names = [t._target_.rsplit(".", 1)[1] for t in cfg.augment.transforms]

@@ -55,7 +55,8 @@ def test_split_fingerprint_follows_the_assignment_not_the_folder():
 
 def test_train_batches_are_balanced_and_weights_from_train_split(synthetic_manifest):
     index = pd.read_csv(synthetic_manifest)
-    dm = ChestXrayDataModule.from_manifest(str(synthetic_manifest), preprocessing=PREP, batch_size=8, seed=0)
+    dm = ChestXrayDataModule.from_manifest(str(synthetic_manifest), preprocessing=PREP, batch_size=8, seed=0,
+                                           use_class_weights=True)
     dm.setup("fit")
     train = dm.split_frame("train")
     expected = balanced_class_weights(train["target"], 3)
@@ -185,7 +186,8 @@ def test_disk_cache_is_reused(tmp_path, synthetic_manifest):
 
 def test_refit_trains_on_val_too_and_refuses_in_sample_use_of_it(synthetic_manifest):
     plain = ChestXrayDataModule.from_manifest(str(synthetic_manifest), preprocessing=PREP)
-    refit = ChestXrayDataModule.from_manifest(str(synthetic_manifest), preprocessing=PREP, train_splits=["train", "val"])
+    refit = ChestXrayDataModule.from_manifest(str(synthetic_manifest), preprocessing=PREP, train_splits=["train", "val"],
+                                              use_class_weights=True)
     n_train, n_val = len(plain.split_frame("train")), len(plain.split_frame("val"))
     assert len(refit.split_frame("train")) == len(refit.dataset("train")) == n_train + n_val
     assert torch.allclose(refit.class_weights(), balanced_class_weights(

@@ -81,7 +81,7 @@ class ChestXrayDataModule(L.LightningDataModule):
         num_workers: int = 0,
         weighted_sampling: bool = True,
         balance_sources: bool = False,
-        use_class_weights: bool = True,
+        use_class_weights: bool = False,
         val_fraction: float = 0.15,
         test_fraction: float = 0.15,
         holdout_sources: Sequence[str] = (),
