@@ -182,6 +182,9 @@ def test_disk_cache_is_reused(tmp_path, synthetic_manifest):
     assert len(cached) == 1
     second = ChestXrayDataModule.from_manifest(str(synthetic_manifest), **kwargs).dataset("val").images
     assert np.array_equal(first, second)
+    cached[0].write_bytes(cached[0].read_bytes()[:100])  # corrupted on disk
+    third = ChestXrayDataModule.from_manifest(str(synthetic_manifest), **kwargs).dataset("val").images
+    assert np.array_equal(first, third) and np.array_equal(np.load(cached[0]), first)
 
 
 def test_refit_trains_on_val_too_and_refuses_in_sample_use_of_it(synthetic_manifest):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
@@ -57,8 +58,15 @@ def load_standardized(paths: Sequence[str], preprocessing: Preprocessing, cache_
     if cache_dir is not None:
         cache_file = Path(cache_dir) / f"standardized-{_cache_key(paths, preprocessing)}.npy"
         if cache_file.is_file():
-            log.info("reusing image cache %s", cache_file)
-            return np.load(cache_file)
+            try:
+                cached = np.load(cache_file)
+            except (ValueError, OSError, EOFError) as exc:  # corrupt (a full disk, say): rebuild it
+                log.warning("rebuilding unreadable image cache %s (%s)", cache_file, exc)
+            else:
+                if cached.shape == (len(paths), preprocessing.image_size, preprocessing.image_size):
+                    log.info("reusing image cache %s", cache_file)
+                    return cached
+                log.warning("rebuilding image cache %s: shape %s does not match", cache_file, cached.shape)
     size = preprocessing.image_size
     stack = np.empty((len(paths), size, size), dtype=np.uint8)
     errors: list[str] = []
@@ -76,7 +84,7 @@ def load_standardized(paths: Sequence[str], preprocessing: Preprocessing, cache_
         raise DataCheckError(f"{len(errors)} of {len(paths)} image(s) cannot be decoded:\n  {shown}")
     if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(".tmp.npy")
+        tmp = cache_file.with_name(f"{cache_file.stem}.{os.getpid()}.tmp.npy")  # one per process: runs may race
         np.save(tmp, stack)
         tmp.replace(cache_file)
     return stack
