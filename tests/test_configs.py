@@ -32,13 +32,17 @@ def test_experiment_composes_and_instantiates(experiment):
     assert cfg.model.backbone
 
 
+def test_default_balances_classes_one_way():
+    """The sampler alone: with class weights as well, the imbalance would be counted twice."""
+    default = compose_train()
+    assert default.data.weighted_sampling and not default.data.use_class_weights
+
+
 def test_seed_report_is_the_reference_recipe():
     cfg = compose_train("experiment=seed_report")
     assert cfg.model.backbone == "efficientnet_b0"
     assert cfg.model.label_smoothing == 0.1 and cfg.model.dropout == 0.3
     assert cfg.data.weighted_sampling and cfg.data.use_class_weights
-    default = compose_train()
-    assert default.data.weighted_sampling and not default.data.use_class_weights  # one way of balancing by default
     assert cfg.callbacks.early_stopping.patience == 10
     assert "unfreeze" in cfg.callbacks
     names = [t._target_.rsplit(".", 1)[1] for t in cfg.augment.transforms]

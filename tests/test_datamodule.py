@@ -2,10 +2,10 @@
 from collections import Counter
 from pathlib import Path
 
+import albumentations as A
 import numpy as np
 import pandas as pd
 import pytest
-import albumentations as A
 import torch
 from torch.utils.data import DataLoader
 
