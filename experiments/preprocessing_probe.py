@@ -52,8 +52,8 @@ def features(net, images: np.ndarray, prep: Preprocessing) -> np.ndarray:
     return np.concatenate(out)
 
 
-def probe(x_train, y_train, x_test) -> np.ndarray:
-    head = LogisticRegression(max_iter=3000, C=0.5).fit(x_train, y_train)
+def probe(x_train, y_train, x_test, sample_weight=None) -> np.ndarray:
+    head = LogisticRegression(max_iter=3000, C=0.5).fit(x_train, y_train, sample_weight=sample_weight)
     probs = np.zeros((len(x_test), len(CLASS_NAMES)))
     probs[:, head.classes_] = head.predict_proba(x_test)
     return probs
