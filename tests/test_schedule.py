@@ -1,4 +1,6 @@
 """Cosine decay reaches every parameter group, including the ones unfreezing adds later."""
+from functools import partial
+
 import lightning as L
 import pytest
 import torch
@@ -59,3 +61,15 @@ def test_decay_covers_groups_added_by_unfreezing(synthetic_manifest):
     # The backbone group starts at base * factor(epoch 2) and keeps decaying with the head.
     for epoch in (2, 3):
         assert recorder.lrs[epoch][1] == pytest.approx(head * 0.1 * cosine_factor(epoch, 4, min_factor=0.1))
+
+
+def test_plateau_scheduler_must_watch_auroc_as_higher_is_better():
+    def module(**plateau):
+        return ChestXrayClassifier("test_efficientnet", ["normal", "pneumonia", "tuberculosis"],
+                                   Preprocessing(image_size=32), pretrained="none",
+                                   scheduler=partial(torch.optim.lr_scheduler.ReduceLROnPlateau, **plateau))
+
+    with pytest.raises(ValueError, match="mode=max"):
+        module().configure_optimizers()
+    config = module(mode="max").configure_optimizers()
+    assert config["lr_scheduler"]["monitor"] == "val/auroc_macro" and config["lr_scheduler"]["scheduler"].mode == "max"

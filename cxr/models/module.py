@@ -152,6 +152,10 @@ class ChestXrayClassifier(L.LightningModule):
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) and scheduler.mode != "max":
+            raise ValueError("ReduceLROnPlateau watches val/auroc_macro, where higher is better: its default "
+                             "mode 'min' would cut the learning rate while the model improves; set "
+                             "model.scheduler.mode=max")
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": "val/auroc_macro"}}
 
     # ---- what inference needs, stored with the weights -----------------------------------------
