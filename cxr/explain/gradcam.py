@@ -23,8 +23,8 @@ from cxr.models.ensemble import PredictionEnsemble
 
 
 def default_target_layer(net: nn.Module, input_size: int | None = None) -> nn.Module:
-    """The outermost module giving the last spatial feature map (H, W > 1) of a forward pass at
-    `input_size` (default: the model's own).
+    """The outermost module giving the last spatial feature map (H, W > 1) of a forward pass (timm models:
+    of `forward_features`) at `input_size` (default: the model's own).
 
     Found by running a dummy image through the network, so it follows the real data flow rather than
     attribute names: `bn2` for timm EfficientNets, `layer4` for ResNets, `blocks` for timm's MobileNetV3
@@ -33,12 +33,6 @@ def default_target_layer(net: nn.Module, input_size: int | None = None) -> nn.Mo
     """
     channels, size = _input_shape(net)
     dummy = torch.zeros(1, channels, input_size or size, input_size or size)
-    if hasattr(net, "forward_features"):
-        with _eval_mode(net), torch.no_grad():
-            features = net.forward_features(dummy)
-        if features.ndim != 4:
-            raise ValueError(f"{type(net).__name__} ends in {features.ndim}-D features, not a spatial map: "
-                             "pass target_layer (and a reshape transform) for Grad-CAM")
     spatial: list[nn.Module] = []
 
     def record(module: nn.Module, _inputs, output) -> None:
@@ -46,12 +40,15 @@ def default_target_layer(net: nn.Module, input_size: int | None = None) -> nn.Mo
             spatial.append(module)
 
     hooks = [m.register_forward_hook(record) for m in net.modules() if m is not net and not isinstance(m, nn.Identity)]
-    try:
+    try:  # timm models: only the features, so nothing after pooling is traced
         with _eval_mode(net), torch.no_grad():
-            net(dummy)
+            output = net.forward_features(dummy) if hasattr(net, "forward_features") else net(dummy)
     finally:
         for hook in hooks:
             hook.remove()
+    if hasattr(net, "forward_features") and output.ndim != 4:
+        raise ValueError(f"{type(net).__name__} ends in {output.ndim}-D features, not a spatial map: "
+                         "pass target_layer (and a reshape transform) for Grad-CAM")
     if not spatial:
         raise ValueError(f"no spatial feature map found in {type(net).__name__} for Grad-CAM")
     return spatial[-1]  # hooks fire inner module first, so the last is the outermost of the last map
