@@ -83,11 +83,12 @@ def user_errors(main):
         from cxr.data.dataset import DataCheckError
         from cxr.data.index import LeakageError
         from cxr.models.backbone import PretrainedWeightsError
+        from cxr.resume import ResumeError
 
         try:
             return main(cfg)
-        except (DataCheckError, LeakageError, PretrainedWeightsError, CheckpointError, FileNotFoundError,
-                FileExistsError, MissingMandatoryValue) as exc:
+        except (DataCheckError, LeakageError, PretrainedWeightsError, CheckpointError, ResumeError,
+                FileNotFoundError, FileExistsError, MissingMandatoryValue) as exc:
             print(f"error: {exc}", file=sys.stderr)
             if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
                 raise
@@ -100,8 +101,11 @@ def used_run_folder(folder: Path) -> str | None:
     """Why `folder` may not receive a new training run, or None."""
     if (folder / "results.json").exists():
         return f"{folder} holds a finished run (results.json)"
-    if (folder / "checkpoints" / "best.ckpt").exists():
-        return f"{folder} holds an interrupted run (checkpoints/best.ckpt without results.json)"
+    from cxr.resume import RESUME_CHECKPOINT
+
+    if (folder / "checkpoints" / "best.ckpt").exists() or (folder / RESUME_CHECKPOINT).exists():
+        hint = " (continue it with resume=true and the same overrides)" if (folder / RESUME_CHECKPOINT).exists() else ""
+        return f"{folder} holds an interrupted run (checkpoints without results.json){hint}"
     return None
 
 
@@ -112,17 +116,25 @@ class RefuseUsedRunFolder(Callback):
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         raw = OmegaConf.to_container(config.paths, resolve=False)["output_dir"]
         # paths.output_dir follows Hydra's run folder unless set: resolved here, before Hydra sets it.
-        folder = config.hydra.run.dir if "hydra:runtime.output_dir" in str(raw) else config.paths.output_dir
-        self._refuse([reason] if (reason := used_run_folder(Path(folder))) else [], "hydra.run.dir")
+        folder = Path(config.hydra.run.dir if "hydra:runtime.output_dir" in str(raw) else config.paths.output_dir)
+        if config.get("resume"):
+            from cxr.resume import resume_problem
+
+            self._refuse([problem] if (problem := resume_problem(folder, config)) else [], "")
+        else:
+            self._refuse([reason] if (reason := used_run_folder(folder)) else [], "; choose a new hydra.run.dir=")
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        if config.get("resume"):
+            self._refuse(["resume=true continues one run: resume each interrupted job of a sweep on its own, "
+                          "with its folder (hydra.run.dir=) and overrides"], "")
         sweep = Path(config.hydra.sweep.dir)
         jobs = sorted(p for p in sweep.iterdir() if p.is_dir()) if sweep.is_dir() else []
-        self._refuse([reason for job in jobs if (reason := used_run_folder(job))], "hydra.sweep.dir")
+        self._refuse([reason for job in jobs if (reason := used_run_folder(job))], "; choose a new hydra.sweep.dir=")
 
     @staticmethod
-    def _refuse(reasons: list[str], option: str) -> None:
+    def _refuse(reasons: list[str], advice: str) -> None:
         if reasons:
-            print(f"error: {reasons[0]}" + (f" (and {len(reasons) - 1} more)" if len(reasons) > 1 else "")
-                  + f"; choose a new {option}=", file=sys.stderr)
+            print(f"error: {reasons[0]}" + (f" (and {len(reasons) - 1} more)" if len(reasons) > 1 else "") + advice,
+                  file=sys.stderr)
             raise SystemExit(1)

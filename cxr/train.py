@@ -25,6 +25,7 @@ from cxr.config import (CONFIG_DIR, configure_threads, instantiate_datamodule, l
 from cxr.evaluation.evaluate import evaluate
 from cxr.evaluation.recalibrate import recalibrate_checkpoint
 from cxr.inference import load_classifier
+from cxr.resume import RESUME_CHECKPOINT, RecordRunConfig, ResumeError, completed_epochs, resume_problem
 
 log = logging.getLogger("cxr.train")
 
@@ -34,7 +35,11 @@ def train(cfg: DictConfig) -> dict:
     L.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.paths.output_dir)
     best = out_dir / "checkpoints" / "best.ckpt"
-    if reason := used_run_folder(out_dir):  # also checked before Hydra writes there (RefuseUsedRunFolder)
+    # Also checked before Hydra writes there (RefuseUsedRunFolder); here for callers of this function.
+    resume_from = out_dir / RESUME_CHECKPOINT if cfg.get("resume") else None
+    if resume_from and (problem := resume_problem(out_dir, cfg)):
+        raise ResumeError(problem)
+    if not resume_from and (reason := used_run_folder(out_dir)):
         raise FileExistsError(f"{reason}; choose a new hydra.run.dir=")
     preprocessing = instantiate(cfg.preprocess)
     datamodule = instantiate_datamodule(cfg, preprocessing)
@@ -56,6 +61,7 @@ def train(cfg: DictConfig) -> dict:
                                                    class_weights=None if weights is None else weights.tolist())
     model.data_summary = data_summary
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    callbacks.append(RecordRunConfig(cfg))
     if "val" in datamodule.train_splits:
         selecting = [type(c).__name__ for c in callbacks if str(getattr(c, "monitor", None) or "").startswith("val/")]
         if selecting:
@@ -69,9 +75,11 @@ def train(cfg: DictConfig) -> dict:
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
     start = time.perf_counter()
-    trainer.fit(model, datamodule=datamodule)
+    first_epoch = completed_epochs(resume_from) if resume_from else 0
+    trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from, weights_only=False)
     fit_seconds = time.perf_counter() - start
-    checkpoint_cb = trainer.checkpoint_callback
+    # The callback that keeps best.ckpt; others keep last.ckpt (resume) or snapshots.
+    checkpoint_cb = next((c for c in trainer.checkpoint_callbacks if c.filename == best.stem), None)
     if checkpoint_cb is None or not checkpoint_cb.best_model_path:
         # fast_dev_run and runs without validation keep no best checkpoint: keep the final weights.
         best.parent.mkdir(parents=True, exist_ok=True)
@@ -81,9 +89,11 @@ def train(cfg: DictConfig) -> dict:
 
     # trainer.limit_train_batches may cut an epoch short of the training set
     images_per_epoch = min(len(datamodule.dataset("train")), trainer.num_training_batches * datamodule.batch_size)
+    epochs_run = trainer.current_epoch - first_epoch
     results = {"best_checkpoint": str(best), "fit_seconds": fit_seconds, "epochs": trainer.current_epoch,
-               "train_images_per_second": images_per_epoch * trainer.current_epoch / fit_seconds
-               if trainer.current_epoch else None}
+               "train_images_per_second": images_per_epoch * epochs_run / fit_seconds if epochs_run else None}
+    if resume_from:  # fit_seconds and the speed cover only the epochs this process ran
+        results["resumed_after_epochs"] = first_epoch
     if checkpoint_cb is not None and checkpoint_cb.best_model_score is not None:
         results["selection"] = {"monitor": checkpoint_cb.monitor, "best": float(checkpoint_cb.best_model_score)}
     if calibration["method"] != "none":
@@ -98,6 +108,7 @@ def train(cfg: DictConfig) -> dict:
         if "uncalibrated" in metrics:
             results["eval"]["uncalibrated"] = metrics["uncalibrated"]
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    (out_dir / RESUME_CHECKPOINT).unlink(missing_ok=True)  # a finished run is not resumed
     for logger in loggers:
         summary = dict(results.get("eval") or {})
         summary.update({f"uncalibrated_{k}": v for k, v in summary.pop("uncalibrated", {}).items() if k != "recall"})

@@ -119,6 +119,32 @@ def test_train_stops_before_fitting_on_a_used_folder_or_a_missing_test_image(tra
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_an_interrupted_run_resumes_where_it_stopped_and_only_with_its_own_configuration(tmp_path):
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    overrides = ["debug=smoke", *TINY, "trainer.max_epochs=3", f"hydra.run.dir={out}",
+                 "+callbacks.interrupt._target_=tests.interrupt.InterruptOnce", "+callbacks.interrupt.at_epoch=2",
+                 f"+callbacks.interrupt.marker={tmp_path / 'interrupted'}"]
+    failing_run("cxr.train", *overrides, cache_dir=cache)  # Ctrl-C at the start of epoch 2
+    last = out / "checkpoints" / "last.ckpt"
+    assert last.is_file() and not (out / "results.json").exists()
+
+    stderr = failing_run("cxr.train", *overrides, cache_dir=cache)
+    assert "holds an interrupted run" in stderr and "resume=true" in stderr, stderr[-2000:]
+    saved = {p: p.read_bytes() for p in [last, *(out / ".hydra").iterdir()]}
+    stderr = failing_run("cxr.train", "-m", *overrides, "resume=true", cache_dir=cache)
+    assert "resume=true continues one run" in stderr, stderr[-2000:]
+    stderr = failing_run("cxr.train", *overrides, "resume=true", "seed=7", cache_dir=cache)
+    assert "1 setting(s) differ: seed: 42 -> 7" in stderr and "Traceback" not in stderr, stderr[-2000:]
+    assert all(p.read_bytes() == content for p, content in saved.items())  # nothing of the run rewritten
+
+    run("cxr.train", *overrides, "resume=true", cache_dir=cache)
+    results = json.loads((out / "results.json").read_text())
+    assert results["epochs"] == 3 and results["resumed_after_epochs"] == 2
+    assert (out / "eval" / "metrics.json").is_file() and not last.exists()
+    stderr = failing_run("cxr.train", *overrides, "resume=true", cache_dir=cache)
+    assert "holds a finished run" in stderr and "nothing to resume" in stderr, stderr[-2000:]
+
+
 def test_wandb_run_gets_the_test_figures(tmp_path):
     run("cxr.train", "debug=smoke", *TINY, "data.batch_size=8", "logger=wandb", f"paths.output_dir={tmp_path}",
         cache_dir=tmp_path / "cache")

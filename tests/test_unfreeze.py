@@ -149,3 +149,37 @@ def test_unfreezing_everything_at_epoch_zero_trains_the_whole_net_from_the_first
     assert recorder.trainable[0] == everything
     assert len(recorder.changed[0]) >= 0.9 * len(everything)
     assert len({g["lr"] for g in trainer.optimizers[0].param_groups}) == 1
+
+
+def test_a_resumed_run_keeps_training_the_stages_opened_before_the_interruption(synthetic_manifest, tmp_path):
+    """Resuming after epoch 1 (two stages open): epoch 2 trains head and those stages at the rates they had,
+    then opens the rest on schedule, exactly as an uninterrupted run does."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def trainer_for(max_epochs, *callbacks):
+        return L.Trainer(max_epochs=max_epochs, limit_train_batches=2, limit_val_batches=1, logger=False,
+                         enable_progress_bar=False, callbacks=[
+                             ProgressiveUnfreezing(unfreeze_at=[1, 3], stages_per_step=[2, -1]),
+                             ModelCheckpoint(dirpath=tmp_path, save_last=True), *callbacks])
+
+    def fresh_model():
+        return ChestXrayClassifier("test_efficientnet", dm.class_names, PREP, pretrained="none", dropout=0.0,
+                                   backbone_lr_factor=0.1)
+
+    torch.manual_seed(0)
+    dm = ChestXrayDataModule.from_manifest(str(synthetic_manifest), preprocessing=PREP, batch_size=8)
+    first = trainer_for(2)
+    first.fit(fresh_model(), datamodule=dm)
+    rates = [g["lr"] for g in first.optimizers[0].param_groups]
+    assert len(rates) == 2
+
+    model, recorder = fresh_model(), Recorder()
+    resumed = trainer_for(4, recorder)
+    resumed.fit(model, datamodule=dm, ckpt_path=str(tmp_path / "last.ckpt"), weights_only=False)
+    stages = backbone_stages(model.net)
+    opened = model.head_names | names_of(model, stages[:2])
+    assert recorder.trainable[0] == opened  # epoch 2
+    assert recorder.changed[0] <= opened and len(recorder.changed[0]) >= 0.9 * len(opened)
+    assert recorder.trainable[1] == {n for n, _ in model.net.named_parameters()}  # epoch 3 opens the rest
+    assert [g["lr"] for g in resumed.optimizers[0].param_groups][:2] == pytest.approx(rates)
+    assert len(resumed.optimizers[0].param_groups) == 3

@@ -66,6 +66,13 @@ class ProgressiveUnfreezing(BaseFinetuning):
     def freeze_before_training(self, pl_module: L.LightningModule) -> None:
         self.freeze(backbone_stages(pl_module.net), train_bn=False)
 
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._restarting and self.n_unfrozen:
+            # Resuming: freeze_before_training froze every stage again; the optimizer's groups for the stages
+            # opened before the interruption come back below, their parameters must train again too.
+            self.make_trainable(backbone_stages(pl_module.net)[:self.n_unfrozen])
+        super().on_fit_start(trainer, pl_module)
+
     def finetune_function(self, pl_module: L.LightningModule, epoch: int, optimizer) -> None:
         stages = backbone_stages(pl_module.net)
         for at, count in zip(self.unfreeze_at, self.stages_per_step):

@@ -1,0 +1,83 @@
+"""Resuming an interrupted training run in its own folder (`cxr-train ... resume=true`).
+
+Every epoch end leaves `checkpoints/last.ckpt`, which also records the run's composed configuration; a
+resumed run must repeat it (up to settings that do not change what is trained), so one folder never holds
+a model trained half under one configuration and half under another.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+from omegaconf import DictConfig, OmegaConf
+
+# Where a training run keeps the state it can be resumed from (every epoch end; removed once the run finishes).
+RESUME_CHECKPOINT = Path("checkpoints") / "last.ckpt"
+# The key of a checkpoint that holds the composed configuration of the run that wrote it.
+RUN_CONFIG_KEY = "cxr_run_config"
+# Settings a resumed run may change: they do not change what is trained.
+RESUMABLE_CHANGES = ("resume", "num_threads", "paths.cache_dir")
+
+
+class ResumeError(ValueError):
+    """resume=true asked for a run that cannot be resumed; the message says why."""
+
+
+def run_config(cfg: DictConfig) -> dict:
+    """A run's composed configuration as a flat {dotted key: value} dict, unresolved, without Hydra's own
+    node or the settings a resumed run may change: what a resumed run must repeat."""
+    flat: dict = {}
+
+    def walk(node, prefix: str) -> None:
+        if isinstance(node, dict) and node:
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        else:
+            flat[prefix[:-1]] = node
+
+    container = OmegaConf.to_container(cfg, resolve=False) if isinstance(cfg, DictConfig) else dict(cfg)
+    container.pop("hydra", None)
+    walk(container, "")
+    return {k: v for k, v in flat.items() if k not in RESUMABLE_CHANGES}
+
+
+def resume_problem(folder: Path, cfg: DictConfig) -> str | None:
+    """Why `cfg` cannot resume the run in `folder`, or None."""
+    if (folder / "results.json").exists():
+        return f"{folder} holds a finished run (results.json): there is nothing to resume"
+    last = folder / RESUME_CHECKPOINT
+    if not last.is_file():
+        return f"{folder} has no {RESUME_CHECKPOINT} to resume from (a run saves it at the end of each epoch)"
+    import torch
+
+    try:
+        saved = torch.load(last, map_location="cpu", weights_only=False, mmap=True).get(RUN_CONFIG_KEY)
+    except Exception as exc:  # a checkpoint cut short by the interruption itself
+        return f"{last} is not a readable checkpoint ({type(exc).__name__}: {exc})"
+    if saved is None:
+        return f"{last} does not record the configuration of the run that wrote it"
+    now = run_config(cfg)
+    changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k, "<unset>") != now.get(k, "<unset>"))
+    if changed:
+        shown = "; ".join(f"{k}: {saved.get(k, '<unset>')!r} -> {now.get(k, '<unset>')!r}" for k in changed[:5])
+        more = f" (and {len(changed) - 5} more)" if len(changed) > 5 else ""
+        return (f"resume=true needs the interrupted run's configuration; {len(changed)} setting(s) differ: "
+                f"{shown}{more}")
+    return None
+
+
+def completed_epochs(checkpoint_path: Path) -> int:
+    """How many epochs the run had finished when it saved `checkpoint_path` (saved at an epoch's end)."""
+    import torch
+
+    return int(torch.load(checkpoint_path, map_location="cpu", weights_only=False, mmap=True)["epoch"]) + 1
+
+
+class RecordRunConfig(L.Callback):
+    """Writes the run's configuration into every checkpoint, for resume_problem to compare."""
+
+    def __init__(self, cfg: DictConfig):
+        self.config = run_config(cfg)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        checkpoint[RUN_CONFIG_KEY] = self.config
