@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 # Where a training run keeps the state it can be resumed from (every epoch end; removed once the run finishes).
@@ -81,3 +82,17 @@ class RecordRunConfig(L.Callback):
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         checkpoint[RUN_CONFIG_KEY] = self.config
+
+
+class ResumeCheckpoint(ModelCheckpoint):
+    """Writes `checkpoints/last.ckpt` at every epoch end (ModelCheckpoint's save_last only follows improvements
+    of the monitored score); its state is kept apart from every other ModelCheckpoint's, such as the
+    snapshots' that also save each epoch."""
+
+    def __init__(self, dirpath: str):
+        super().__init__(dirpath=dirpath, filename=RESUME_CHECKPOINT.stem, monitor=None, save_top_k=1,
+                         enable_version_counter=False)
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(purpose="resume")
