@@ -5,7 +5,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from cxr.evaluation.metrics import auroc_shortfall_by_source, costliest_images
-from cxr.evaluation.report import write_report
+from cxr.evaluation.report import markdown_report, write_report
 
 CLASSES = ["normal", "pneumonia", "tuberculosis"]
 
@@ -100,16 +100,64 @@ def test_report_never_claims_the_operating_point_was_fitted_elsewhere_when_it_ma
     assert operating_point_lines(metrics)[1].endswith(expected)
 
 
-def test_macro_averages_include_a_wrongly_called_absent_class_as_scikit_learn_does():
+def test_a_wrongly_called_absent_class_costs_precision_and_f1_but_has_no_recall():
+    """An external hold-out without tuberculosis: its recall and AUROC are undefined (None, shown as "–"), not 0;
+    macro precision and F1 count the wrong call as scikit-learn does, macro recall averages the classes present."""
     from sklearn.metrics import precision_recall_fscore_support
 
     from cxr.evaluation.metrics import compute_metrics
 
     targets = np.array([0, 0, 1, 1])
     probs = np.array([[.1, .1, .8], [.9, .05, .05], [.2, .7, .1], [.2, .7, .1]])  # tuberculosis called once, wrongly
-    macro = compute_metrics(probs, targets, ["normal", "pneumonia", "tuberculosis"])["macro_avg"]
+    metrics = compute_metrics(probs, targets, ["normal", "pneumonia", "tuberculosis"])
+    tb = metrics["per_class"]["tuberculosis"]
+    assert (tb["recall"], tb["auroc"], tb["precision"], tb["f1"], tb["support"]) == (None, None, 0.0, 0.0, 0)
+    macro = metrics["macro_avg"]
     expected = precision_recall_fscore_support(targets, probs.argmax(1), average="macro", zero_division=0)[:3]
-    assert [macro["precision"], macro["recall"], macro["f1"]] == pytest.approx(list(expected))
+    assert [macro["precision"], macro["f1"]] == pytest.approx([expected[0], expected[2]])
+    assert macro["recall"] == pytest.approx((0.5 + 1.0) / 2)
+    report = markdown_report(metrics, "hold-out")
+    assert "| tuberculosis | 0.0% | – | 0.0% | – | 0 |" in report and "| **Macro avg** | 66.7% | 75.0% | 55.6% |" in report
+
+
+def test_a_class_neither_present_nor_called_has_no_precision_and_stays_out_of_the_averages():
+    from sklearn.metrics import precision_recall_fscore_support
+
+    from cxr.evaluation.metrics import compute_metrics
+
+    targets = np.array([0, 0, 1, 1, 0])
+    probs = np.array([[.8, .1, .1], [.6, .3, .1], [.2, .7, .1], [.7, .2, .1], [.4, .5, .1]])
+    metrics = compute_metrics(probs, targets, ["normal", "pneumonia", "tuberculosis"])
+    assert all(metrics["per_class"]["tuberculosis"][k] is None for k in ("precision", "recall", "f1", "auroc"))
+    expected = precision_recall_fscore_support(targets, probs.argmax(1), average=None, zero_division=0)
+    for c, name in enumerate(["normal", "pneumonia"]):
+        stats = metrics["per_class"][name]
+        assert [stats["precision"], stats["recall"], stats["f1"]] == pytest.approx([v[c] for v in expected[:3]])
+    assert metrics["macro_avg"]["recall"] == pytest.approx(expected[1][:2].mean())
+
+
+def test_training_logs_the_evaluation_numbers_and_nothing_for_an_absent_class():
+    """torchmetrics' multiclass AUROC scores a class absent from the split 0 and averages it into the macro
+    value; validation (which chooses the checkpoint) and the Lightning test report compute_metrics instead."""
+    import torch
+
+    from cxr.evaluation.metrics import compute_metrics
+    from cxr.models.module import EvaluatedPredictions
+
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(3), size=40)
+    targets = rng.integers(0, 2, size=40)  # no tuberculosis
+    predictions = EvaluatedPredictions()
+    for part in np.array_split(np.arange(40), 3):
+        predictions.update(torch.as_tensor(probs[part]).float(), torch.as_tensor(targets[part]))
+    logged = predictions.compute_and_reset(["normal", "pneumonia", "tuberculosis"], "val")
+    expected = compute_metrics(probs.astype(np.float32), targets, ["normal", "pneumonia", "tuberculosis"])
+    assert logged["val/auroc_macro"] == pytest.approx(expected["macro_auroc"])
+    assert logged["val/auroc_macro"] == pytest.approx(np.mean([roc_auc_score(targets == c, probs[:, c]) for c in (0, 1)]),
+                                                      abs=1e-6)
+    assert logged["val/acc"] == expected["accuracy"] and "val/auroc_tuberculosis" not in logged
+    assert "val/recall_tuberculosis" not in logged and logged["val/precision_tuberculosis"] == 0.0
+    assert predictions.probs.update_count == 0  # reset for the next epoch
 
 
 def test_auroc_and_accuracy_keep_float64_precision():

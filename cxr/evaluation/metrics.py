@@ -6,8 +6,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from torchmetrics.functional.classification import (binary_auroc, multiclass_accuracy, multiclass_confusion_matrix,
-                                                    multiclass_f1_score, multiclass_precision, multiclass_recall)
+from torchmetrics.functional.classification import binary_auroc, multiclass_confusion_matrix
 
 
 def _auroc(scores: np.ndarray, positive: np.ndarray) -> float | None:
@@ -34,38 +33,51 @@ def pneumonia_vs_normal_auroc(probs: np.ndarray, targets: np.ndarray, class_name
     return None if scores is None else _auroc(*scores[1:])
 
 
+def _ratio(numerator: float, denominator: float) -> float | None:
+    return float(numerator / denominator) if denominator else None
+
+
 def compute_metrics(probs: np.ndarray, targets: np.ndarray, class_names: Sequence[str]) -> dict:
+    """Accuracy, macro and per-class AUROC, per-class precision/recall/F1, confusion matrix (rows = true).
+
+    Undefined values are None, never a number: a class's recall and AUROC when it does not occur (an external
+    hold-out without tuberculosis), its precision and F1 when it neither occurs nor is called. A class that
+    occurs but is never called has precision 0 (scikit-learn's convention), so a model that never calls a
+    class cannot gain from it."""
     probs = np.asarray(probs, dtype=np.float64)
-    targets = np.asarray(targets, dtype=int)
+    targets = np.array(targets, dtype=int)  # a copy: torch warns about read-only arrays (pandas' to_numpy)
     class_names = list(class_names)
     k = len(class_names)
     p, t = torch.as_tensor(probs, dtype=torch.float64), torch.as_tensor(targets)  # float32 would tie near-equal scores
-    per_class_stats = {
-        "precision": multiclass_precision(p, t, k, average=None),
-        "recall": multiclass_recall(p, t, k, average=None),
-        "f1": multiclass_f1_score(p, t, k, average=None),
-    }
-    support = np.bincount(targets, minlength=k)
-    predicted = probs.argmax(axis=1)
+    confusion = multiclass_confusion_matrix(p, t, k).numpy() if len(targets) else np.zeros((k, k), dtype=int)
     per_class = {}
     for c, name in enumerate(class_names):
-        per_class[name] = {stat: float(values[c]) for stat, values in per_class_stats.items()}
-        per_class[name]["auroc"] = _auroc(probs[:, c], targets == c)
-        per_class[name]["support"] = int(support[c])
-        per_class[name]["called"] = float((predicted == c).mean()) if len(targets) else 0.0
-    # As scikit-learn: a class enters the macro averages if it occurs or is predicted, so a wrongly called
-    # absent class (precision 0) is not averaged out.
-    present = [name for c, name in enumerate(class_names) if per_class[name]["support"] > 0 or (predicted == c).any()]
-    aurocs = [per_class[name]["auroc"] for name in present if per_class[name]["auroc"] is not None]
+        tp, support, called = int(confusion[c, c]), int(confusion[c].sum()), int(confusion[:, c].sum())
+        per_class[name] = {
+            "precision": _ratio(tp, called) if called else (0.0 if support else None),
+            "recall": _ratio(tp, support),
+            "f1": _ratio(2 * tp, support + called),
+            "auroc": _auroc(probs[:, c], targets == c),
+            "support": support,
+            "called": _ratio(called, len(targets)) or 0.0,
+        }
+    # As scikit-learn: a class enters the macro averages if it occurs or is called, so a wrongly called absent
+    # class (precision 0, F1 0) is not averaged out; each average skips the values that are undefined.
+    present = [name for c, name in enumerate(class_names) if confusion[c].sum() or confusion[:, c].sum()]
+
+    def macro(stat: str) -> float | None:
+        values = [per_class[name][stat] for name in present if per_class[name][stat] is not None]
+        return float(np.mean(values)) if values else None
+
     return {
         "classes": class_names,
         "n": int(len(targets)),
-        "accuracy": float(multiclass_accuracy(p, t, k, average="micro")) if len(targets) else 0.0,
-        "macro_auroc": float(np.mean(aurocs)) if aurocs else None,
+        "accuracy": float(np.trace(confusion) / len(targets)) if len(targets) else 0.0,
+        "macro_auroc": macro("auroc"),
         "pneumonia_vs_normal_auroc": pneumonia_vs_normal_auroc(probs, targets, class_names),
-        "macro_avg": {stat: float(np.mean([per_class[n][stat] for n in present])) for stat in ("precision", "recall", "f1")},
+        "macro_avg": {stat: macro(stat) for stat in ("precision", "recall", "f1")},
         "per_class": per_class,
-        "confusion_matrix": multiclass_confusion_matrix(p, t, k).tolist(),
+        "confusion_matrix": confusion.tolist(),
     }
 
 

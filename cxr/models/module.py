@@ -7,26 +7,44 @@ from typing import Callable, Sequence
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torchmetrics import MetricCollection
-from torchmetrics.classification import (MulticlassAccuracy, MulticlassAUROC, MulticlassF1Score,
-                                         MulticlassPrecision, MulticlassRecall)
+from torchmetrics import CatMetric
 
 from cxr.calibration import Calibration
 from cxr.checkpoint import CHECKPOINT_KEY
 from cxr.data.preprocess import Preprocessing
+from cxr.evaluation.metrics import compute_metrics
 from cxr.models.backbone import create_backbone, head_parameter_names
 from cxr.models.losses import pairwise_auc_loss
 
 
-def classification_metrics(num_classes: int) -> MetricCollection:
-    return MetricCollection({
-        "acc": MulticlassAccuracy(num_classes, average="micro"),
-        "auroc_macro": MulticlassAUROC(num_classes, average="macro"),
-        "auroc": MulticlassAUROC(num_classes, average=None),
-        "recall": MulticlassRecall(num_classes, average=None),
-        "precision": MulticlassPrecision(num_classes, average=None),
-        "f1": MulticlassF1Score(num_classes, average=None),
-    })
+class EvaluatedPredictions(torch.nn.Module):
+    """A stage's probabilities and targets, gathered over its batches (and devices), scored at epoch end by
+    the evaluation's own compute_metrics: validation, the Lightning test and cxr-eval share one definition
+    of every number (torchmetrics' own macro AUROC would score a class absent from the split 0 and average
+    it in)."""
+
+    def __init__(self):
+        super().__init__()
+        self.probs, self.targets = CatMetric(), CatMetric()
+
+    def update(self, probs: torch.Tensor, targets: torch.Tensor) -> None:
+        self.probs.update(probs.detach().double())
+        self.targets.update(targets)
+
+    def compute_and_reset(self, class_names: Sequence[str], prefix: str) -> dict[str, float]:
+        metrics = compute_metrics(self.probs.compute().cpu().numpy(), self.targets.compute().long().cpu().numpy(),
+                                  class_names)
+        self.probs.reset()
+        self.targets.reset()
+        # Undefined values (a class absent from the split) are left out, except the score checkpoints watch.
+        logged = {f"{prefix}/acc": metrics["accuracy"],
+                  f"{prefix}/auroc_macro": float("nan") if metrics["macro_auroc"] is None else metrics["macro_auroc"]}
+        if metrics["pneumonia_vs_normal_auroc"] is not None:
+            logged[f"{prefix}/auroc_pneumonia_vs_normal"] = metrics["pneumonia_vs_normal_auroc"]
+        for name, stats in metrics["per_class"].items():
+            logged.update({f"{prefix}/{stat}_{name}": stats[stat] for stat in ("auroc", "recall", "precision", "f1")
+                           if stats[stat] is not None})
+        return logged
 
 
 class ChestXrayClassifier(L.LightningModule):
@@ -76,8 +94,7 @@ class ChestXrayClassifier(L.LightningModule):
         self.calibration = Calibration()  # fitted after training, on the validation split
         self.data_summary: dict = {}
         self.save_hyperparameters(ignore=["optimizer", "scheduler", "mixup", "preprocessing", "class_weights"])
-        self.val_metrics = classification_metrics(len(self.class_names)).clone(prefix="val/")
-        self.test_metrics = classification_metrics(len(self.class_names)).clone(prefix="test/")
+        self.val_predictions, self.test_predictions = EvaluatedPredictions(), EvaluatedPredictions()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
@@ -103,32 +120,27 @@ class ChestXrayClassifier(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(y))
         return loss
 
-    def _eval_step(self, batch, metrics: MetricCollection, stage: str):
+    def _eval_step(self, batch, predictions: EvaluatedPredictions, stage: str):
         x, y = batch
         logits = self(x)
         self.log(f"{stage}/loss", self.loss(logits, y), on_epoch=True, batch_size=len(y))
-        metrics.update(self.calibration.probabilities(logits), y)
+        predictions.update(self.calibration.probabilities(logits), y)
 
-    def _log_metrics(self, metrics: MetricCollection) -> None:
-        for name, value in metrics.compute().items():
-            if value.ndim == 0:
-                self.log(name, value, prog_bar=name.endswith(("auroc_macro", "acc")))
-            else:
-                for class_name, v in zip(self.class_names, value):
-                    self.log(f"{name}_{class_name}", v)
-        metrics.reset()
+    def _log_metrics(self, predictions: EvaluatedPredictions, stage: str) -> None:
+        for name, value in predictions.compute_and_reset(self.class_names, stage).items():
+            self.log(name, value, prog_bar=name.endswith(("auroc_macro", "acc")))
 
     def validation_step(self, batch, batch_idx):
-        self._eval_step(batch, self.val_metrics, "val")
+        self._eval_step(batch, self.val_predictions, "val")
 
     def on_validation_epoch_end(self):
-        self._log_metrics(self.val_metrics)
+        self._log_metrics(self.val_predictions, "val")
 
     def test_step(self, batch, batch_idx):
-        self._eval_step(batch, self.test_metrics, "test")
+        self._eval_step(batch, self.test_predictions, "test")
 
     def on_test_epoch_end(self):
-        self._log_metrics(self.test_metrics)
+        self._log_metrics(self.test_predictions, "test")
 
     def predict_step(self, batch, batch_idx):
         return self.calibration.probabilities(self(batch[0]))
