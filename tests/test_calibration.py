@@ -101,3 +101,21 @@ def test_spec_update_writes_a_new_checkpoint_and_keeps_the_weights(tiny_checkpoi
     assert original["state_dict"].keys() == updated["state_dict"].keys()
     assert all(torch.equal(original["state_dict"][k], updated["state_dict"][k]) for k in original["state_dict"])
     assert not list(tmp_path.glob("*.partial"))
+
+
+def test_a_temperature_alone_is_reported_beside_the_networks_own_numbers(synthetic_manifest, tmp_path):
+    """A temperature changes no decision but does move one-vs-rest AUROC: the report keeps the network's own."""
+    from cxr.data.datamodule import ChestXrayDataModule
+    from cxr.evaluation.evaluate import evaluate, predict_logits
+    from cxr.evaluation.metrics import compute_metrics
+    from cxr.inference import load_classifier
+    from tests.conftest import TINY_PREPROCESSING, make_tiny_checkpoint
+
+    classifier = load_classifier(make_tiny_checkpoint(tmp_path / "t.ckpt", calibration=Calibration(temperature=3.0)))
+    datamodule = ChestXrayDataModule.from_manifest(str(synthetic_manifest), preprocessing=TINY_PREPROCESSING)
+    metrics = evaluate(classifier, datamodule, "test", tmp_path / "eval")
+    raw = compute_metrics(torch.softmax(predict_logits(classifier, datamodule, "test"), 1).numpy(),
+                          datamodule.split_frame("test")["target"].to_numpy(), NAMES)
+    assert metrics["uncalibrated"]["macro_auroc"] == pytest.approx(raw["macro_auroc"])
+    assert metrics["uncalibrated"]["accuracy"] == metrics["accuracy"]
+    assert "The network's own softmax (no temperature, no bias)" in (tmp_path / "eval" / "report.md").read_text()

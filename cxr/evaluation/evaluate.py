@@ -45,8 +45,8 @@ def evaluate(classifier: Classifier, datamodule: ChestXrayDataModule, split: str
         "holdout_sources": datamodule.holdout_sources,
         "images_per_second": len(frame) / seconds if seconds > 0 else None,
     }
-    if classifier.calibration.logit_bias is not None:
-        # The bias moves decisions: report what the network's own argmax gives as well.
+    if classifier.calibration.logit_bias is not None or classifier.calibration.temperature != 1.0:
+        # A bias moves decisions, and a temperature alone still moves one-vs-rest AUROC: report the network's own.
         raw = compute_metrics(torch.softmax(logits, dim=1).numpy(), frame["target"].to_numpy(), classifier.class_names)
         extra["uncalibrated"] = {"accuracy": raw["accuracy"], "macro_auroc": raw["macro_auroc"],
                                  "recall": {name: raw["per_class"][name]["recall"] for name in classifier.class_names}}

@@ -38,22 +38,24 @@ def interval_lines(metrics: dict) -> list[str]:
 
 
 def operating_point_lines(metrics: dict) -> list[str]:
-    fit = metrics.get("calibration_fit")
-    if not fit:
+    fit, raw = metrics.get("calibration_fit"), metrics.get("uncalibrated")
+    if not fit and not raw:
         return []
     bias = metrics.get("logit_bias")
     bias_text = ", logit bias " + ", ".join(f"{name} {value:+.2f}" for name, value in bias.items()) if bias else ""
-    if fit["split"] == metrics.get("split"):
+    method = fit["method"] if fit else "not fitted by cxr"
+    if not fit:
+        where = "the checkpoint does not record where it came from."
+    elif fit["split"] == metrics.get("split"):
         where = (f"fitted on a {fit['split']} split (n = {fit['n']}), the split evaluated here: if these are the same "
                  "images, the operating point was tuned on them and accuracy, precision and recall are optimistic.")
     else:
         where = (f"fitted on the {fit['split']} split (n = {fit['n']}), not on the {metrics.get('split')} split "
                  "evaluated here.")
-    lines = ["", f"Operating point ({fit['method']}): temperature {metrics['temperature']:.3f}{bias_text}; {where}"]
-    raw = metrics.get("uncalibrated")
+    lines = ["", f"Operating point ({method}): temperature {metrics['temperature']:.3f}{bias_text}; {where}"]
     if raw:
         recalls = ", ".join(f"{name} {_pct(value)}" for name, value in raw["recall"].items())
-        lines.append(f"The network's own argmax (no bias): accuracy {_pct(raw['accuracy'])}; "
+        lines.append(f"The network's own softmax (no temperature, no bias): accuracy {_pct(raw['accuracy'])}; "
                      f"macro AUROC {_num(raw['macro_auroc'])}; recall {recalls}.")
     return lines
 
