@@ -16,6 +16,10 @@ if not OmegaConf.has_resolver("project_root"):
     OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT))
 
 
+class ConfigError(ValueError):
+    """Settings that contradict each other or would make a reported number dishonest; the message says which."""
+
+
 def instantiate_optional(node):
     """instantiate() for a group that may be switched off (`augment=none` composes to an empty node)."""
     from hydra.utils import instantiate
@@ -87,7 +91,7 @@ def user_errors(main):
 
         try:
             return main(cfg)
-        except (DataCheckError, LeakageError, PretrainedWeightsError, CheckpointError, ResumeError,
+        except (DataCheckError, LeakageError, PretrainedWeightsError, CheckpointError, ResumeError, ConfigError,
                 FileNotFoundError, FileExistsError, MissingMandatoryValue) as exc:
             print(f"error: {exc}", file=sys.stderr)
             if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:

@@ -20,8 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from cxr.calibration import check_calibration_targets
 from cxr.checkpoint import TRAIN_FINGERPRINTS
-from cxr.config import (CONFIG_DIR, configure_threads, instantiate_datamodule, log_config, used_run_folder,
-                        user_errors)
+from cxr.config import (CONFIG_DIR, ConfigError, configure_threads, instantiate_datamodule, log_config,
+                        used_run_folder, user_errors)
 from cxr.evaluation.evaluate import evaluate
 from cxr.evaluation.recalibrate import recalibrate_checkpoint
 from cxr.inference import load_classifier
@@ -51,6 +51,9 @@ def train(cfg: DictConfig) -> dict:
     # Every split that will choose or measure the model must hold none of its training images: checked now,
     # not after the fit (a refit trains on val, and then must not calibrate there).
     held_out = ({"val", datamodule.split} if test_after_fit else {"val"}) - set(datamodule.train_splits)
+    if calibration["method"] != "none" and test_after_fit and calibration["split"] == datamodule.split:
+        raise ConfigError(f"calibration.split={calibration['split']} is the split the run is tested on: the operating "
+                          "point would be tuned on the test images; fit it on val (the default)")
     for split in sorted(held_out | ({calibration["split"]} if calibration["method"] != "none" else set())):
         datamodule.check_unseen(split, data_summary, whose="the model")
     if calibration["method"] != "none":  # warn about (or refuse) few calibration images now, not after the fit
@@ -65,7 +68,7 @@ def train(cfg: DictConfig) -> dict:
     if "val" in datamodule.train_splits:
         selecting = [type(c).__name__ for c in callbacks if str(getattr(c, "monitor", None) or "").startswith("val/")]
         if selecting:
-            raise ValueError(f"data.train_splits includes val, so {selecting} would choose on images the model trains "
+            raise ConfigError(f"data.train_splits includes val, so {selecting} would choose on images the model trains "
                              "on; switch them off as experiment=lite0_member_refit does")
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     if not loggers:  # logger=none: nothing to log learning rates to, and Lightning refuses the monitor
