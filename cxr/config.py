@@ -81,13 +81,13 @@ def user_errors(main):
 
         from cxr.checkpoint import CheckpointError
         from cxr.data.dataset import DataCheckError
-        from cxr.data.index import LeakageError
+        from cxr.data.index import DataConfigError, LeakageError
         from cxr.models.backbone import PretrainedWeightsError
 
         try:
             return main(cfg)
         except (DataCheckError, LeakageError, PretrainedWeightsError, CheckpointError, FileNotFoundError,
-                FileExistsError, MissingMandatoryValue) as exc:
+                FileExistsError, MissingMandatoryValue, DataConfigError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
                 raise

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 from cxr.data.datamodule import (ChestXrayDataModule, balanced_class_weights, balanced_sampler, seed_worker,
                                  split_fingerprint)
 from cxr.data.dataset import DataCheckError, StandardizedImageDataset
-from cxr.data.index import CLASS_NAMES, LeakageError
+from cxr.data.index import CLASS_NAMES, DataConfigError, LeakageError
 from cxr.data.preprocess import Preprocessing
 
 PREP = Preprocessing(image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3)
@@ -239,3 +239,13 @@ def test_a_class_without_training_images_is_warned_about(tmp_path, synthetic_man
     with caplog.at_level("WARNING"):
         ChestXrayDataModule.from_manifest(str(tmp_path / "no_tb_in_train.csv"), preprocessing=PREP).build_index()
     assert "['tuberculosis'] have no training images" in caplog.text
+
+
+def test_labels_outside_the_classes_and_empty_splits_are_data_config_errors(synthetic_manifest):
+    two_classes = ChestXrayDataModule.from_manifest(str(synthetic_manifest), preprocessing=PREP,
+                                                    class_names=["normal", "pneumonia"])
+    with pytest.raises(DataConfigError, match=r"\['tuberculosis'\] are not among the model's classes"):
+        two_classes.build_index()
+    no_test = ChestXrayDataModule.from_manifest(str(synthetic_manifest), preprocessing=PREP, test_fraction=0.0)
+    with pytest.raises(DataConfigError, match="split 'test' has no images"):
+        no_test.split_frame("test")

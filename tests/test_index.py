@@ -4,7 +4,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from cxr.data.index import LeakageError, assign_splits, check_patient_leakage, index_folder, index_manifest
+from cxr.config import user_errors
+from cxr.data.index import (DataConfigError, LeakageError, assign_splits, check_patient_leakage, index_folder,
+                            index_manifest)
 
 
 def write_png(path):
@@ -36,7 +38,7 @@ def test_masks_beside_images_are_not_indexed(tmp_path, caplog):
 
 def test_folder_without_images_is_an_error(tmp_path):
     (tmp_path / "NORMAL").mkdir()
-    with pytest.raises(ValueError, match="no images"):
+    with pytest.raises(DataConfigError, match="no images"):
         index_folder(tmp_path)
 
 
@@ -102,3 +104,17 @@ def test_manifest_split_aliases_and_padded_patient_ids(tmp_path):
     assert index["split"].tolist() == ["val", "train"] and index["patient_id"].tolist() == ["p1", "p1"]
     with pytest.raises(LeakageError, match="p1"):
         check_patient_leakage(index)
+
+
+@pytest.mark.parametrize("csv, message", [
+    ("path,label\na.png,covid\n", "unknown label 'covid'"),
+    ("path,label,split\na.png,normal,holdout\n", "unknown split value"),
+    ("file,label\na.png,normal\n", r"missing column\(s\) \['path'\]"),
+])
+def test_bad_manifest_is_a_data_config_error_printed_without_traceback(tmp_path, capsys, csv, message):
+    (tmp_path / "m.csv").write_text(csv)
+    with pytest.raises(DataConfigError, match=message):
+        index_manifest(tmp_path / "m.csv")
+    with pytest.raises(SystemExit) as exit_info:
+        user_errors(lambda cfg: index_manifest(tmp_path / "m.csv"))(None)
+    assert exit_info.value.code == 1 and capsys.readouterr().err.startswith("error: ")

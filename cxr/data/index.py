@@ -31,6 +31,11 @@ class LeakageError(ValueError):
     """A patient appears in more than one split."""
 
 
+class DataConfigError(ValueError):
+    """The data given cannot be used as it is (an unknown label, a missing column, no images); the message says
+    what to change."""
+
+
 def canonical_label(name: str) -> str | None:
     return LABEL_ALIASES.get(str(name).strip().lower())
 
@@ -38,7 +43,8 @@ def canonical_label(name: str) -> str | None:
 def _label_or_raise(name: str, where: str) -> str:
     label = canonical_label(name)
     if label is None:
-        raise ValueError(f"{where}: unknown label {name!r}; expected one of {sorted(LABEL_ALIASES)}")
+        raise DataConfigError(f"{where}: unknown label {name!r}; expected one of {sorted(LABEL_ALIASES)}: rename it "
+                              "or remove the image")
     return label
 
 
@@ -80,7 +86,8 @@ def index_folder(root: str | Path) -> pd.DataFrame:
     if masks:
         log.warning("skipped %d segmentation masks (e.g. %s): not radiographs", len(masks), masks[0])
     if not rows:
-        raise ValueError(f"no images found under {root} (expected class sub-folders such as NORMAL/, PNEUMONIA/, TB/)")
+        raise DataConfigError(f"no images found under {root}: put them in class sub-folders such as NORMAL/, "
+                              "PNEUMONIA/, TB/ (optionally inside train/, val/, test/)")
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
@@ -92,7 +99,8 @@ def index_manifest(manifest: str | Path) -> pd.DataFrame:
     table = pd.read_csv(manifest, dtype=str, keep_default_na=False)
     missing = {"path", "label"} - set(table.columns)
     if missing:
-        raise ValueError(f"{manifest}: missing column(s) {sorted(missing)}")
+        raise DataConfigError(f"{manifest}: missing column(s) {sorted(missing)} (found {list(table.columns)}); the "
+                              "first line must name the columns, e.g. path,label,split,patient_id")
     frame = pd.DataFrame({
         "path": [str((manifest.parent / p).resolve()) for p in table["path"]],
         "label": [_label_or_raise(v, f"{manifest} row {i + 2}") for i, v in enumerate(table["label"])],
@@ -102,7 +110,8 @@ def index_manifest(manifest: str | Path) -> pd.DataFrame:
     })
     bad_splits = set(frame["split"]) - set(SPLITS) - {""}
     if bad_splits:
-        raise ValueError(f"{manifest}: unknown split value(s) {sorted(bad_splits)}; use {SPLITS}")
+        raise DataConfigError(f"{manifest}: unknown split value(s) {sorted(bad_splits)}; use {SPLITS}, or leave it "
+                              "empty to have the split drawn")
     return frame
 
 
