@@ -118,3 +118,9 @@ def test_bad_manifest_is_a_data_config_error_printed_without_traceback(tmp_path,
     with pytest.raises(SystemExit) as exit_info:
         user_errors(lambda cfg: index_manifest(tmp_path / "m.csv"))(None)
     assert exit_info.value.code == 1 and capsys.readouterr().err.startswith("error: ")
+
+
+def test_manifest_column_names_ignore_case_and_spaces(tmp_path):
+    (tmp_path / "m.csv").write_text("Path, Label ,SPLIT, Patient_ID\na.png,normal,train,p1\n")
+    index = index_manifest(tmp_path / "m.csv")
+    assert index[["label", "split", "patient_id"]].values.tolist() == [["normal", "train", "p1"]]

@@ -97,6 +97,7 @@ def index_manifest(manifest: str | Path) -> pd.DataFrame:
     if not manifest.is_file():
         raise FileNotFoundError(f"manifest {manifest} does not exist")
     table = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    table.columns = [str(name).strip().lower() for name in table.columns]
     missing = {"path", "label"} - set(table.columns)
     if missing:
         raise DataConfigError(f"{manifest}: missing column(s) {sorted(missing)} (found {list(table.columns)}); the "
