@@ -124,3 +124,12 @@ def test_manifest_column_names_ignore_case_and_spaces(tmp_path):
     (tmp_path / "m.csv").write_text("Path, Label ,SPLIT, Patient_ID\na.png,normal,train,p1\n")
     index = index_manifest(tmp_path / "m.csv")
     assert index[["label", "split", "patient_id"]].values.tolist() == [["normal", "train", "p1"]]
+
+
+def test_symlinked_subfolders_are_followed_once(tmp_path):
+    write_png(tmp_path / "extra" / "x.png")
+    write_png(tmp_path / "data" / "TB" / "a.png")
+    (tmp_path / "data" / "TB" / "linked").symlink_to(tmp_path / "extra")
+    (tmp_path / "data" / "TB" / "loop").symlink_to(tmp_path / "data" / "TB")  # must not recurse forever
+    index = index_folder(tmp_path / "data")
+    assert sorted(p.removeprefix(str(tmp_path / "data")) for p in index["path"]) == ["/TB/a.png", "/TB/linked/x.png"]

@@ -6,6 +6,7 @@ An index is a DataFrame with columns `path` (absolute), `label` (canonical class
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +56,21 @@ def is_mask(file: Path, class_dir: Path) -> bool:
     return file.stem.lower().endswith(("_mask", "-mask")) or any(f in ("mask", "masks") for f in folders)
 
 
+def _files_under(folder: Path) -> list[Path]:
+    """Every file under `folder`, sorted, also under symlinked sub-folders (which Path.rglob does not enter before
+    Python 3.13); each real folder is walked once, so a link to an ancestor cannot loop."""
+    files, walked = [], set()
+    for current, subfolders, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(current)
+        if real in walked:
+            subfolders.clear()
+            continue
+        walked.add(real)
+        subfolders.sort()  # which of two paths to one real folder is kept must not depend on listing order
+        files.extend(Path(current, name) for name in names)
+    return sorted(files)
+
+
 def index_folder(root: str | Path) -> pd.DataFrame:
     """`root/<class>/*` or `root/<split>/<class>/*`; class and split folder names (train/training,
     val/valid/validation, test/testing) are matched case-insensitively. Masks (see `is_mask`) are skipped."""
@@ -75,7 +91,7 @@ def index_folder(root: str | Path) -> pd.DataFrame:
             if label is None:
                 log.warning("ignoring folder %s: not a known class name", class_dir)
                 continue
-            for file in sorted(class_dir.rglob("*")):
+            for file in _files_under(class_dir):
                 if not (file.is_file() and file.suffix.lower() in IMAGE_SUFFIXES):
                     continue
                 if is_mask(file, class_dir):
