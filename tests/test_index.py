@@ -133,3 +133,17 @@ def test_symlinked_subfolders_are_followed_once(tmp_path):
     (tmp_path / "data" / "TB" / "loop").symlink_to(tmp_path / "data" / "TB")  # must not recurse forever
     index = index_folder(tmp_path / "data")
     assert sorted(p.removeprefix(str(tmp_path / "data")) for p in index["path"]) == ["/TB/a.png", "/TB/linked/x.png"]
+
+
+def test_hidden_files_and_macos_folders_are_not_indexed(tmp_path, caplog):
+    write_png(tmp_path / "train" / "NORMAL" / "a.png")
+    (tmp_path / "train" / "NORMAL" / "._a.png").write_bytes(b"\x00\x05\x16\x07" + bytes(80))  # AppleDouble
+    write_png(tmp_path / "train" / "PNEUMONIA" / "b.png")
+    write_png(tmp_path / "train" / "PNEUMONIA" / ".thumbs" / "t.png")
+    write_png(tmp_path / "train" / "__MACOSX" / "NORMAL" / "c.png")
+    write_png(tmp_path / "__MACOSX" / "train" / "NORMAL" / "d.png")
+    with caplog.at_level("WARNING"):
+        index = index_folder(tmp_path)
+    assert sorted(p.removeprefix(str(tmp_path)) for p in index["path"]) == ["/train/NORMAL/a.png",
+                                                                          "/train/PNEUMONIA/b.png"]
+    assert "__MACOSX" not in caplog.text

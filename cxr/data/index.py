@@ -56,9 +56,20 @@ def is_mask(file: Path, class_dir: Path) -> bool:
     return file.stem.lower().endswith(("_mask", "-mask")) or any(f in ("mask", "masks") for f in folders)
 
 
+def is_hidden(name: str) -> bool:
+    """Dot files and folders (macOS AppleDouble `._x.png`, `.thumbs/`) and the `__MACOSX/` folders of macOS zip
+    archives: never radiographs, and AppleDouble files carry image suffixes without being images."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    return sorted(d for d in folder.iterdir() if d.is_dir() and not is_hidden(d.name))
+
+
 def _files_under(folder: Path) -> list[Path]:
-    """Every file under `folder`, sorted, also under symlinked sub-folders (which Path.rglob does not enter before
-    Python 3.13); each real folder is walked once, so a link to an ancestor cannot loop."""
+    """Every file under `folder` that is not hidden (see `is_hidden`), sorted, also under symlinked sub-folders
+    (which Path.rglob does not enter before Python 3.13); each real folder is walked once, so a link to an ancestor
+    cannot loop."""
     files, walked = [], set()
     for current, subfolders, names in os.walk(folder, followlinks=True):
         real = os.path.realpath(current)
@@ -66,8 +77,9 @@ def _files_under(folder: Path) -> list[Path]:
             subfolders.clear()
             continue
         walked.add(real)
-        subfolders.sort()  # which of two paths to one real folder is kept must not depend on listing order
-        files.extend(Path(current, name) for name in names)
+        # Sorted: which of two paths to one real folder is kept must not depend on listing order.
+        subfolders[:] = sorted(name for name in subfolders if not is_hidden(name))
+        files.extend(Path(current, name) for name in names if not is_hidden(name))
     return sorted(files)
 
 
@@ -77,16 +89,15 @@ def index_folder(root: str | Path) -> pd.DataFrame:
     root = Path(root).expanduser().resolve()
     if not root.is_dir():
         raise FileNotFoundError(f"data folder {root} does not exist")
-    split_dirs = {SPLIT_ALIASES[d.name.lower()]: d for d in root.iterdir()
-                  if d.is_dir() and d.name.lower() in SPLIT_ALIASES}
+    split_dirs = {SPLIT_ALIASES[d.name.lower()]: d for d in _subfolders(root) if d.name.lower() in SPLIT_ALIASES}
     if split_dirs:
-        for other in sorted(d for d in root.iterdir() if d.is_dir() and d.name.lower() not in SPLIT_ALIASES):
+        for other in (d for d in _subfolders(root) if d.name.lower() not in SPLIT_ALIASES):
             log.warning("ignoring folder %s: next to the split folders %s, class folders must sit inside them",
                         other, sorted(d.name for d in split_dirs.values()))
     groups = split_dirs.items() if split_dirs else [("", root)]
     rows, masks = [], []
     for split, base in groups:
-        for class_dir in sorted(d for d in base.iterdir() if d.is_dir()):
+        for class_dir in _subfolders(base):
             label = canonical_label(class_dir.name)
             if label is None:
                 log.warning("ignoring folder %s: not a known class name", class_dir)
