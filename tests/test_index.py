@@ -147,3 +147,17 @@ def test_hidden_files_and_macos_folders_are_not_indexed(tmp_path, caplog):
     assert sorted(p.removeprefix(str(tmp_path)) for p in index["path"]) == ["/train/NORMAL/a.png",
                                                                           "/train/PNEUMONIA/b.png"]
     assert "__MACOSX" not in caplog.text
+
+
+def test_dicom_files_without_image_suffix_are_indexed_and_other_files_counted(tmp_path, caplog):
+    dicom_bytes = bytes(128) + b"DICM" + bytes(64)
+    write_png(tmp_path / "NORMAL" / "a.png")
+    (tmp_path / "NORMAL" / "IM0001").write_bytes(dicom_bytes)
+    (tmp_path / "NORMAL" / "1.2.840.113619.2.55.3").write_bytes(dicom_bytes)
+    (tmp_path / "NORMAL" / "notes.txt").write_text("scanned 2019")
+    (tmp_path / "NORMAL" / "IM0002").write_bytes(bytes(200))
+    with caplog.at_level("WARNING"):
+        index = index_folder(tmp_path)
+    assert sorted(p.removeprefix(str(tmp_path)) for p in index["path"]) == [
+        "/NORMAL/1.2.840.113619.2.55.3", "/NORMAL/IM0001", "/NORMAL/a.png"]
+    assert "skipped 2 file(s) that are not images" in caplog.text and "/NORMAL/IM0002" in caplog.text

@@ -13,6 +13,8 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
+from cxr.data.decode import DICOM_MAGIC_OFFSET, is_dicom
+
 log = logging.getLogger(__name__)
 
 CLASS_NAMES = ("normal", "pneumonia", "tuberculosis")
@@ -56,6 +58,18 @@ def is_mask(file: Path, class_dir: Path) -> bool:
     return file.stem.lower().endswith(("_mask", "-mask")) or any(f in ("mask", "masks") for f in folders)
 
 
+def is_image_file(file: Path) -> bool:
+    """By suffix, or for any other name by DICOM's magic bytes: DICOM files are often named `IM0001` or by their
+    UID (`1.2.840.113619.2.55.3`)."""
+    if file.suffix.lower() in IMAGE_SUFFIXES:
+        return True
+    try:
+        with file.open("rb") as handle:
+            return is_dicom(handle.read(DICOM_MAGIC_OFFSET + 4))
+    except OSError:
+        return False
+
+
 def is_hidden(name: str) -> bool:
     """Dot files and folders (macOS AppleDouble `._x.png`, `.thumbs/`) and the `__MACOSX/` folders of macOS zip
     archives: never radiographs, and AppleDouble files carry image suffixes without being images."""
@@ -95,7 +109,7 @@ def index_folder(root: str | Path) -> pd.DataFrame:
             log.warning("ignoring folder %s: next to the split folders %s, class folders must sit inside them",
                         other, sorted(d.name for d in split_dirs.values()))
     groups = split_dirs.items() if split_dirs else [("", root)]
-    rows, masks = [], []
+    rows, masks, others = [], [], []
     for split, base in groups:
         for class_dir in _subfolders(base):
             label = canonical_label(class_dir.name)
@@ -103,15 +117,19 @@ def index_folder(root: str | Path) -> pd.DataFrame:
                 log.warning("ignoring folder %s: not a known class name", class_dir)
                 continue
             for file in _files_under(class_dir):
-                if not (file.is_file() and file.suffix.lower() in IMAGE_SUFFIXES):
+                if not file.is_file():
                     continue
-                if is_mask(file, class_dir):
+                if not is_image_file(file):
+                    others.append(file)
+                elif is_mask(file, class_dir):
                     masks.append(file)
                 else:
                     rows.append({"path": str(file), "label": label, "split": split,
                                  "patient_id": "", "source": root.name})
     if masks:
         log.warning("skipped %d segmentation masks (e.g. %s): not radiographs", len(masks), masks[0])
+    if others:
+        log.warning("skipped %d file(s) that are not images by name or content (e.g. %s)", len(others), others[0])
     if not rows:
         raise DataConfigError(f"no images found under {root}: put them in class sub-folders such as NORMAL/, "
                               "PNEUMONIA/, TB/ (optionally inside train/, val/, test/)")
