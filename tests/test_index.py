@@ -161,3 +161,11 @@ def test_dicom_files_without_image_suffix_are_indexed_and_other_files_counted(tm
     assert sorted(p.removeprefix(str(tmp_path)) for p in index["path"]) == [
         "/NORMAL/1.2.840.113619.2.55.3", "/NORMAL/IM0001", "/NORMAL/a.png"]
     assert "skipped 2 file(s) that are not images" in caplog.text and "/NORMAL/IM0002" in caplog.text
+
+
+@pytest.mark.parametrize("first, second", [("val", "valid"), ("Train", "train")])
+def test_two_folders_for_one_split_are_refused_naming_both(tmp_path, first, second):
+    for folder in ("train", first, second):
+        write_png(tmp_path / folder / "NORMAL" / "a.png")
+    with pytest.raises(DataConfigError, match=f"/{first} and .*/{second} are both the"):
+        index_folder(tmp_path)

@@ -97,13 +97,27 @@ def _files_under(folder: Path) -> list[Path]:
     return sorted(files)
 
 
+def _split_folders(root: Path) -> dict[str, Path]:
+    """root's split folders by split name; two folders naming one split (val/ and valid/, Train/ and train/) are
+    refused, as one of them would be left out."""
+    found: dict[str, Path] = {}
+    for folder in _subfolders(root):
+        split = SPLIT_ALIASES.get(folder.name.lower())
+        if split in found:
+            raise DataConfigError(f"{found[split]} and {folder} are both the {split!r} split: merge them into one "
+                                  "folder, or rename or remove one")
+        if split is not None:
+            found[split] = folder
+    return found
+
+
 def index_folder(root: str | Path) -> pd.DataFrame:
     """`root/<class>/*` or `root/<split>/<class>/*`; class and split folder names (train/training,
     val/valid/validation, test/testing) are matched case-insensitively. Masks (see `is_mask`) are skipped."""
     root = Path(root).expanduser().resolve()
     if not root.is_dir():
         raise FileNotFoundError(f"data folder {root} does not exist")
-    split_dirs = {SPLIT_ALIASES[d.name.lower()]: d for d in _subfolders(root) if d.name.lower() in SPLIT_ALIASES}
+    split_dirs = _split_folders(root)
     if split_dirs:
         for other in (d for d in _subfolders(root) if d.name.lower() not in SPLIT_ALIASES):
             log.warning("ignoring folder %s: next to the split folders %s, class folders must sit inside them",
