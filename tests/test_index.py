@@ -169,3 +169,12 @@ def test_two_folders_for_one_split_are_refused_naming_both(tmp_path, first, seco
         write_png(tmp_path / folder / "NORMAL" / "a.png")
     with pytest.raises(DataConfigError, match=f"/{first} and .*/{second} are both the"):
         index_folder(tmp_path)
+
+
+def test_missing_value_markers_in_patient_id_are_no_patient(tmp_path):
+    (tmp_path / "m.csv").write_text("path,label,split,patient_id\n"
+                                    "a.png,normal,train,NA\nb.png,tb,test,NA\nc.png,tb,val,NaN\nd.png,normal,test,null\n"
+                                    "e.png,normal,train,None\nf.png,normal,val,\ng.png,normal,val,p1\n")
+    index = index_manifest(tmp_path / "m.csv")
+    assert index["patient_id"].tolist() == [""] * 6 + ["p1"]
+    check_patient_leakage(index)  # each image without a patient_id is its own patient

@@ -28,6 +28,8 @@ LABEL_ALIASES = {
     "tuberculosis": "tuberculosis", "tb": "tuberculosis", "turberculosis": "tuberculosis",
 }
 COLUMNS = ["path", "label", "split", "patient_id", "source"]
+# How R, pandas and databases write a missing value: such a patient_id is no patient, not one named "NA".
+MISSING_IDS = {"", "na", "n/a", "nan", "none", "null"}
 
 
 class LeakageError(ValueError):
@@ -150,6 +152,11 @@ def index_folder(root: str | Path) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
+def _patient_ids(column: pd.Series) -> pd.Series:
+    ids = column.str.strip()
+    return ids.mask(ids.str.lower().isin(MISSING_IDS), "")
+
+
 def index_manifest(manifest: str | Path) -> pd.DataFrame:
     """A CSV with `path` (relative to the CSV) and `label`; optional `split`, `patient_id`, `source`."""
     manifest = Path(manifest).expanduser().resolve()
@@ -165,7 +172,7 @@ def index_manifest(manifest: str | Path) -> pd.DataFrame:
         "path": [str((manifest.parent / p).resolve()) for p in table["path"]],
         "label": [_label_or_raise(v, f"{manifest} row {i + 2}") for i, v in enumerate(table["label"])],
         "split": table["split"].str.strip().str.lower().replace(SPLIT_ALIASES) if "split" in table else "",
-        "patient_id": table["patient_id"].str.strip() if "patient_id" in table else "",
+        "patient_id": _patient_ids(table["patient_id"]) if "patient_id" in table else "",
         "source": table["source"] if "source" in table else manifest.parent.name,
     })
     bad_splits = set(frame["split"]) - set(SPLITS) - {""}
