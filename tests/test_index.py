@@ -178,3 +178,14 @@ def test_missing_value_markers_in_patient_id_are_no_patient(tmp_path):
     index = index_manifest(tmp_path / "m.csv")
     assert index["patient_id"].tolist() == [""] * 6 + ["p1"]
     check_patient_leakage(index)  # each image without a patient_id is its own patient
+
+
+def test_unsplit_images_of_a_patient_with_a_given_split_join_it():
+    labels = ["normal", "normal"] + ["pneumonia", "tuberculosis", "normal"] * 10
+    index = pd.DataFrame({"path": [f"{i}.png" for i in range(len(labels))], "label": labels,
+                          "split": ["train"] + [""] * (len(labels) - 1),
+                          "patient_id": ["p0", "p0"] + [f"q{i}" for i in range(len(labels) - 2)], "source": "s"})
+    for seed in range(20):
+        split = assign_splits(index, 0.15, 0.15, seed)
+        assert split["split"].tolist()[:2] == ["train", "train"], seed
+        check_patient_leakage(split)

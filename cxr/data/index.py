@@ -194,9 +194,19 @@ def check_patient_leakage(index: pd.DataFrame) -> None:
         raise LeakageError(f"{len(leaking)} patient(s) appear in more than one split: {detail}")
 
 
+def _with_patients_splits(index: pd.DataFrame) -> pd.Series:
+    """The split column, where a row without a split takes the split given to its patient's other rows: drawn
+    apart from them, it could put the patient in two splits."""
+    named = index["patient_id"] != ""
+    split_of = index[named & (index["split"] != "")].groupby("patient_id")["split"].first()
+    inherits = named & (index["split"] == "")
+    return index["split"].mask(inherits, split_of.reindex(index["patient_id"], fill_value="").to_numpy())
+
+
 def assign_splits(index: pd.DataFrame, val_fraction: float, test_fraction: float, seed: int) -> pd.DataFrame:
-    """Patient-grouped, label-stratified, seeded split of the rows that have no split yet."""
-    index = index.copy()
+    """Patient-grouped, label-stratified, seeded split of the rows that have no split yet; those of a patient with
+    a split already given take that split."""
+    index = index.assign(split=_with_patients_splits(index))
     todo = index["split"] == ""
     if not todo.any():
         return index
