@@ -249,3 +249,18 @@ def test_labels_outside_the_classes_and_empty_splits_are_data_config_errors(synt
     no_test = ChestXrayDataModule.from_manifest(str(synthetic_manifest), preprocessing=PREP, test_fraction=0.0)
     with pytest.raises(DataConfigError, match="split 'test' has no images"):
         no_test.split_frame("test")
+
+
+def test_a_class_missing_from_val_or_test_is_warned_about(tmp_path, synthetic_manifest, caplog):
+    table = pd.read_csv(synthetic_manifest)
+    table["path"] = [str(synthetic_manifest.parent / p) for p in table["path"]]
+    table["patient_id"] = table["path"]
+    table["split"] = "train"
+    for label in CLASS_NAMES:
+        table.loc[table.index[table["label"] == label][:2], "split"] = "test"
+        if label != "tuberculosis":
+            table.loc[table.index[table["label"] == label][2:4], "split"] = "val"
+    table.to_csv(tmp_path / "no_tb_in_val.csv", index=False)
+    with caplog.at_level("WARNING"):
+        ChestXrayDataModule.from_manifest(str(tmp_path / "no_tb_in_val.csv"), preprocessing=PREP).build_index()
+    assert "['tuberculosis'] have no val images" in caplog.text and "no test images" not in caplog.text

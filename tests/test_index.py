@@ -1,4 +1,6 @@
 """Indexes from folders and manifests, and splits that never put one patient in two places."""
+import hashlib
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -189,3 +191,33 @@ def test_unsplit_images_of_a_patient_with_a_given_split_join_it():
         split = assign_splits(index, 0.15, 0.15, seed)
         assert split["split"].tolist()[:2] == ["train", "train"], seed
         check_patient_leakage(split)
+
+
+def patients_frame(images_per_patient: dict[str, tuple[str, int]]) -> pd.DataFrame:
+    rows = [{"path": f"{pid}_{k}.png", "label": label, "split": "", "patient_id": pid, "source": "s"}
+            for pid, (label, n) in images_per_patient.items() for k in range(n)]
+    return pd.DataFrame(rows)
+
+
+def test_tiny_data_is_split_by_patient_with_each_class_in_each_split():
+    """Two images per patient, three patients per class: fewer images per class than StratifiedGroupKFold's
+    folds, which refused such data."""
+    classes = ["normal", "pneumonia", "tuberculosis"]
+    index = patients_frame({f"{label}{p}": (label, 2) for label in classes for p in range(3)})
+    split = assign_splits(index, 0.15, 0.15, seed=3)
+    check_patient_leakage(split)
+    for name in ("train", "val", "test"):
+        assert sorted(split.loc[split["split"] == name, "label"]) == sorted(classes * 2), name
+    assert split["split"].tolist() == assign_splits(index, 0.15, 0.15, seed=3)["split"].tolist()
+    single = assign_splits(patients_frame({label: (label, 1) for label in classes}), 0.15, 0.15, seed=3)
+    assert single["split"].tolist() == ["train"] * 3  # one patient per class: all of them to train
+
+
+def test_split_of_normal_sized_data_is_unchanged():
+    """Recorded experiments name their split by data.split_seed: the draw for a given seed must never change."""
+    rng = np.random.default_rng(0)
+    labels = ["normal", "pneumonia", "tuberculosis"]
+    index = patients_frame({f"p{p}": (labels[p % 3], int(rng.integers(1, 4))) for p in range(120)})
+    digests = {seed: hashlib.sha256(",".join(assign_splits(index, 0.15, 0.15, seed)["split"]).encode()).hexdigest()[:16]
+               for seed in (1, 42)}
+    assert digests == {1: "e2b062ec793464d2", 42: "7e1c076976c9dbdb"}

@@ -60,6 +60,16 @@ def balanced_sampler(targets: Sequence[int], num_classes: int, seed: int,
                                  replacement=True, generator=generator)
 
 
+def warn_classes_missing_from_evaluation(index: pd.DataFrame) -> None:
+    """Name the classes of the data that a non-empty val or test split lacks: their metrics there are undefined."""
+    for split in ("val", "test"):
+        present = set(index.loc[index["split"] == split, "label"])
+        absent = sorted(set(index["label"]) - present)
+        if present and absent:
+            log.warning("class(es) %s have no %s images: %s metrics of those classes cannot be measured", absent,
+                        split, split)
+
+
 def seed_worker(worker_id: int) -> None:
     """Lightning's worker seeding, plus albumentations' own generator, which every worker would otherwise
     inherit unchanged from the main process: N workers would repeat the same augmentations N times."""
@@ -162,6 +172,7 @@ class ChestXrayDataModule(L.LightningDataModule):
         if untrained:
             log.warning("class(es) %s have no training images: the model cannot learn them; if the data holds only "
                         "some classes, pass +data.class_names=[...]", untrained)
+        warn_classes_missing_from_evaluation(index)
         index["target"] = [self.class_names.index(label) for label in index["label"]]
         self.index = index
         return index

@@ -203,6 +203,21 @@ def _with_patients_splits(index: pd.DataFrame) -> pd.Series:
     return index["split"].mask(inherits, split_of.reindex(index["patient_id"], fill_value="").to_numpy())
 
 
+def per_class_group_holdout(labels: np.ndarray, groups: np.ndarray, share: float, seed: int) -> np.ndarray:
+    """Positions of a seeded hold-out of about `share` of each class's patients (a patient counts for its most
+    frequent label), at least one where the class has two, never all of them. For data too small for
+    StratifiedGroupKFold, which needs a class with at least as many images as folds."""
+    frame = pd.DataFrame({"label": labels, "group": groups})
+    label_of_group = frame.groupby("group")["label"].agg(lambda group_labels: group_labels.mode().iloc[0])
+    rng = np.random.default_rng(seed)
+    held = []
+    for label in sorted(set(label_of_group)):
+        patients = label_of_group.index[label_of_group == label].to_numpy()
+        n_held = min(len(patients) - 1, max(1, round(share * len(patients))))
+        held.extend(rng.permutation(patients)[:n_held])
+    return np.flatnonzero(np.isin(groups, held))
+
+
 def assign_splits(index: pd.DataFrame, val_fraction: float, test_fraction: float, seed: int) -> pd.DataFrame:
     """Patient-grouped, label-stratified, seeded split of the rows that have no split yet; those of a patient with
     a split already given take that split."""
@@ -217,6 +232,7 @@ def assign_splits(index: pd.DataFrame, val_fraction: float, test_fraction: float
     labels = part["label"].to_numpy()
     splits = np.full(len(part), "train", dtype=object)
     remaining = np.arange(len(part))
+    too_small = False
     for name, fraction in (("test", test_fraction), ("val", val_fraction)):
         share = fraction / max(1e-9, len(remaining) / len(part))
         if fraction <= 0 or len(remaining) < 2:
@@ -224,8 +240,14 @@ def assign_splits(index: pd.DataFrame, val_fraction: float, test_fraction: float
         n_folds = int(min(max(2, round(1 / share)), len(np.unique(groups[remaining]))))
         if n_folds < 2:
             continue
-        folds = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-        _, held = next(folds.split(remaining, labels[remaining], groups[remaining]))
+        # StratifiedGroupKFold refuses when every class has fewer images than folds; once it has, val is drawn
+        # the same way as test was.
+        too_small = too_small or np.unique(labels[remaining], return_counts=True)[1].max() < n_folds
+        if too_small:
+            held = per_class_group_holdout(labels[remaining], groups[remaining], share, seed)
+        else:
+            folds = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+            _, held = next(folds.split(remaining, labels[remaining], groups[remaining]))
         splits[remaining[held]] = name
         remaining = np.setdiff1d(remaining, remaining[held])
     index.loc[todo, "split"] = splits
