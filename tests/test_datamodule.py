@@ -1,4 +1,5 @@
 """Balanced sampling, class weights, cross-source hold-out and the up-front data check."""
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -7,11 +8,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader
 
 from cxr.data.datamodule import (ChestXrayDataModule, balanced_class_weights, balanced_sampler, seed_worker,
                                  split_fingerprint)
-from cxr.data.dataset import DataCheckError, StandardizedImageDataset
+from cxr.data.dataset import DataCheckError, StandardizedImageDataset, load_standardized
 from cxr.data.index import CLASS_NAMES, DataConfigError, LeakageError
 from cxr.data.preprocess import Preprocessing
 
@@ -264,3 +266,17 @@ def test_a_class_missing_from_val_or_test_is_warned_about(tmp_path, synthetic_ma
     with caplog.at_level("WARNING"):
         ChestXrayDataModule.from_manifest(str(tmp_path / "no_tb_in_val.csv"), preprocessing=PREP).build_index()
     assert "['tuberculosis'] have no val images" in caplog.text and "no test images" not in caplog.text
+
+
+def test_disk_cache_sees_files_swapped_with_their_size_and_mtime(tmp_path):
+    a, b = tmp_path / "a.bmp", tmp_path / "b.bmp"
+    Image.fromarray(np.full((32, 32), 10, np.uint8)).save(a)
+    Image.fromarray(np.full((32, 32), 200, np.uint8)).save(b)
+    for path in (a, b):
+        os.utime(path, (1_700_000_000, 1_700_000_000))  # as both unpacked from one archive
+    paths, prep = [str(a), str(b)], Preprocessing(image_size=8)
+    assert load_standardized(paths, prep, tmp_path / "cache")[:, 0, 0].tolist() == [10, 200]
+    a.rename(tmp_path / "t.bmp")
+    b.rename(a)
+    (tmp_path / "t.bmp").rename(b)
+    assert load_standardized(paths, prep, tmp_path / "cache")[:, 0, 0].tolist() == [200, 10]
