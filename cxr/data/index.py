@@ -115,7 +115,9 @@ def _split_folders(root: Path) -> dict[str, Path]:
 
 def index_folder(root: str | Path) -> pd.DataFrame:
     """`root/<class>/*` or `root/<split>/<class>/*`; class and split folder names (train/training,
-    val/valid/validation, test/testing) are matched case-insensitively. Masks (see `is_mask`) are skipped."""
+    val/valid/validation, test/testing) are matched case-insensitively. Symlinked sub-folders are followed; masks
+    (see `is_mask`), hidden files (see `is_hidden`) and files that are not images (see `is_image_file`) are
+    skipped."""
     root = Path(root).expanduser().resolve()
     if not root.is_dir():
         raise FileNotFoundError(f"data folder {root} does not exist")
