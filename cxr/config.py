@@ -85,14 +85,14 @@ def user_errors(main):
 
         from cxr.checkpoint import CheckpointError
         from cxr.data.dataset import DataCheckError
-        from cxr.data.index import LeakageError
+        from cxr.data.index import DataConfigError, LeakageError
         from cxr.models.backbone import PretrainedWeightsError
         from cxr.resume import ResumeError
 
         try:
             return main(cfg)
-        except (DataCheckError, LeakageError, PretrainedWeightsError, CheckpointError, ResumeError, ConfigError,
-                FileNotFoundError, FileExistsError, MissingMandatoryValue) as exc:
+        except (DataCheckError, DataConfigError, LeakageError, PretrainedWeightsError, CheckpointError, ResumeError,
+                ConfigError, FileNotFoundError, FileExistsError, MissingMandatoryValue) as exc:
             print(f"error: {exc}", file=sys.stderr)
             if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
                 raise

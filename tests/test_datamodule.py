@@ -1,4 +1,5 @@
 """Balanced sampling, class weights, cross-source hold-out and the up-front data check."""
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -7,12 +8,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader
 
 from cxr.data.datamodule import (ChestXrayDataModule, balanced_class_weights, balanced_sampler, seed_worker,
                                  split_fingerprint)
-from cxr.data.dataset import DataCheckError, StandardizedImageDataset
-from cxr.data.index import CLASS_NAMES, LeakageError
+from cxr.data.dataset import DataCheckError, StandardizedImageDataset, load_standardized
+from cxr.data.index import CLASS_NAMES, DataConfigError, LeakageError
 from cxr.data.preprocess import Preprocessing
 
 PREP = Preprocessing(image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3)
@@ -239,3 +241,42 @@ def test_a_class_without_training_images_is_warned_about(tmp_path, synthetic_man
     with caplog.at_level("WARNING"):
         ChestXrayDataModule.from_manifest(str(tmp_path / "no_tb_in_train.csv"), preprocessing=PREP).build_index()
     assert "['tuberculosis'] have no training images" in caplog.text
+
+
+def test_labels_outside_the_classes_and_empty_splits_are_data_config_errors(synthetic_manifest):
+    two_classes = ChestXrayDataModule.from_manifest(str(synthetic_manifest), preprocessing=PREP,
+                                                    class_names=["normal", "pneumonia"])
+    with pytest.raises(DataConfigError, match=r"\['tuberculosis'\] are not among the model's classes"):
+        two_classes.build_index()
+    no_test = ChestXrayDataModule.from_manifest(str(synthetic_manifest), preprocessing=PREP, test_fraction=0.0)
+    with pytest.raises(DataConfigError, match="split 'test' has no images"):
+        no_test.split_frame("test")
+
+
+def test_a_class_missing_from_val_or_test_is_warned_about(tmp_path, synthetic_manifest, caplog):
+    table = pd.read_csv(synthetic_manifest)
+    table["path"] = [str(synthetic_manifest.parent / p) for p in table["path"]]
+    table["patient_id"] = table["path"]
+    table["split"] = "train"
+    for label in CLASS_NAMES:
+        table.loc[table.index[table["label"] == label][:2], "split"] = "test"
+        if label != "tuberculosis":
+            table.loc[table.index[table["label"] == label][2:4], "split"] = "val"
+    table.to_csv(tmp_path / "no_tb_in_val.csv", index=False)
+    with caplog.at_level("WARNING"):
+        ChestXrayDataModule.from_manifest(str(tmp_path / "no_tb_in_val.csv"), preprocessing=PREP).build_index()
+    assert "['tuberculosis'] have no val images" in caplog.text and "no test images" not in caplog.text
+
+
+def test_disk_cache_sees_files_swapped_with_their_size_and_mtime(tmp_path):
+    a, b = tmp_path / "a.bmp", tmp_path / "b.bmp"
+    Image.fromarray(np.full((32, 32), 10, np.uint8)).save(a)
+    Image.fromarray(np.full((32, 32), 200, np.uint8)).save(b)
+    for path in (a, b):
+        os.utime(path, (1_700_000_000, 1_700_000_000))  # as both unpacked from one archive
+    paths, prep = [str(a), str(b)], Preprocessing(image_size=8)
+    assert load_standardized(paths, prep, tmp_path / "cache")[:, 0, 0].tolist() == [10, 200]
+    a.rename(tmp_path / "t.bmp")
+    b.rename(a)
+    (tmp_path / "t.bmp").rename(b)
+    assert load_standardized(paths, prep, tmp_path / "cache")[:, 0, 0].tolist() == [200, 10]

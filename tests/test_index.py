@@ -1,10 +1,14 @@
 """Indexes from folders and manifests, and splits that never put one patient in two places."""
+import hashlib
+
 import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
 
-from cxr.data.index import LeakageError, assign_splits, check_patient_leakage, index_folder, index_manifest
+from cxr.config import user_errors
+from cxr.data.index import (DataConfigError, LeakageError, assign_splits, check_patient_leakage, index_folder,
+                            index_manifest)
 
 
 def write_png(path):
@@ -36,7 +40,7 @@ def test_masks_beside_images_are_not_indexed(tmp_path, caplog):
 
 def test_folder_without_images_is_an_error(tmp_path):
     (tmp_path / "NORMAL").mkdir()
-    with pytest.raises(ValueError, match="no images"):
+    with pytest.raises(DataConfigError, match="no images"):
         index_folder(tmp_path)
 
 
@@ -102,3 +106,118 @@ def test_manifest_split_aliases_and_padded_patient_ids(tmp_path):
     assert index["split"].tolist() == ["val", "train"] and index["patient_id"].tolist() == ["p1", "p1"]
     with pytest.raises(LeakageError, match="p1"):
         check_patient_leakage(index)
+
+
+@pytest.mark.parametrize("csv, message", [
+    ("path,label\na.png,covid\n", "unknown label 'covid'"),
+    ("path,label,split\na.png,normal,holdout\n", "unknown split value"),
+    ("file,label\na.png,normal\n", r"missing column\(s\) \['path'\]"),
+])
+def test_bad_manifest_is_a_data_config_error_printed_without_traceback(tmp_path, capsys, csv, message):
+    (tmp_path / "m.csv").write_text(csv)
+    with pytest.raises(DataConfigError, match=message):
+        index_manifest(tmp_path / "m.csv")
+    with pytest.raises(SystemExit) as exit_info:
+        user_errors(lambda cfg: index_manifest(tmp_path / "m.csv"))(None)
+    assert exit_info.value.code == 1 and capsys.readouterr().err.startswith("error: ")
+
+
+def test_manifest_column_names_ignore_case_and_spaces(tmp_path):
+    (tmp_path / "m.csv").write_text("Path, Label ,SPLIT, Patient_ID\na.png,normal,train,p1\n")
+    index = index_manifest(tmp_path / "m.csv")
+    assert index[["label", "split", "patient_id"]].values.tolist() == [["normal", "train", "p1"]]
+
+
+def test_symlinked_subfolders_are_followed_once(tmp_path):
+    write_png(tmp_path / "extra" / "x.png")
+    write_png(tmp_path / "data" / "TB" / "a.png")
+    (tmp_path / "data" / "TB" / "linked").symlink_to(tmp_path / "extra")
+    (tmp_path / "data" / "TB" / "loop").symlink_to(tmp_path / "data" / "TB")  # must not recurse forever
+    index = index_folder(tmp_path / "data")
+    assert sorted(p.removeprefix(str(tmp_path / "data")) for p in index["path"]) == ["/TB/a.png", "/TB/linked/x.png"]
+
+
+def test_hidden_files_and_macos_folders_are_not_indexed(tmp_path, caplog):
+    write_png(tmp_path / "train" / "NORMAL" / "a.png")
+    (tmp_path / "train" / "NORMAL" / "._a.png").write_bytes(b"\x00\x05\x16\x07" + bytes(80))  # AppleDouble
+    write_png(tmp_path / "train" / "PNEUMONIA" / "b.png")
+    write_png(tmp_path / "train" / "PNEUMONIA" / ".thumbs" / "t.png")
+    write_png(tmp_path / "train" / "__MACOSX" / "NORMAL" / "c.png")
+    write_png(tmp_path / "__MACOSX" / "train" / "NORMAL" / "d.png")
+    with caplog.at_level("WARNING"):
+        index = index_folder(tmp_path)
+    assert sorted(p.removeprefix(str(tmp_path)) for p in index["path"]) == ["/train/NORMAL/a.png",
+                                                                          "/train/PNEUMONIA/b.png"]
+    assert "__MACOSX" not in caplog.text
+
+
+def test_dicom_files_without_image_suffix_are_indexed_and_other_files_counted(tmp_path, caplog):
+    dicom_bytes = bytes(128) + b"DICM" + bytes(64)
+    write_png(tmp_path / "NORMAL" / "a.png")
+    (tmp_path / "NORMAL" / "IM0001").write_bytes(dicom_bytes)
+    (tmp_path / "NORMAL" / "1.2.840.113619.2.55.3").write_bytes(dicom_bytes)
+    (tmp_path / "NORMAL" / "notes.txt").write_text("scanned 2019")
+    (tmp_path / "NORMAL" / "IM0002").write_bytes(bytes(200))
+    with caplog.at_level("WARNING"):
+        index = index_folder(tmp_path)
+    assert sorted(p.removeprefix(str(tmp_path)) for p in index["path"]) == [
+        "/NORMAL/1.2.840.113619.2.55.3", "/NORMAL/IM0001", "/NORMAL/a.png"]
+    assert "skipped 2 file(s) that are not images" in caplog.text and "/NORMAL/IM0002" in caplog.text
+
+
+@pytest.mark.parametrize("first, second", [("val", "valid"), ("Train", "train")])
+def test_two_folders_for_one_split_are_refused_naming_both(tmp_path, first, second):
+    for folder in ("train", first, second):
+        write_png(tmp_path / folder / "NORMAL" / "a.png")
+    with pytest.raises(DataConfigError, match=f"/{first} and .*/{second} are both the"):
+        index_folder(tmp_path)
+
+
+def test_missing_value_markers_in_patient_id_are_no_patient(tmp_path):
+    (tmp_path / "m.csv").write_text("path,label,split,patient_id\n"
+                                    "a.png,normal,train,NA\nb.png,tb,test,NA\nc.png,tb,val,NaN\nd.png,normal,test,null\n"
+                                    "e.png,normal,train,None\nf.png,normal,val,\ng.png,normal,val,p1\n")
+    index = index_manifest(tmp_path / "m.csv")
+    assert index["patient_id"].tolist() == [""] * 6 + ["p1"]
+    check_patient_leakage(index)  # each image without a patient_id is its own patient
+
+
+def test_unsplit_images_of_a_patient_with_a_given_split_join_it():
+    labels = ["normal", "normal"] + ["pneumonia", "tuberculosis", "normal"] * 10
+    index = pd.DataFrame({"path": [f"{i}.png" for i in range(len(labels))], "label": labels,
+                          "split": ["train"] + [""] * (len(labels) - 1),
+                          "patient_id": ["p0", "p0"] + [f"q{i}" for i in range(len(labels) - 2)], "source": "s"})
+    for seed in range(20):
+        split = assign_splits(index, 0.15, 0.15, seed)
+        assert split["split"].tolist()[:2] == ["train", "train"], seed
+        check_patient_leakage(split)
+
+
+def patients_frame(images_per_patient: dict[str, tuple[str, int]]) -> pd.DataFrame:
+    rows = [{"path": f"{pid}_{k}.png", "label": label, "split": "", "patient_id": pid, "source": "s"}
+            for pid, (label, n) in images_per_patient.items() for k in range(n)]
+    return pd.DataFrame(rows)
+
+
+def test_tiny_data_is_split_by_patient_with_each_class_in_each_split():
+    """Two images per patient, three patients per class: fewer images per class than StratifiedGroupKFold's
+    folds, which refused such data."""
+    classes = ["normal", "pneumonia", "tuberculosis"]
+    index = patients_frame({f"{label}{p}": (label, 2) for label in classes for p in range(3)})
+    split = assign_splits(index, 0.15, 0.15, seed=3)
+    check_patient_leakage(split)
+    for name in ("train", "val", "test"):
+        assert sorted(split.loc[split["split"] == name, "label"]) == sorted(classes * 2), name
+    assert split["split"].tolist() == assign_splits(index, 0.15, 0.15, seed=3)["split"].tolist()
+    single = assign_splits(patients_frame({label: (label, 1) for label in classes}), 0.15, 0.15, seed=3)
+    assert single["split"].tolist() == ["train"] * 3  # one patient per class: all of them to train
+
+
+def test_split_of_normal_sized_data_is_unchanged():
+    """Recorded experiments name their split by data.split_seed: the draw for a given seed must never change."""
+    rng = np.random.default_rng(0)
+    labels = ["normal", "pneumonia", "tuberculosis"]
+    index = patients_frame({f"p{p}": (labels[p % 3], int(rng.integers(1, 4))) for p in range(120)})
+    digests = {seed: hashlib.sha256(",".join(assign_splits(index, 0.15, 0.15, seed)["split"]).encode()).hexdigest()[:16]
+               for seed in (1, 42)}
+    assert digests == {1: "e2b062ec793464d2", 42: "7e1c076976c9dbdb"}

@@ -17,8 +17,8 @@ from torch.utils.data import DataLoader, WeightedRandomSampler, get_worker_info
 
 from cxr.checkpoint import TRAIN_FINGERPRINTS
 from cxr.data.dataset import StandardizedImageDataset, image_fingerprints, load_standardized
-from cxr.data.index import (CLASS_NAMES, LeakageError, assign_splits, check_patient_leakage, index_folder,
-                            index_manifest)
+from cxr.data.index import (CLASS_NAMES, DataConfigError, LeakageError, assign_splits, check_patient_leakage,
+                            index_folder, index_manifest)
 from cxr.data.preprocess import Preprocessing
 from cxr.data.synthetic import synthetic_index
 
@@ -58,6 +58,16 @@ def balanced_sampler(targets: Sequence[int], num_classes: int, seed: int,
     generator = torch.Generator().manual_seed(seed)
     return WeightedRandomSampler(torch.as_tensor(per_sample, dtype=torch.double), num_samples=len(targets),
                                  replacement=True, generator=generator)
+
+
+def warn_classes_missing_from_evaluation(index: pd.DataFrame) -> None:
+    """Name the classes of the data that a non-empty val or test split lacks: their metrics there are undefined."""
+    for split in ("val", "test"):
+        present = set(index.loc[index["split"] == split, "label"])
+        absent = sorted(set(index["label"]) - present)
+        if present and absent:
+            log.warning("class(es) %s have no %s images: %s metrics of those classes cannot be measured", absent,
+                        split, split)
 
 
 def seed_worker(worker_id: int) -> None:
@@ -137,7 +147,8 @@ class ChestXrayDataModule(L.LightningDataModule):
         index = self._index_factory() if callable(self._index_factory) else self._index_factory.copy()
         unknown = set(index["label"]) - set(self.class_names)
         if unknown:
-            raise ValueError(f"labels {sorted(unknown)} are not among the model's classes {self.class_names}")
+            raise DataConfigError(f"labels {sorted(unknown)} are not among the model's classes {self.class_names}: "
+                                  "remove those images, or train with them listed in +data.class_names=[...]")
         check_patient_leakage(index)
         given = set(index["split"])
         if "" not in given and "train" in given and "val" not in given:
@@ -161,6 +172,7 @@ class ChestXrayDataModule(L.LightningDataModule):
         if untrained:
             log.warning("class(es) %s have no training images: the model cannot learn them; if the data holds only "
                         "some classes, pass +data.class_names=[...]", untrained)
+        warn_classes_missing_from_evaluation(index)
         index["target"] = [self.class_names.index(label) for label in index["label"]]
         self.index = index
         return index
@@ -170,7 +182,9 @@ class ChestXrayDataModule(L.LightningDataModule):
         frame = self.build_index()
         part = frame[frame["split"].isin(self.train_splits) if split == "train" else frame["split"] == split]
         if part.empty:
-            raise ValueError(f"split {split!r} has no images")
+            counts = frame["split"].value_counts().to_dict()
+            raise DataConfigError(f"split {split!r} has no images (images per split: {counts}); give it images "
+                                  f"({split}/ folder or split column), or choose a split that has them")
         return part
 
     def summary(self) -> dict:

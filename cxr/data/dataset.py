@@ -41,7 +41,8 @@ def _cache_key(paths: Sequence[str], preprocessing: Preprocessing) -> str:
     digest = hashlib.sha1(json.dumps(preprocessing.to_dict(), sort_keys=True).encode())
     for path in paths:
         stat = Path(path).stat()
-        digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+        # The inode and ctime tell apart files swapped or replaced under the same name, size and (kept) mtime.
+        digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ino}|{stat.st_ctime_ns}\n".encode())
     return digest.hexdigest()[:16]
 
 
@@ -51,7 +52,7 @@ def load_standardized(paths: Sequence[str], preprocessing: Preprocessing, cache_
 
     This is also the data check: every missing or undecodable file is collected and reported together,
     with its path, before any training starts. With `cache_dir` the stack is kept on disk
-    (keyed by paths, file sizes/mtimes and preprocessing) and reused by later runs.
+    (keyed by paths, file sizes/mtimes/inodes/ctimes and preprocessing) and reused by later runs.
     """
     _check_files_exist(paths)
     cache_file = None

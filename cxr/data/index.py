@@ -6,11 +6,14 @@ An index is a DataFrame with columns `path` (absolute), `label` (canonical class
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
+
+from cxr.data.decode import DICOM_MAGIC_OFFSET, is_dicom
 
 log = logging.getLogger(__name__)
 
@@ -25,10 +28,17 @@ LABEL_ALIASES = {
     "tuberculosis": "tuberculosis", "tb": "tuberculosis", "turberculosis": "tuberculosis",
 }
 COLUMNS = ["path", "label", "split", "patient_id", "source"]
+# How R, pandas and databases write a missing value: such a patient_id is no patient, not one named "NA".
+MISSING_IDS = {"", "na", "n/a", "nan", "none", "null"}
 
 
 class LeakageError(ValueError):
     """A patient appears in more than one split."""
+
+
+class DataConfigError(ValueError):
+    """The data given cannot be used as it is (an unknown label, a missing column, no images); the message says
+    what to change."""
 
 
 def canonical_label(name: str) -> str | None:
@@ -38,7 +48,8 @@ def canonical_label(name: str) -> str | None:
 def _label_or_raise(name: str, where: str) -> str:
     label = canonical_label(name)
     if label is None:
-        raise ValueError(f"{where}: unknown label {name!r}; expected one of {sorted(LABEL_ALIASES)}")
+        raise DataConfigError(f"{where}: unknown label {name!r}; expected one of {sorted(LABEL_ALIASES)}: rename it "
+                              "or remove the image")
     return label
 
 
@@ -49,39 +60,103 @@ def is_mask(file: Path, class_dir: Path) -> bool:
     return file.stem.lower().endswith(("_mask", "-mask")) or any(f in ("mask", "masks") for f in folders)
 
 
+def is_image_file(file: Path) -> bool:
+    """By suffix, or for any other name by DICOM's magic bytes: DICOM files are often named `IM0001` or by their
+    UID (`1.2.840.113619.2.55.3`)."""
+    if file.suffix.lower() in IMAGE_SUFFIXES:
+        return True
+    try:
+        with file.open("rb") as handle:
+            return is_dicom(handle.read(DICOM_MAGIC_OFFSET + 4))
+    except OSError:
+        return False
+
+
+def is_hidden(name: str) -> bool:
+    """Dot files and folders (macOS AppleDouble `._x.png`, `.thumbs/`) and the `__MACOSX/` folders of macOS zip
+    archives: never radiographs, and AppleDouble files carry image suffixes without being images."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    return sorted(d for d in folder.iterdir() if d.is_dir() and not is_hidden(d.name))
+
+
+def _files_under(folder: Path) -> list[Path]:
+    """Every file under `folder` that is not hidden (see `is_hidden`), sorted, also under symlinked sub-folders
+    (which Path.rglob does not enter before Python 3.13); each real folder is walked once, so a link to an ancestor
+    cannot loop."""
+    files, walked = [], set()
+    for current, subfolders, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(current)
+        if real in walked:
+            subfolders.clear()
+            continue
+        walked.add(real)
+        # Sorted: which of two paths to one real folder is kept must not depend on listing order.
+        subfolders[:] = sorted(name for name in subfolders if not is_hidden(name))
+        files.extend(Path(current, name) for name in names if not is_hidden(name))
+    return sorted(files)
+
+
+def _split_folders(root: Path) -> dict[str, Path]:
+    """root's split folders by split name; two folders naming one split (val/ and valid/, Train/ and train/) are
+    refused, as one of them would be left out."""
+    found: dict[str, Path] = {}
+    for folder in _subfolders(root):
+        split = SPLIT_ALIASES.get(folder.name.lower())
+        if split in found:
+            raise DataConfigError(f"{found[split]} and {folder} are both the {split!r} split: merge them into one "
+                                  "folder, or rename or remove one")
+        if split is not None:
+            found[split] = folder
+    return found
+
+
 def index_folder(root: str | Path) -> pd.DataFrame:
     """`root/<class>/*` or `root/<split>/<class>/*`; class and split folder names (train/training,
-    val/valid/validation, test/testing) are matched case-insensitively. Masks (see `is_mask`) are skipped."""
+    val/valid/validation, test/testing) are matched case-insensitively. Symlinked sub-folders are followed; masks
+    (see `is_mask`), hidden files (see `is_hidden`) and files that are not images (see `is_image_file`) are
+    skipped."""
     root = Path(root).expanduser().resolve()
     if not root.is_dir():
         raise FileNotFoundError(f"data folder {root} does not exist")
-    split_dirs = {SPLIT_ALIASES[d.name.lower()]: d for d in root.iterdir()
-                  if d.is_dir() and d.name.lower() in SPLIT_ALIASES}
+    split_dirs = _split_folders(root)
     if split_dirs:
-        for other in sorted(d for d in root.iterdir() if d.is_dir() and d.name.lower() not in SPLIT_ALIASES):
+        for other in (d for d in _subfolders(root) if d.name.lower() not in SPLIT_ALIASES):
             log.warning("ignoring folder %s: next to the split folders %s, class folders must sit inside them",
                         other, sorted(d.name for d in split_dirs.values()))
     groups = split_dirs.items() if split_dirs else [("", root)]
-    rows, masks = [], []
+    rows, masks, others = [], [], []
     for split, base in groups:
-        for class_dir in sorted(d for d in base.iterdir() if d.is_dir()):
+        for class_dir in _subfolders(base):
             label = canonical_label(class_dir.name)
             if label is None:
                 log.warning("ignoring folder %s: not a known class name", class_dir)
                 continue
-            for file in sorted(class_dir.rglob("*")):
-                if not (file.is_file() and file.suffix.lower() in IMAGE_SUFFIXES):
+            for file in _files_under(class_dir):
+                if not file.is_file():
                     continue
-                if is_mask(file, class_dir):
+                if not is_image_file(file):
+                    others.append(file)
+                elif is_mask(file, class_dir):
                     masks.append(file)
                 else:
                     rows.append({"path": str(file), "label": label, "split": split,
                                  "patient_id": "", "source": root.name})
     if masks:
         log.warning("skipped %d segmentation masks (e.g. %s): not radiographs", len(masks), masks[0])
+    if others:
+        log.warning("skipped %d file(s) that are not images by name or content (e.g. %s)", len(others), others[0])
     if not rows:
-        raise ValueError(f"no images found under {root} (expected class sub-folders such as NORMAL/, PNEUMONIA/, TB/)")
+        raise DataConfigError(f"no images found under {root}: put them in class sub-folders such as NORMAL/, "
+                              "PNEUMONIA/, TB/ (optionally inside train/, val/, test/)")
     return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def _patient_ids(column: pd.Series) -> pd.Series:
+    ids = column.str.strip()
+    return ids.mask(ids.str.lower().isin(MISSING_IDS), "")
 
 
 def index_manifest(manifest: str | Path) -> pd.DataFrame:
@@ -90,19 +165,22 @@ def index_manifest(manifest: str | Path) -> pd.DataFrame:
     if not manifest.is_file():
         raise FileNotFoundError(f"manifest {manifest} does not exist")
     table = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    table.columns = [str(name).strip().lower() for name in table.columns]
     missing = {"path", "label"} - set(table.columns)
     if missing:
-        raise ValueError(f"{manifest}: missing column(s) {sorted(missing)}")
+        raise DataConfigError(f"{manifest}: missing column(s) {sorted(missing)} (found {list(table.columns)}); the "
+                              "first line must name the columns, e.g. path,label,split,patient_id")
     frame = pd.DataFrame({
         "path": [str((manifest.parent / p).resolve()) for p in table["path"]],
         "label": [_label_or_raise(v, f"{manifest} row {i + 2}") for i, v in enumerate(table["label"])],
         "split": table["split"].str.strip().str.lower().replace(SPLIT_ALIASES) if "split" in table else "",
-        "patient_id": table["patient_id"].str.strip() if "patient_id" in table else "",
+        "patient_id": _patient_ids(table["patient_id"]) if "patient_id" in table else "",
         "source": table["source"] if "source" in table else manifest.parent.name,
     })
     bad_splits = set(frame["split"]) - set(SPLITS) - {""}
     if bad_splits:
-        raise ValueError(f"{manifest}: unknown split value(s) {sorted(bad_splits)}; use {SPLITS}")
+        raise DataConfigError(f"{manifest}: unknown split value(s) {sorted(bad_splits)}; use {SPLITS}, or leave it "
+                              "empty to have the split drawn")
     return frame
 
 
@@ -118,9 +196,34 @@ def check_patient_leakage(index: pd.DataFrame) -> None:
         raise LeakageError(f"{len(leaking)} patient(s) appear in more than one split: {detail}")
 
 
+def _with_patients_splits(index: pd.DataFrame) -> pd.Series:
+    """The split column, where a row without a split takes the split given to its patient's other rows: drawn
+    apart from them, it could put the patient in two splits."""
+    named = index["patient_id"] != ""
+    split_of = index[named & (index["split"] != "")].groupby("patient_id")["split"].first()
+    inherits = named & (index["split"] == "")
+    return index["split"].mask(inherits, split_of.reindex(index["patient_id"], fill_value="").to_numpy())
+
+
+def per_class_group_holdout(labels: np.ndarray, groups: np.ndarray, share: float, seed: int) -> np.ndarray:
+    """Positions of a seeded hold-out of about `share` of each class's patients (a patient counts for its most
+    frequent label), at least one where the class has two, never all of them. For data too small for
+    StratifiedGroupKFold, which needs a class with at least as many images as folds."""
+    frame = pd.DataFrame({"label": labels, "group": groups})
+    label_of_group = frame.groupby("group")["label"].agg(lambda group_labels: group_labels.mode().iloc[0])
+    rng = np.random.default_rng(seed)
+    held = []
+    for label in sorted(set(label_of_group)):
+        patients = label_of_group.index[label_of_group == label].to_numpy()
+        n_held = min(len(patients) - 1, max(1, round(share * len(patients))))
+        held.extend(rng.permutation(patients)[:n_held])
+    return np.flatnonzero(np.isin(groups, held))
+
+
 def assign_splits(index: pd.DataFrame, val_fraction: float, test_fraction: float, seed: int) -> pd.DataFrame:
-    """Patient-grouped, label-stratified, seeded split of the rows that have no split yet."""
-    index = index.copy()
+    """Patient-grouped, label-stratified, seeded split of the rows that have no split yet; those of a patient with
+    a split already given take that split."""
+    index = index.assign(split=_with_patients_splits(index))
     todo = index["split"] == ""
     if not todo.any():
         return index
@@ -131,6 +234,7 @@ def assign_splits(index: pd.DataFrame, val_fraction: float, test_fraction: float
     labels = part["label"].to_numpy()
     splits = np.full(len(part), "train", dtype=object)
     remaining = np.arange(len(part))
+    too_small = False
     for name, fraction in (("test", test_fraction), ("val", val_fraction)):
         share = fraction / max(1e-9, len(remaining) / len(part))
         if fraction <= 0 or len(remaining) < 2:
@@ -138,8 +242,14 @@ def assign_splits(index: pd.DataFrame, val_fraction: float, test_fraction: float
         n_folds = int(min(max(2, round(1 / share)), len(np.unique(groups[remaining]))))
         if n_folds < 2:
             continue
-        folds = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-        _, held = next(folds.split(remaining, labels[remaining], groups[remaining]))
+        # StratifiedGroupKFold refuses when every class has fewer images than folds; once it has, val is drawn
+        # the same way as test was.
+        too_small = too_small or np.unique(labels[remaining], return_counts=True)[1].max() < n_folds
+        if too_small:
+            held = per_class_group_holdout(labels[remaining], groups[remaining], share, seed)
+        else:
+            folds = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+            _, held = next(folds.split(remaining, labels[remaining], groups[remaining]))
         splits[remaining[held]] = name
         remaining = np.setdiff1d(remaining, remaining[held])
     index.loc[todo, "split"] = splits
