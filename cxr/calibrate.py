@@ -28,6 +28,7 @@ def main(cfg: DictConfig) -> None:
     if output.exists():
         raise FileExistsError(f"{output} exists; choose another output=")
     datamodule = instantiate_checkpoint_datamodule(cfg, read_spec(ckpt))
+    datamodule.warn_if_split_was_drawn(datamodule.split)
     record = recalibrate_checkpoint(ckpt, datamodule, datamodule.split, cfg.method, output)
     Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)
     (Path(cfg.paths.output_dir) / "calibration.json").write_text(json.dumps(record, indent=2))

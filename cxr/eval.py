@@ -23,6 +23,7 @@ def main(cfg: DictConfig) -> float | None:
     configure_threads(cfg)
     classifier = load_classifier(cfg.ckpt_path)
     datamodule = instantiate_checkpoint_datamodule(cfg, classifier.spec)
+    datamodule.warn_if_split_was_drawn(datamodule.split)
     metrics = evaluate(classifier, datamodule, datamodule.split, cfg.paths.output_dir,
                        title=f"{classifier.spec['backbone']} on {datamodule.split} split")
     log.info("accuracy %.4f, macro AUROC %s, n %d -> %s", metrics["accuracy"], metrics["macro_auroc"], metrics["n"],

@@ -280,3 +280,23 @@ def test_disk_cache_sees_files_swapped_with_their_size_and_mtime(tmp_path):
     b.rename(a)
     (tmp_path / "t.bmp").rename(b)
     assert load_standardized(paths, prep, tmp_path / "cache")[:, 0, 0].tolist() == [200, 10]
+
+
+def test_data_without_a_split_is_scored_whole_with_split_all_and_warned_about_otherwise(tmp_path, synthetic_manifest,
+                                                                                        caplog):
+    """An external set without a split column: cxr-eval's default split would score only the part drawn as test."""
+    table = pd.read_csv(synthetic_manifest)
+    assert "split" not in table
+    datamodule = ChestXrayDataModule.from_manifest(str(synthetic_manifest), preprocessing=PREP)
+    assert len(datamodule.split_frame("all")) == len(table) > len(datamodule.split_frame("test"))
+    with caplog.at_level("WARNING"):
+        datamodule.warn_if_split_was_drawn("all")
+        assert "have no split" not in caplog.text
+        datamodule.warn_if_split_was_drawn("test")
+    assert f"{len(table)} images have no split" in caplog.text and "data.split=all" in caplog.text
+    table.assign(split="test").to_csv(tmp_path / "external.csv", index=False)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        ChestXrayDataModule.from_manifest(str(tmp_path / "external.csv"), preprocessing=PREP,
+                                          val_fraction=0).warn_if_split_was_drawn("test")
+    assert "have no split" not in caplog.text

@@ -60,6 +60,10 @@ def balanced_sampler(targets: Sequence[int], num_classes: int, seed: int,
                                  replacement=True, generator=generator)
 
 
+# data.split=all: every image of the data, whatever split it has or was drawn into.
+ALL_IMAGES = "all"
+
+
 def warn_classes_missing_from_evaluation(index: pd.DataFrame) -> None:
     """Name the classes of the data that a non-empty val or test split lacks: their metrics there are undefined."""
     for split in ("val", "test"):
@@ -124,6 +128,7 @@ class ChestXrayDataModule(L.LightningDataModule):
         self.seed = seed
         self.split_seed = split_seed
         self.index: pd.DataFrame | None = None
+        self.drawn_split_images = 0  # images the data gave no split, split here by split_seed
         self._datasets: dict[str, StandardizedImageDataset] = {}
 
     @classmethod
@@ -150,6 +155,7 @@ class ChestXrayDataModule(L.LightningDataModule):
             raise DataConfigError(f"labels {sorted(unknown)} are not among the model's classes {self.class_names}: "
                                   "remove those images, or train with them listed in +data.class_names=[...]")
         check_patient_leakage(index)
+        self.drawn_split_images = int((index["split"] == "").sum())
         given = set(index["split"])
         if "" not in given and "train" in given and "val" not in given:
             # train/ and test/ only, a common layout: val is drawn from train, patient-grouped and seeded.
@@ -161,7 +167,8 @@ class ChestXrayDataModule(L.LightningDataModule):
         if self.holdout_sources:
             missing = set(self.holdout_sources) - set(index["source"])
             if missing:
-                raise ValueError(f"holdout_sources {sorted(missing)} not in the data (sources: {sorted(set(index['source']))})")
+                raise DataConfigError(f"holdout_sources {sorted(missing)} not in the data (sources: "
+                                      f"{sorted(set(index['source']))})")
             held = index["source"].isin(self.holdout_sources)
             # Held-out sources never reach train/val; all of their images form the test set.
             index = index.copy()
@@ -178,14 +185,27 @@ class ChestXrayDataModule(L.LightningDataModule):
         return index
 
     def split_frame(self, split: str) -> pd.DataFrame:
-        """The images of `split`; "train" means every split the model trains on (`train_splits`)."""
+        """The images of `split`; "train" means every split the model trains on (`train_splits`), "all" every
+        image of the data (an external set scored as a whole)."""
         frame = self.build_index()
-        part = frame[frame["split"].isin(self.train_splits) if split == "train" else frame["split"] == split]
+        if split == ALL_IMAGES:
+            part = frame
+        else:
+            part = frame[frame["split"].isin(self.train_splits) if split == "train" else frame["split"] == split]
         if part.empty:
             counts = frame["split"].value_counts().to_dict()
             raise DataConfigError(f"split {split!r} has no images (images per split: {counts}); give it images "
                                   f"({split}/ folder or split column), or choose a split that has them")
         return part
+
+    def warn_if_split_was_drawn(self, split: str) -> None:
+        """Scoring or calibrating on data that gives no split uses only the part drawn for `split`: say so, and
+        how to take every image."""
+        self.build_index()
+        if split != ALL_IMAGES and self.drawn_split_images:
+            log.warning("%d images have no split in the data: the %r split used here is the %d of them drawn with "
+                        "data.split_seed; to use every image (an external set), pass data.split=%s",
+                        self.drawn_split_images, split, len(self.split_frame(split)), ALL_IMAGES)
 
     def summary(self) -> dict:
         """Counts per split, source and label, and a fingerprint of which image is in which split: stored in
