@@ -27,8 +27,10 @@ def plot_confusion_matrix(matrix: Sequence[Sequence[int]], class_names: Sequence
     ax.imshow(normalised, cmap="Blues", vmin=0, vmax=1)
     for i in range(len(class_names)):
         for j in range(len(class_names)):
-            ax.text(j, i, f"{normalised[i, j]:.2f}\n({int(counts[i, j])})", ha="center", va="center",
-                    color="white" if normalised[i, j] > 0.5 else "black", fontsize=9)
+            # A class without images here (an external hold-out without TB) has no row to normalise.
+            text = f"{normalised[i, j]:.2f}\n({int(counts[i, j])})" if rows[i, 0] else "no images"
+            ax.text(j, i, text, ha="center", va="center", color="white" if normalised[i, j] > 0.5 else "black",
+                    fontsize=9)
     ax.set_xticks(range(len(class_names)), class_names, rotation=20)
     ax.set_yticks(range(len(class_names)), class_names)
     ax.set_xlabel("predicted")
