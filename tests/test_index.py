@@ -221,3 +221,16 @@ def test_split_of_normal_sized_data_is_unchanged():
     digests = {seed: hashlib.sha256(",".join(assign_splits(index, 0.15, 0.15, seed)["split"]).encode()).hexdigest()[:16]
                for seed in (1, 42)}
     assert digests == {1: "e2b062ec793464d2", 42: "7e1c076976c9dbdb"}
+
+
+def test_a_symlinked_manifest_reads_its_paths_from_where_it_is_linked(tmp_path):
+    """git-annex and DVC's symlink caches: manifest.csv and the images point into an object store."""
+    store = tmp_path / "store"
+    write_png(store / "object-1.png")
+    (store / "object-2").write_text("path,label,patient_id\nimages/a.png,normal,p1\n")
+    (tmp_path / "data" / "images").mkdir(parents=True)
+    (tmp_path / "data" / "images" / "a.png").symlink_to(store / "object-1.png")
+    (tmp_path / "data" / "manifest.csv").symlink_to(store / "object-2")
+    index = index_manifest(tmp_path / "data" / "manifest.csv")
+    assert index["path"].tolist() == [str(tmp_path / "data" / "images" / "a.png")]
+    assert index["source"].tolist() == ["data"]

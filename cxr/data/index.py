@@ -41,6 +41,12 @@ class DataConfigError(ValueError):
     what to change."""
 
 
+def absolute(path: str | Path) -> Path:
+    """An absolute, normalised path that keeps symlinks as they are: a manifest that is a symlink (git-annex, DVC
+    with symlinked caches) lists paths relative to where it is linked, not to the object store it points into."""
+    return Path(os.path.abspath(Path(path).expanduser()))
+
+
 def canonical_label(name: str) -> str | None:
     return LABEL_ALIASES.get(str(name).strip().lower())
 
@@ -118,7 +124,7 @@ def index_folder(root: str | Path) -> pd.DataFrame:
     val/valid/validation, test/testing) are matched case-insensitively. Symlinked sub-folders are followed; masks
     (see `is_mask`), hidden files (see `is_hidden`) and files that are not images (see `is_image_file`) are
     skipped."""
-    root = Path(root).expanduser().resolve()
+    root = absolute(root)
     if not root.is_dir():
         raise FileNotFoundError(f"data folder {root} does not exist")
     split_dirs = _split_folders(root)
@@ -161,7 +167,7 @@ def _patient_ids(column: pd.Series) -> pd.Series:
 
 def index_manifest(manifest: str | Path) -> pd.DataFrame:
     """A CSV with `path` (relative to the CSV) and `label`; optional `split`, `patient_id`, `source`."""
-    manifest = Path(manifest).expanduser().resolve()
+    manifest = absolute(manifest)
     if not manifest.is_file():
         raise FileNotFoundError(f"manifest {manifest} does not exist")
     table = pd.read_csv(manifest, dtype=str, keep_default_na=False)
@@ -171,7 +177,7 @@ def index_manifest(manifest: str | Path) -> pd.DataFrame:
         raise DataConfigError(f"{manifest}: missing column(s) {sorted(missing)} (found {list(table.columns)}); the "
                               "first line must name the columns, e.g. path,label,split,patient_id")
     frame = pd.DataFrame({
-        "path": [str((manifest.parent / p).resolve()) for p in table["path"]],
+        "path": [str(absolute(manifest.parent / p)) for p in table["path"]],
         "label": [_label_or_raise(v, f"{manifest} row {i + 2}") for i, v in enumerate(table["label"])],
         "split": table["split"].str.strip().str.lower().replace(SPLIT_ALIASES) if "split" in table else "",
         "patient_id": _patient_ids(table["patient_id"]) if "patient_id" in table else "",
