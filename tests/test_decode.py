@@ -81,3 +81,13 @@ def test_corrupt_file_error_names_path(tmp_path):
     bad.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     with pytest.raises(ImageDecodeError, match="broken.png"):
         decode_image(bad)
+
+
+@pytest.mark.parametrize("image, message", [
+    (Image.new("LAB", (8, 8)), "cannot convert the image to greyscale"),  # PIL reads CIELab TIFFs, cannot convert them
+    (Image.fromarray(np.array([[np.nan, 1.0], [2.0, 3.0]], np.float32)), "not finite"),
+], ids=["cielab-tiff", "nan-float-tiff"])
+def test_readable_files_without_a_greyscale_image_are_a_decode_error(image, message):
+    with pytest.raises(ImageDecodeError, match=message) as info:
+        decode_image(encode(image, "TIFF"))
+    assert info.value.code == "invalid_image"

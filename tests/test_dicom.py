@@ -133,3 +133,54 @@ def test_broken_rescale_or_window_header_is_a_decode_error(header):
     with pytest.raises(ImageDecodeError, match="rescale/window") as info:
         decode_image(make_dicom(gradient16(), header=header))
     assert info.value.code == "invalid_image"
+
+
+def rewritten(data: bytes, edit) -> bytes:
+    """`data` read back, changed by `edit(dataset)` and saved again as it is (no validation of the new values)."""
+    import pydicom
+
+    ds = pydicom.dcmread(io.BytesIO(data))
+    edit(ds)
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    return buffer.getvalue()
+
+
+def _columns_as_text(ds):
+    del ds.Columns
+    ds.add_new(0x00280011, "LO", "abc")
+
+
+@pytest.mark.parametrize("edit", [
+    lambda ds: ds.add_new(0x00280010, "US", [64, 64]),  # Rows with two values
+    _columns_as_text,
+], ids=["rows-two-values", "columns-text"])
+def test_unreadable_rows_or_columns_are_a_decode_error_not_a_crash(edit):
+    with pytest.raises(ImageDecodeError, match="Rows/Columns") as info:
+        decode_image(rewritten(make_dicom(gradient16(64, 64)), edit))
+    assert info.value.code == "invalid_image"
+
+
+def test_a_rescale_that_leaves_one_value_is_refused():
+    with pytest.raises(ImageDecodeError, match="every pixel at one value"):
+        decode_image(make_dicom(gradient16(), slope=0.0, intercept=100.0))
+
+
+def deflated(ds_bytes: bytes) -> bytes:
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    def to_deflated(ds):
+        ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+
+    return rewritten(ds_bytes, to_deflated)
+
+
+def test_deflated_dicom_is_decoded_and_its_inflated_size_bounded_before_pydicom_reads_it():
+    image = gradient16()
+    assert decode_image(deflated(make_dicom(image))).shape == image.shape
+    # Zeros deflate about a thousandfold: 8 MiB of pixels is a ~10 KB upload that pydicom would inflate whole.
+    bomb = deflated(make_dicom(np.zeros((2048, 2048), np.uint16)))
+    assert len(bomb) < 20_000
+    with pytest.raises(ImageDecodeError, match="inflates beyond") as info:
+        decode_image(bomb, max_pixels=1000)  # allowed: 2 * 1000 + DICOM_HEADER_ALLOWANCE bytes
+    assert info.value.code == "image_too_large"

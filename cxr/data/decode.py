@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 # Refuse decompression bombs by the size the header declares, before any pixel is decoded.
 DEFAULT_MAX_PIXELS = 50_000_000
 DICOM_MAGIC_OFFSET = 128
+DEFLATED_TRANSFER_SYNTAX = "1.2.840.10008.1.2.1.99"
+# Bytes a DICOM data set may hold besides its pixels (tags, overlays, a thumbnail), when its inflated size is bounded.
+DICOM_HEADER_ALLOWANCE = 4 << 20
 
 
 class ImageDecodeError(ValueError):
@@ -37,6 +41,8 @@ def to_uint8(pixels: np.ndarray) -> np.ndarray:
     if pixels.dtype == np.uint8:
         return pixels
     pixels = pixels.astype(np.float64)
+    if not np.isfinite(pixels).all():
+        raise ImageDecodeError("image has pixel values that are not finite numbers (NaN or infinity)")
     lo, hi = float(pixels.min()), float(pixels.max())
     if hi <= lo:
         return np.zeros(pixels.shape, dtype=np.uint8)
@@ -47,17 +53,45 @@ def is_dicom(data: bytes) -> bool:
     return len(data) >= DICOM_MAGIC_OFFSET + 4 and data[DICOM_MAGIC_OFFSET:DICOM_MAGIC_OFFSET + 4] == b"DICM"
 
 
+def _check_deflated_size(data: bytes, max_pixels: int) -> None:
+    """pydicom inflates a deflated data set whole before any header can be checked: a 1 MB upload can inflate to
+    gigabytes. Inflate it here first, bounded by what the largest allowed image (16-bit pixels) and a header need."""
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+
+    stream = io.BytesIO(data)
+    try:
+        read_preamble(stream, False)
+        meta = _read_file_meta_info(stream)
+    except Exception as exc:
+        raise ImageDecodeError(f"unreadable DICOM file meta information: {exc}") from exc
+    if meta.get("TransferSyntaxUID") != DEFLATED_TRANSFER_SYNTAX:
+        return
+    limit = 2 * max_pixels + DICOM_HEADER_ALLOWANCE
+    try:
+        inflated = len(zlib.decompressobj(-zlib.MAX_WBITS).decompress(data[stream.tell():], limit + 1))
+    except zlib.error as exc:
+        raise ImageDecodeError(f"corrupt deflated DICOM data: {exc}") from exc
+    if inflated > limit:
+        raise ImageDecodeError(f"deflated DICOM data inflates beyond {limit} bytes, more than an image within the "
+                               f"limit of {max_pixels} pixels needs", code="image_too_large")
+
+
 def _decode_dicom(data: bytes, max_pixels: int) -> np.ndarray:
     import pydicom
     from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
 
+    _check_deflated_size(data, max_pixels)
     try:
         ds = pydicom.dcmread(io.BytesIO(data))
     except Exception as exc:  # pydicom raises many types for malformed files
         raise ImageDecodeError(f"unreadable DICOM file: {exc}") from exc
     if "PixelData" not in ds:
         raise ImageDecodeError("DICOM file has no pixel data", code="dicom_without_pixels")
-    _check_pixels(int(ds.get("Columns", 0)), int(ds.get("Rows", 0)), max_pixels)
+    try:  # header values may be missing, multi-valued, of the wrong length or not numbers
+        columns, rows = int(ds.get("Columns", 0)), int(ds.get("Rows", 0))
+    except Exception as exc:
+        raise ImageDecodeError(f"unreadable DICOM Rows/Columns: {type(exc).__name__}: {exc}") from exc
+    _check_pixels(columns, rows, max_pixels)
     # Only the first frame is decoded: the pixel limit then bounds the work whatever NumberOfFrames says.
     try:
         pixels = pixel_array(ds, index=0)
@@ -66,10 +100,12 @@ def _decode_dicom(data: bytes, max_pixels: int) -> np.ndarray:
     if pixels.ndim == 3:
         pixels = pixels.mean(axis=-1)
     try:  # rescale and window come from header values that may be missing, zero or not numbers
-        pixels = apply_voi_lut(apply_modality_lut(pixels, ds), ds, index=0)
-        gray = to_uint8(np.asarray(pixels))
+        pixels = np.asarray(apply_voi_lut(apply_modality_lut(pixels, ds), ds, index=0))
     except Exception as exc:
         raise ImageDecodeError(f"cannot apply the DICOM rescale/window: {type(exc).__name__}: {exc}") from exc
+    if pixels.size and np.ptp(pixels) == 0:  # e.g. RescaleSlope 0: nothing of the image is left
+        raise ImageDecodeError("the DICOM rescale/window leaves every pixel at one value")
+    gray = to_uint8(pixels)
     if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
         gray = 255 - gray
     return gray
@@ -90,7 +126,15 @@ def _decode_raster(data: bytes, max_pixels: int) -> np.ndarray:
         raise ImageDecodeError("not a recognised image format (expected PNG, JPEG or DICOM)") from exc
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ... for broken files
         raise ImageDecodeError(f"not a decodable image ({type(exc).__name__}: {exc})") from exc
-    image = ImageOps.exif_transpose(image)
+    try:  # a readable file can still hold what PIL cannot rotate or convert (a CIELab TIFF, a broken EXIF)
+        return _to_gray(ImageOps.exif_transpose(image))
+    except ImageDecodeError:
+        raise
+    except Exception as exc:
+        raise ImageDecodeError(f"cannot convert the image to greyscale ({type(exc).__name__}: {exc})") from exc
+
+
+def _to_gray(image: Image.Image) -> np.ndarray:
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         return to_uint8(np.asarray(image))
     if image.mode in ("P", "PA"):
