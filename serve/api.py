@@ -119,9 +119,13 @@ class PredictAPI(CxrAPI):
         try:
             return self._decode_one(request)
         except ServeError as exc:  # answered per request in encode_response; the batch goes on
-            job = _new_job()
-            job.error = exc
-            return job
+            error = exc
+        except Exception:  # unforeseen: this request fails alone, not the dynamic batch it would join
+            log.exception("decoding a /predict request failed")
+            error = ServeError(500, "internal_error", "the request could not be decoded")
+        job = _new_job()
+        job.error = error
+        return job
 
     def batch(self, inputs):
         return list(inputs)

@@ -82,7 +82,9 @@ class RequestGuard:
         try:
             form = await Request(scope, _replay(body, _disconnected)).form()
             await form.close()
-        except Exception as exc:  # multipart errors: missing boundary, truncated parts, ...
+        except Exception as exc:  # multipart errors: missing boundary, truncated parts, too many parts, ...
+            if "Too many" in str(exc):  # Starlette's cap on files or fields (1000): far over any image limit
+                return 413, "too_many_images", f"request body has too many parts: {exc}"
             return 400, "malformed_multipart", f"request body is not valid multipart/form-data: {exc}"
         return body
 

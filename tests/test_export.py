@@ -102,6 +102,16 @@ def test_ensure_onnx_caches_by_checkpoint_hash(sharp_checkpoint, tmp_path):
     assert ensure_onnx(sharp_checkpoint, None, tmp_path).stat().st_mtime_ns == mtime
     with pytest.raises(FileNotFoundError):
         ensure_onnx(sharp_checkpoint, tmp_path / "missing.onnx", tmp_path)
+    assert ensure_onnx(sharp_checkpoint, path, tmp_path / "elsewhere") == path
+
+
+def test_an_onnx_file_of_another_checkpoint_is_refused(sharp_checkpoint, tmp_path):
+    """/model/info and /predict/explain describe ckpt_path: /predict may not silently run another model."""
+    from cxr.config import ConfigError
+
+    other = export_onnx(load_classifier(make_tiny_checkpoint(tmp_path / "other.ckpt", seed=5)), tmp_path / "other.onnx")
+    with pytest.raises(ConfigError, match="was exported from checkpoint sha256"):
+        ensure_onnx(sharp_checkpoint, other, tmp_path)
 
 
 def test_cli(tmp_path):

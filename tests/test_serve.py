@@ -225,6 +225,9 @@ def test_batch_limit(server):
     assert error["code"] == "too_many_images" and "10" in error["message"]
     empty = post(server, "/predict/batch", json={"images": []})
     assert empty.status_code == 422 and empty.json()["error"]["code"] == "no_images"
+    # Past Starlette's own cap on multipart parts (1000), which answered 400 malformed_multipart.
+    far_too_many = post(server, "/predict/batch", files=[("files", ("x.png", b"x", "image/png"))] * 1001)
+    assert far_too_many.status_code == 413 and far_too_many.json()["error"]["code"] == "too_many_images", far_too_many.text
 
 
 def test_batch_names_the_bad_image(server):
@@ -265,8 +268,9 @@ def test_explain_requested_class(server, encoding):
     assert [line["target_class"] for line in audited] == ["pneumonia"]
 
 
-def test_explain_unknown_class(server):
-    response = post(server, "/predict/explain", json={"image": b64(png(2)), "target_class": "fracture"})
+@pytest.mark.parametrize("target", ["fracture", "²", "7"])  # "²".isdigit() is true, int("²") fails
+def test_explain_unknown_class(server, target):
+    response = post(server, "/predict/explain", json={"image": b64(png(2)), "target_class": target})
     assert response.status_code == 422 and response.json()["error"]["code"] == "unknown_class"
 
 

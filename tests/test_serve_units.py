@@ -159,3 +159,18 @@ def test_an_image_the_model_fails_on_fails_alone_in_a_dynamic_batch():
     np.testing.assert_allclose(outputs[0][1], 1 / 3)
     np.testing.assert_allclose(outputs[2][1], 1 / 3)
     assert api.encode_response(outputs[1]).status_code == 500
+
+
+def test_a_request_that_fails_to_decode_unexpectedly_fails_alone():
+    """Anything decode_request did not foresee becomes this request's 500, not an exception that would fail
+    every request of the dynamic batch it joins."""
+    from serve.api import PredictAPI, Settings
+
+    def decoder_bug(request):
+        raise RuntimeError("a decoder bug")
+
+    api = PredictAPI(Settings(ckpt_path="unused.ckpt"))
+    api._decode_one = decoder_bug
+    job = api.decode_request({"image": "unused"})
+    assert job.error is not None and job.error.status_code == 500
+    assert api.encode_response((job, None)).status_code == 500

@@ -100,7 +100,8 @@ class GradCamExplainer:
         names = self.classifier.class_names
         if target is None:
             return int(np.argmax(probabilities))
-        if isinstance(target, int) or (isinstance(target, str) and target.isdigit()):
+        # ASCII digits only: "²".isdigit() is true, yet int("²") fails.
+        if isinstance(target, int) or (isinstance(target, str) and target.isascii() and target.isdigit()):
             index = int(target)
             if not 0 <= index < len(names):
                 raise KeyError(f"class index {index} out of range 0..{len(names) - 1}")
