@@ -68,8 +68,8 @@ def train(cfg: DictConfig) -> dict:
     if "val" in datamodule.train_splits:
         selecting = [type(c).__name__ for c in callbacks if str(getattr(c, "monitor", None) or "").startswith("val/")]
         if selecting:
-            raise ConfigError(f"data.train_splits includes val, so {selecting} would choose on images the model trains "
-                             "on; switch them off as experiment=lite0_member_refit does")
+            raise ConfigError(f"data.train_splits includes val, so {selecting} would choose on images the model "
+                              "trains on; switch them off as experiment=lite0_member_refit does")
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     if not loggers:  # logger=none: nothing to log learning rates to, and Lightning refuses the monitor
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
@@ -77,8 +77,8 @@ def train(cfg: DictConfig) -> dict:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
-    start = time.perf_counter()
     first_epoch = completed_epochs(resume_from) if resume_from else 0
+    start = time.perf_counter()
     trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from, weights_only=False)
     fit_seconds = time.perf_counter() - start
     # The callback that keeps best.ckpt; others keep last.ckpt (resume) or snapshots.

@@ -80,9 +80,9 @@ def ensure_onnx(ckpt_path: str | Path, onnx_path: str | Path | None, cache_dir: 
         # /model/info, the audit log and /predict/explain describe ckpt_path: /predict must run that model too.
         exported_from, checkpoint = read_onnx_spec(path).get("checkpoint_sha256"), file_sha256(ckpt_path)
         if exported_from != checkpoint:
-            raise ConfigError(f"server.onnx_path {path} was exported from checkpoint sha256 {exported_from}, not from "
-                             f"server.ckpt_path {ckpt_path} (sha256 {checkpoint}); export this checkpoint with "
-                             "cxr-export, or leave server.onnx_path unset to export it automatically")
+            raise ConfigError(f"server.onnx_path {path} was exported from checkpoint sha256 {exported_from}, not "
+                              f"from server.ckpt_path {ckpt_path} (sha256 {checkpoint}); export this checkpoint with "
+                              "cxr-export, or leave server.onnx_path unset to export it automatically")
         return path
     path = onnx_cache_path(cache_dir, file_sha256(ckpt_path))
     if not path.is_file():
