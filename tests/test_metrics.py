@@ -169,3 +169,17 @@ def test_auroc_and_accuracy_keep_float64_precision():
     assert metrics["per_class"]["normal"]["auroc"] == roc_auc_score(targets == 0, probs[:, 0]) == 1.0
     near_tie = np.array([[.3, .3 + 1e-9, .4 - 1e-9], [.4, .4 + 1e-9, .2 - 1e-9]])
     assert compute_metrics(near_tie, np.array([1, 1]), ["normal", "pneumonia", "tuberculosis"])["accuracy"] == 0.5
+
+
+def test_a_split_of_one_image_and_a_diverged_network_are_logged_without_a_crash():
+    import torch
+
+    from cxr.models.module import EvaluatedPredictions
+
+    one = EvaluatedPredictions()
+    one.update(torch.tensor([[0.2, 0.7, 0.1]]), torch.tensor([1]))  # CatMetric gives 0-d tensors back for this
+    logged = one.compute_and_reset(CLASSES, "val")
+    assert logged["val/acc"] == 1.0 and np.isnan(logged["val/auroc_macro"]) and logged["val/recall_pneumonia"] == 1.0
+    diverged = EvaluatedPredictions()
+    diverged.update(torch.tensor([[float("nan")] * 3, [0.2, 0.7, 0.1]]), torch.tensor([0, 1]))
+    assert all(np.isnan(v) for v in diverged.compute_and_reset(CLASSES, "val").values())

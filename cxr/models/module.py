@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torchmetrics import CatMetric
@@ -25,17 +26,22 @@ class EvaluatedPredictions(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.probs, self.targets = CatMetric(), CatMetric()
+        # nan_strategy: CatMetric would drop NaN entries (and so misalign probabilities and targets).
+        self.probs, self.targets = CatMetric(nan_strategy="disable"), CatMetric(nan_strategy="disable")
 
     def update(self, probs: torch.Tensor, targets: torch.Tensor) -> None:
         self.probs.update(probs.detach().double())
         self.targets.update(targets)
 
     def compute_and_reset(self, class_names: Sequence[str], prefix: str) -> dict[str, float]:
-        metrics = compute_metrics(self.probs.compute().cpu().numpy(), self.targets.compute().long().cpu().numpy(),
-                                  class_names)
+        # reshape: CatMetric gives a 0-d tensor back for a split of one image.
+        probs = self.probs.compute().reshape(-1, len(class_names)).cpu().numpy()
+        targets = self.targets.compute().reshape(-1).long().cpu().numpy()
         self.probs.reset()
         self.targets.reset()
+        if not np.isfinite(probs).all():  # a diverged network: NaN stops early stopping's check_finite, with its reason
+            return {f"{prefix}/acc": float("nan"), f"{prefix}/auroc_macro": float("nan")}
+        metrics = compute_metrics(probs, targets, class_names)
         # Undefined values (a class absent from the split) are left out, except the score checkpoints watch.
         logged = {f"{prefix}/acc": metrics["accuracy"],
                   f"{prefix}/auroc_macro": float("nan") if metrics["macro_auroc"] is None else metrics["macro_auroc"]}
