@@ -55,7 +55,8 @@ def is_dicom(data: bytes) -> bool:
 
 def _check_deflated_size(data: bytes, max_pixels: int) -> None:
     """pydicom inflates a deflated data set whole before any header can be checked: a 1 MB upload can inflate to
-    gigabytes. Inflate it here first, bounded by what the largest allowed image (16-bit pixels) and a header need."""
+    gigabytes. Inflate it here first, bounded by what one frame of the largest allowed image and a header need
+    (a deflated multi-frame file beyond that is refused: only the first frame would be used)."""
     from pydicom.filereader import _read_file_meta_info, read_preamble
 
     stream = io.BytesIO(data)
@@ -66,7 +67,7 @@ def _check_deflated_size(data: bytes, max_pixels: int) -> None:
         raise ImageDecodeError(f"unreadable DICOM file meta information: {exc}") from exc
     if meta.get("TransferSyntaxUID") != DEFLATED_TRANSFER_SYNTAX:
         return
-    limit = 2 * max_pixels + DICOM_HEADER_ALLOWANCE
+    limit = 4 * max_pixels + DICOM_HEADER_ALLOWANCE  # up to 32-bit (or 8-bit RGB) pixels; one frame
     try:
         inflated = len(zlib.decompressobj(-zlib.MAX_WBITS).decompress(data[stream.tell():], limit + 1))
     except zlib.error as exc:
