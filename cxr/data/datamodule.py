@@ -202,7 +202,8 @@ class ChestXrayDataModule(L.LightningDataModule):
         """Scoring or calibrating on data that gives no split uses only the part drawn for `split`: say so, and
         how to take every image."""
         self.build_index()
-        if split != ALL_IMAGES and self.drawn_split_images:
+        chosen_whole = split == ALL_IMAGES or (split == "test" and self.holdout_sources)  # held-out sources: all
+        if not chosen_whole and self.drawn_split_images:
             log.warning("%d images have no split in the data: the %r split used here is the %d of them drawn with "
                         "data.split_seed; to use every image (an external set), pass data.split=%s",
                         self.drawn_split_images, split, len(self.split_frame(split)), ALL_IMAGES)
