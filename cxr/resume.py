@@ -74,6 +74,16 @@ def completed_epochs(checkpoint_path: Path) -> int:
     return int(torch.load(checkpoint_path, map_location="cpu", weights_only=False, mmap=True)["epoch"]) + 1
 
 
+def keep_earlier_curves(loggers: list, completed: int) -> None:
+    """Lightning's CSVLogger starts metrics.csv afresh: the curves from before the interruption are kept beside it."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    for logger in loggers:
+        earlier = Path(logger.log_dir) / "metrics.csv" if isinstance(logger, CSVLogger) else None
+        if earlier is not None and earlier.is_file():
+            earlier.rename(earlier.with_name(f"metrics.epochs-0-{completed - 1}.csv"))
+
+
 class RecordRunConfig(L.Callback):
     """Writes the run's configuration into every checkpoint, for resume_problem to compare."""
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import hydra
 import lightning as L
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from cxr.calibration import check_calibration_targets
@@ -25,7 +26,8 @@ from cxr.config import (CONFIG_DIR, ConfigError, configure_threads, instantiate_
 from cxr.evaluation.evaluate import evaluate
 from cxr.evaluation.recalibrate import recalibrate_checkpoint
 from cxr.inference import load_classifier
-from cxr.resume import RESUME_CHECKPOINT, RecordRunConfig, ResumeError, completed_epochs, resume_problem
+from cxr.resume import (RESUME_CHECKPOINT, RecordRunConfig, ResumeError, completed_epochs, keep_earlier_curves,
+                        resume_problem)
 
 log = logging.getLogger("cxr.train")
 
@@ -41,6 +43,7 @@ def train(cfg: DictConfig) -> dict:
         raise ResumeError(problem)
     if not resume_from and (reason := used_run_folder(out_dir)):
         raise FileExistsError(f"{reason}; choose a new hydra.run.dir=")
+    first_epoch = completed_epochs(resume_from) if resume_from else 0
     preprocessing = instantiate(cfg.preprocess)
     datamodule = instantiate_datamodule(cfg, preprocessing)
     test_after_fit = cfg.get("test_after_fit", True)
@@ -70,14 +73,16 @@ def train(cfg: DictConfig) -> dict:
         if selecting:
             raise ConfigError(f"data.train_splits includes val, so {selecting} would choose on images the model "
                               "trains on; switch them off as experiment=lite0_member_refit does")
+    check_model_selection(callbacks, datamodule, best.stem)
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     if not loggers:  # logger=none: nothing to log learning rates to, and Lightning refuses the monitor
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    if resume_from:
+        keep_earlier_curves(loggers, first_epoch)
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
-    first_epoch = completed_epochs(resume_from) if resume_from else 0
     start = time.perf_counter()
     trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from, weights_only=False)
     fit_seconds = time.perf_counter() - start
@@ -98,13 +103,15 @@ def train(cfg: DictConfig) -> dict:
     if resume_from:  # fit_seconds and the speed cover only the epochs this process ran
         results["resumed_after_epochs"] = first_epoch
     if checkpoint_cb is not None and checkpoint_cb.best_model_score is not None:
-        results["selection"] = {"monitor": checkpoint_cb.monitor, "best": float(checkpoint_cb.best_model_score)}
+        results["selection"] = {"monitor": checkpoint_cb.monitor,
+                                "best": finite_or_none(checkpoint_cb.best_model_score)}
     if calibration["method"] != "none":
         results["calibration"] = recalibrate_checkpoint(best, datamodule, calibration["split"], calibration["method"],
                                                         out_path=best, warn_few=False)
     if test_after_fit:
         trainer.test(model, datamodule=datamodule, ckpt_path=str(best), weights_only=False)
-        results["test"] = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+        results["test"] = {k: finite_or_none(v) for k, v in trainer.callback_metrics.items()
+                           if k.startswith("test/")}
         metrics = evaluate(load_classifier(best), datamodule, datamodule.split, out_dir / "eval",
                            title=f"{cfg.get('task_name', 'train')}: {datamodule.split} split")
         results["eval"] = {k: metrics[k] for k in ("n", "accuracy", "macro_auroc", "pneumonia_vs_normal_auroc")}
@@ -139,6 +146,27 @@ def main(cfg: DictConfig) -> float | None:
     log.info("results: %s", results)
     print(results["best_checkpoint"])
     return (results.get("selection") or {}).get("best")
+
+
+def check_model_selection(callbacks: list, datamodule, best_name: str) -> None:
+    """Before the fit: the checkpoint chosen on validation must be the one written as best.ckpt, and validation
+    must be able to score it (a macro AUROC needs images of two classes)."""
+    selecting = [c for c in callbacks if isinstance(c, ModelCheckpoint) and c.monitor]
+    if selecting and not any(c.filename == best_name for c in selecting):
+        raise ConfigError(f"no checkpoint callback watching {selecting[0].monitor} writes {best_name}.ckpt; keep "
+                          f"callbacks.model_checkpoint.filename={best_name}")
+    watched = {c.monitor for c in callbacks if str(getattr(c, "monitor", None) or "").startswith("val/")}
+    classes = sorted(set(datamodule.split_frame("val")["label"])) if watched else []
+    if watched and len(classes) < 2:
+        raise ConfigError(f"the val split holds images of {classes} only, so {sorted(watched)} cannot be computed "
+                          "and nothing could choose the checkpoint or stop early; give val images of at least two "
+                          "classes (a val/ folder, a split column or data.val_fraction)")
+
+
+def finite_or_none(value) -> float | None:
+    """A metric for results.json: NaN and infinity are not JSON."""
+    value = float(value)
+    return value if math.isfinite(value) else None
 
 
 def finish_wandb_run(exit_code: int) -> None:

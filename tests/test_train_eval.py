@@ -142,8 +142,34 @@ def test_an_interrupted_run_resumes_where_it_stopped_and_only_with_its_own_confi
     results = json.loads((out / "results.json").read_text())
     assert results["epochs"] == 3 and results["resumed_after_epochs"] == 2
     assert (out / "eval" / "metrics.json").is_file() and not last.exists()
+    curves = pd.read_csv(out / "csv" / "metrics.csv"), pd.read_csv(out / "csv" / "metrics.epochs-0-1.csv")
+    assert set(curves[1]["epoch"].dropna()) == {0, 1} and set(curves[0]["epoch"].dropna()) >= {2}
     stderr = failing_run("cxr.train", *overrides, "resume=true", cache_dir=cache)
     assert "holds a finished run" in stderr and "nothing to resume" in stderr, stderr[-2000:]
+
+
+def test_a_checkpoint_that_validation_cannot_choose_is_refused_before_the_fit(tmp_path, synthetic_manifest):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from cxr.config import ConfigError
+    from cxr.data.datamodule import ChestXrayDataModule
+    from cxr.data.preprocess import Preprocessing
+    from cxr.train import check_model_selection
+
+    table = pd.read_csv(synthetic_manifest)
+    table["path"] = [str(synthetic_manifest.parent / p) for p in table["path"]]
+    table["split"] = ["val" if label == "normal" and i % 3 == 0 else ("test" if i % 3 == 0 else "train")
+                      for i, label in enumerate(table["label"])]
+    table["patient_id"] = table["path"]
+    table.to_csv(tmp_path / "normal_val.csv", index=False)
+    datamodule = ChestXrayDataModule.from_manifest(str(tmp_path / "normal_val.csv"), preprocessing=Preprocessing())
+    watching = [ModelCheckpoint(dirpath=tmp_path, filename="best", monitor="val/auroc_macro", mode="max")]
+    with pytest.raises(ConfigError, match=r"val split holds images of \['normal'\] only"):
+        check_model_selection(watching, datamodule, "best")
+    check_model_selection([ModelCheckpoint(dirpath=tmp_path, filename="best", monitor=None)], datamodule, "best")
+    renamed = [ModelCheckpoint(dirpath=tmp_path, filename="top", monitor="val/auroc_macro", mode="max")]
+    with pytest.raises(ConfigError, match="writes best.ckpt"):
+        check_model_selection(renamed, datamodule, "best")
 
 
 def test_wandb_run_gets_the_test_figures(tmp_path):
