@@ -155,7 +155,7 @@ def check_model_selection(callbacks: list, datamodule, best_name: str) -> None:
     if selecting and not any(c.filename == best_name for c in selecting):
         raise ConfigError(f"no checkpoint callback watching {selecting[0].monitor} writes {best_name}.ckpt; keep "
                           f"callbacks.model_checkpoint.filename={best_name}")
-    watched = {c.monitor for c in callbacks if str(getattr(c, "monitor", None) or "").startswith("val/")}
+    watched = {c.monitor for c in callbacks if str(getattr(c, "monitor", None) or "").startswith("val/auroc")}
     classes = sorted(set(datamodule.split_frame("val")["label"])) if watched else []
     if watched and len(classes) < 2:
         raise ConfigError(f"the val split holds images of {classes} only, so {sorted(watched)} cannot be computed "
