@@ -107,8 +107,9 @@ def used_run_folder(folder: Path) -> str | None:
         return f"{folder} holds a finished run (results.json)"
     from cxr.resume import RESUME_CHECKPOINT
 
-    if (folder / "checkpoints" / "best.ckpt").exists() or (folder / RESUME_CHECKPOINT).exists():
-        hint = " (continue it with resume=true and the same overrides)" if (folder / RESUME_CHECKPOINT).exists() else ""
+    resumable = (folder / RESUME_CHECKPOINT).exists()
+    if resumable or (folder / "checkpoints" / "best.ckpt").exists():
+        hint = " (continue it with resume=true and the same overrides)" if resumable else ""
         return f"{folder} holds an interrupted run (checkpoints without results.json){hint}"
     return None
 
@@ -122,9 +123,12 @@ class RefuseUsedRunFolder(Callback):
         # paths.output_dir follows Hydra's run folder unless set: resolved here, before Hydra sets it.
         folder = Path(config.hydra.run.dir if "hydra:runtime.output_dir" in str(raw) else config.paths.output_dir)
         if config.get("resume"):
-            from cxr.resume import resume_problem
+            from cxr.resume import ResumeError, check_resume
 
-            self._refuse([problem] if (problem := resume_problem(folder, config)) else [], "")
+            try:
+                check_resume(folder, config)
+            except ResumeError as exc:
+                self._refuse([str(exc)], "")
         else:
             self._refuse([reason] if (reason := used_run_folder(folder)) else [], "; choose a new hydra.run.dir=")
 

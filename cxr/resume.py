@@ -42,36 +42,31 @@ def run_config(cfg: DictConfig) -> dict:
     return {k: v for k, v in flat.items() if k not in RESUMABLE_CHANGES}
 
 
-def resume_problem(folder: Path, cfg: DictConfig) -> str | None:
-    """Why `cfg` cannot resume the run in `folder`, or None."""
+def check_resume(folder: Path, cfg: DictConfig) -> int:
+    """The number of epochs the interrupted run in `folder` finished; ResumeError when `cfg` cannot resume it."""
+    from cxr.checkpoint import CheckpointError, read_checkpoint
+
     if (folder / "results.json").exists():
-        return f"{folder} holds a finished run (results.json): there is nothing to resume"
+        raise ResumeError(f"{folder} holds a finished run (results.json): there is nothing to resume")
     last = folder / RESUME_CHECKPOINT
     if not last.is_file():
-        return f"{folder} has no {RESUME_CHECKPOINT} to resume from (a run saves it at the end of each epoch)"
-    import torch
-
-    try:
-        saved = torch.load(last, map_location="cpu", weights_only=False, mmap=True).get(RUN_CONFIG_KEY)
-    except Exception as exc:  # a checkpoint cut short by the interruption itself
-        return f"{last} is not a readable checkpoint ({type(exc).__name__}: {exc})"
+        raise ResumeError(f"{folder} has no {RESUME_CHECKPOINT} to resume from (a run saves it at the end of each "
+                          "epoch)")
+    try:  # a checkpoint cut short by the interruption itself
+        checkpoint, _ = read_checkpoint(last)
+    except CheckpointError as exc:
+        raise ResumeError(str(exc)) from exc
+    saved = checkpoint.get(RUN_CONFIG_KEY)
     if saved is None:
-        return f"{last} does not record the configuration of the run that wrote it"
+        raise ResumeError(f"{last} does not record the configuration of the run that wrote it")
     now = run_config(cfg)
     changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k, "<unset>") != now.get(k, "<unset>"))
     if changed:
         shown = "; ".join(f"{k}: {saved.get(k, '<unset>')!r} -> {now.get(k, '<unset>')!r}" for k in changed[:5])
         more = f" (and {len(changed) - 5} more)" if len(changed) > 5 else ""
-        return (f"resume=true needs the interrupted run's configuration; {len(changed)} setting(s) differ: "
-                f"{shown}{more}")
-    return None
-
-
-def completed_epochs(checkpoint_path: Path) -> int:
-    """How many epochs the run had finished when it saved `checkpoint_path` (saved at an epoch's end)."""
-    import torch
-
-    return int(torch.load(checkpoint_path, map_location="cpu", weights_only=False, mmap=True)["epoch"]) + 1
+        raise ResumeError(f"resume=true needs the interrupted run's configuration; {len(changed)} setting(s) "
+                          f"differ: {shown}{more}")
+    return int(checkpoint["epoch"]) + 1  # saved at the end of that (0-based) epoch
 
 
 def keep_earlier_curves(loggers: list, completed: int) -> None:
@@ -85,7 +80,7 @@ def keep_earlier_curves(loggers: list, completed: int) -> None:
 
 
 class RecordRunConfig(L.Callback):
-    """Writes the run's configuration into every checkpoint, for resume_problem to compare."""
+    """Writes the run's configuration into every checkpoint, for check_resume to compare."""
 
     def __init__(self, cfg: DictConfig):
         self.config = run_config(cfg)

@@ -26,8 +26,7 @@ from cxr.config import (CONFIG_DIR, ConfigError, configure_threads, instantiate_
 from cxr.evaluation.evaluate import evaluate
 from cxr.evaluation.recalibrate import recalibrate_checkpoint
 from cxr.inference import load_classifier
-from cxr.resume import (RESUME_CHECKPOINT, RecordRunConfig, ResumeError, completed_epochs, keep_earlier_curves,
-                        resume_problem)
+from cxr.resume import RESUME_CHECKPOINT, RecordRunConfig, check_resume, keep_earlier_curves
 
 log = logging.getLogger("cxr.train")
 
@@ -39,11 +38,9 @@ def train(cfg: DictConfig) -> dict:
     best = out_dir / "checkpoints" / "best.ckpt"
     # Also checked before Hydra writes there (RefuseUsedRunFolder); here for callers of this function.
     resume_from = out_dir / RESUME_CHECKPOINT if cfg.get("resume") else None
-    if resume_from and (problem := resume_problem(out_dir, cfg)):
-        raise ResumeError(problem)
+    first_epoch = check_resume(out_dir, cfg) if resume_from else 0
     if not resume_from and (reason := used_run_folder(out_dir)):
         raise FileExistsError(f"{reason}; choose a new hydra.run.dir=")
-    first_epoch = completed_epochs(resume_from) if resume_from else 0
     preprocessing = instantiate(cfg.preprocess)
     datamodule = instantiate_datamodule(cfg, preprocessing)
     test_after_fit = cfg.get("test_after_fit", True)
@@ -68,11 +65,6 @@ def train(cfg: DictConfig) -> dict:
     model.data_summary = data_summary
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     callbacks.append(RecordRunConfig(cfg))
-    if "val" in datamodule.train_splits:
-        selecting = [type(c).__name__ for c in callbacks if str(getattr(c, "monitor", None) or "").startswith("val/")]
-        if selecting:
-            raise ConfigError(f"data.train_splits includes val, so {selecting} would choose on images the model "
-                              "trains on; switch them off as experiment=lite0_member_refit does")
     check_model_selection(callbacks, datamodule, best.stem)
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     if not loggers:  # logger=none: nothing to log learning rates to, and Lightning refuses the monitor
@@ -149,13 +141,18 @@ def main(cfg: DictConfig) -> float | None:
 
 
 def check_model_selection(callbacks: list, datamodule, best_name: str) -> None:
-    """Before the fit: the checkpoint chosen on validation must be the one written as best.ckpt, and validation
-    must be able to score it (a macro AUROC needs images of two classes)."""
+    """Before the fit: nothing may choose on images the model trains on (a refit on val), the checkpoint chosen
+    on validation must be the one written as best.ckpt, and validation must be able to score it (a macro AUROC
+    needs images of two classes)."""
+    on_val = [c for c in callbacks if str(getattr(c, "monitor", None) or "").startswith("val/")]
+    if on_val and "val" in datamodule.train_splits:
+        raise ConfigError(f"data.train_splits includes val, so {[type(c).__name__ for c in on_val]} would choose on "
+                          "images the model trains on; switch them off as experiment=lite0_member_refit does")
     selecting = [c for c in callbacks if isinstance(c, ModelCheckpoint) and c.monitor]
     if selecting and not any(c.filename == best_name for c in selecting):
         raise ConfigError(f"no checkpoint callback watching {selecting[0].monitor} writes {best_name}.ckpt; keep "
                           f"callbacks.model_checkpoint.filename={best_name}")
-    watched = {c.monitor for c in callbacks if str(getattr(c, "monitor", None) or "").startswith("val/auroc")}
+    watched = {c.monitor for c in on_val if c.monitor.startswith("val/auroc")}
     classes = sorted(set(datamodule.split_frame("val")["label"])) if watched else []
     if watched and len(classes) < 2:
         raise ConfigError(f"the val split holds images of {classes} only, so {sorted(watched)} cannot be computed "
