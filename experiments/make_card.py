@@ -13,8 +13,8 @@ import json
 import shutil
 from pathlib import Path
 
-from cxr.evaluation.report import (costliest_image_lines, format_interval, interval_lines, operating_point_lines,
-                                   shortfall_lines)
+from cxr.evaluation.report import (costliest_image_lines, format_interval, group_table_lines, interval_lines,
+                                   operating_point_lines, shortfall_lines, subgroup_lines)
 
 REFERENCE_TABLE4 = {  # the reference technical report, Table 4 (its own test set of 2,569 images)
     "normal": (0.648, 0.804, 0.718, 0.840, 925),
@@ -45,17 +45,6 @@ def side_by_side(metrics: dict) -> list[str]:
     lines.append(f"| **Macro avg** | {pct(m['precision'])} | {pct(m['recall'])} | {pct(m['f1'])} | {pct(metrics['macro_auroc'])} | "
                  f"{metrics['n']} | {pct(r[0])} / {pct(r[1])} / {pct(r[2])} / {pct(r[3])} ({r[4]}) |")
     lines.append(f"| **Accuracy** | | | | | | {pct(REFERENCE_ACCURACY)} → here **{pct(metrics['accuracy'])}** |")
-    return lines
-
-
-def per_source(metrics: dict) -> list[str]:
-    classes = metrics["classes"]
-    lines = ["| Source | n | Accuracy | Pneumonia-vs-normal AUROC | " + " | ".join(f"called {c}" for c in classes) + " | "
-             + " | ".join(f"recall {c}" for c in classes) + " |", "|---|---|---|---|" + "---|" * (2 * len(classes))]
-    for source, s in metrics["per_source"].items():
-        called = " | ".join(pct(s["per_class"][c]["called"]) for c in classes)
-        recall = " | ".join(pct(s["per_class"][c]["recall"]) if s["per_class"][c]["support"] else "–" for c in classes)
-        lines.append(f"| {source} | {s['n']} | {pct(s['accuracy'])} | {num(s['pneumonia_vs_normal_auroc'])} | {called} | {recall} |")
     return lines
 
 
@@ -101,8 +90,8 @@ def main() -> None:
              *interval_lines(metrics), *operating_point_lines(metrics), "", args.notes, "", "## Test split, beside the reference report's Table 4", "",
              "The reference numbers are on the report's own 2,569-image test set, not on this data.", "",
              *side_by_side(metrics), "", "![confusion matrix](confusion_matrix.png) ![ROC curves](roc_curves.png)", "",
-             "## Per source (in-distribution test split)", "", *per_source(metrics), *shortfall_lines(metrics),
-             *costliest_image_lines(metrics), ""]
+             *group_table_lines("Per source (in-distribution test split)", "Source", metrics["per_source"], metrics["classes"]),
+             *subgroup_lines(metrics), *shortfall_lines(metrics), *costliest_image_lines(metrics), ""]
     if args.holdout:
         lines += ["## Cross-source: trained without a source, tested on all of its images", "",
                   "| Held out | n | Pneumonia-vs-normal AUROC (95% CI) | called normal | called pneumonia | called tuberculosis | accuracy |",

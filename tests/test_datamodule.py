@@ -300,3 +300,19 @@ def test_data_without_a_split_is_scored_whole_with_split_all_and_warned_about_ot
         ChestXrayDataModule.from_manifest(str(tmp_path / "external.csv"), preprocessing=PREP,
                                           val_fraction=0).warn_if_split_was_drawn("test")
     assert "have no split" not in caplog.text
+
+
+def test_report_subgroups_must_be_columns_of_the_data_with_few_values(tmp_path, synthetic_manifest):
+    table = pd.read_csv(synthetic_manifest)
+    table["path"] = [str(synthetic_manifest.parent / p) for p in table["path"]]
+    table["age"] = range(len(table))
+    table["view"] = ["PA", "AP"] * (len(table) // 2) + ["PA"] * (len(table) % 2)
+    manifest = tmp_path / "with_columns.csv"
+    table.to_csv(manifest, index=False)
+    assert ChestXrayDataModule.from_manifest(str(manifest), preprocessing=PREP, subgroups=["view"]).build_index()["view"].nunique() == 2
+    with pytest.raises(DataConfigError, match=r"\['sex'\] are not extra columns of the data \(available: .*'view'"):
+        ChestXrayDataModule.from_manifest(str(manifest), preprocessing=PREP, subgroups=["sex"]).build_index()
+    with pytest.raises(DataConfigError, match="'age' has .* distinct values, more than 20: bin it"):
+        ChestXrayDataModule.from_manifest(str(manifest), preprocessing=PREP, subgroups=["age"]).build_index()
+    with pytest.raises(DataConfigError, match=r"\['source'\] are not extra columns .* per source already"):
+        ChestXrayDataModule.from_manifest(str(manifest), preprocessing=PREP, subgroups=["source"]).build_index()

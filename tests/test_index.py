@@ -234,3 +234,16 @@ def test_a_symlinked_manifest_reads_its_paths_from_where_it_is_linked(tmp_path):
     index = index_manifest(tmp_path / "data" / "manifest.csv")
     assert index["path"].tolist() == [str(tmp_path / "data" / "images" / "a.png")]
     assert index["source"].tolist() == ["data"]
+
+
+def test_a_manifest_keeps_its_other_columns_for_subgroup_reports(tmp_path):
+    (tmp_path / "m.csv").write_text("path,label,View , Sex,target\na.png,normal, PA,F,x\nb.png,tb,,M,y\n")
+    index = index_manifest(tmp_path / "m.csv")
+    assert index["view"].tolist() == ["PA", ""] and index["sex"].tolist() == ["F", "M"]
+    assert "target" not in index  # the data module's class index
+
+
+def test_a_manifest_naming_one_column_twice_is_refused(tmp_path):
+    (tmp_path / "m.csv").write_text("path,label,view,VIEW\na.png,normal,PA,AP\n")
+    with pytest.raises(DataConfigError, match=r"\['view'\] appear more than once"):
+        index_manifest(tmp_path / "m.csv")

@@ -183,3 +183,25 @@ def test_a_split_of_one_image_and_a_diverged_network_are_logged_without_a_crash(
     diverged = EvaluatedPredictions()
     diverged.update(torch.tensor([[float("nan")] * 3, [0.2, 0.7, 0.1]]), torch.tensor([0, 1]))
     assert all(np.isnan(v) for v in diverged.compute_and_reset(CLASSES, "val").values())
+
+
+def test_each_value_of_a_subgroup_column_gets_its_own_numbers_and_empty_ones_are_not_given(tmp_path):
+    # Pneumonia found on PA films only: the whole-split recall (50%) hides a subgroup at 0%.
+    frame = pd.DataFrame({"path": [f"{i}.png" for i in range(8)], "label": ["pneumonia"] * 4 + ["normal"] * 4,
+                          "source": ["a"] * 8, "patient_id": [str(i) for i in range(8)],
+                          "view": ["PA", "PA", "AP", "AP", "PA", "AP", "", ""]})
+    frame["target"] = [CLASSES.index(label) for label in frame["label"]]
+    called_pneumonia = np.array([1, 1, 0, 0, 0, 0, 0, 0])
+    probs = np.stack([1 - called_pneumonia * 0.8 - 0.1, called_pneumonia * 0.8 + 0.05, np.full(8, 0.05)], axis=1)
+    metrics = write_report(tmp_path, probs, frame, CLASSES, subgroups=["view"])
+    views = metrics["per_subgroup"]["view"]
+    assert sorted(views) == ["(not given)", "AP", "PA"]
+    assert [views[v]["n"] for v in ("PA", "AP", "(not given)")] == [3, 3, 2]
+    assert views["PA"]["per_class"]["pneumonia"]["recall"] == 1.0
+    assert views["AP"]["per_class"]["pneumonia"]["recall"] == 0.0
+    assert metrics["per_class"]["pneumonia"]["recall"] == 0.5
+    assert views["AP"]["confidence_intervals"]["recall"]["pneumonia"] == [0.0, 0.0]
+    report = (tmp_path / "report.md").read_text()
+    assert "## Per view" in report and "| AP | 3 | 33.3% (" in report
+    predictions = pd.read_csv(tmp_path / "predictions.csv", keep_default_na=False)
+    assert predictions["view"].tolist() == frame["view"].tolist()

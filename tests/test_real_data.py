@@ -12,7 +12,7 @@ def test_short_training_and_evaluation_on_real_images(shared_data, tmp_path):
     manifest = pd.read_csv(shared_data / "manifest.csv")
     out = tmp_path / "run"
     run("cxr.train", "data=shared", "debug=smoke", "trainer.max_epochs=1", "model=tiny", "preprocess.image_size=64",
-        f"paths.shared_data_dir={shared_data}", f"paths.output_dir={out}", cache_dir=tmp_path / "cache")
+        "data.subgroups=[license]", f"paths.shared_data_dir={shared_data}", f"paths.output_dir={out}", cache_dir=tmp_path / "cache")
     metrics = json.loads((out / "eval" / "metrics.json").read_text())
     test = manifest[manifest["split"] == "test"]
     assert metrics["n"] == len(test)
@@ -20,6 +20,8 @@ def test_short_training_and_evaluation_on_real_images(shared_data, tmp_path):
         assert metrics["per_class"][label]["support"] == count
     for source, count in test["source"].value_counts().items():
         assert metrics["per_source"][source]["n"] == count
+    for license_, count in test["license"].value_counts().items():  # any extra manifest column, here license
+        assert metrics["per_subgroup"]["license"][license_]["n"] == count
     assert 0.0 <= metrics["accuracy"] <= 1.0 and 0.0 <= metrics["macro_auroc"] <= 1.0
     assert sum(map(sum, metrics["confusion_matrix"])) == len(test)
     intervals = metrics["confidence_intervals"]

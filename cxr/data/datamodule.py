@@ -17,8 +17,8 @@ from torch.utils.data import DataLoader, WeightedRandomSampler, get_worker_info
 
 from cxr.checkpoint import TRAIN_FINGERPRINTS
 from cxr.data.dataset import StandardizedImageDataset, image_fingerprints, load_standardized
-from cxr.data.index import (CLASS_NAMES, DataConfigError, LeakageError, assign_splits, check_patient_leakage,
-                            index_folder, index_manifest)
+from cxr.data.index import (CLASS_NAMES, TARGET, DataConfigError, LeakageError, assign_splits, check_patient_leakage,
+                            check_subgroup_columns, index_folder, index_manifest)
 from cxr.data.preprocess import Preprocessing
 from cxr.data.synthetic import synthetic_index
 
@@ -101,6 +101,7 @@ class ChestXrayDataModule(L.LightningDataModule):
         holdout_sources: Sequence[str] = (),
         train_splits: Sequence[str] = ("train",),
         split: str = "test",
+        subgroups: Sequence[str] = (),
         cache_dir: str | None = None,
         seed: int = 0,
         split_seed: int = 0,
@@ -124,6 +125,7 @@ class ChestXrayDataModule(L.LightningDataModule):
             raise ValueError(f"train_splits={self.train_splits} must include 'train' and not the evaluation split "
                              f"{split!r}")
         self.split = split
+        self.subgroups = list(subgroups)
         self.cache_dir = cache_dir
         self.seed = seed
         self.split_seed = split_seed
@@ -155,6 +157,7 @@ class ChestXrayDataModule(L.LightningDataModule):
             raise DataConfigError(f"labels {sorted(unknown)} are not among the model's classes {self.class_names}: "
                                   "remove those images, or train with them listed in +data.class_names=[...]")
         check_patient_leakage(index)
+        check_subgroup_columns(index, self.subgroups)
         self.drawn_split_images = int((index["split"] == "").sum())
         given = set(index["split"])
         if "" not in given and "train" in given and "val" not in given:
@@ -180,7 +183,7 @@ class ChestXrayDataModule(L.LightningDataModule):
             log.warning("class(es) %s have no training images: the model cannot learn them; if the data holds only "
                         "some classes, pass +data.class_names=[...]", untrained)
         warn_classes_missing_from_evaluation(index)
-        index["target"] = [self.class_names.index(label) for label in index["label"]]
+        index[TARGET] = [self.class_names.index(label) for label in index["label"]]
         self.index = index
         return index
 

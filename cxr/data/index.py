@@ -1,13 +1,15 @@
 """Image indexes (a folder of class sub-folders, a manifest CSV) and patient-grouped splits.
 
 An index is a DataFrame with columns `path` (absolute), `label` (canonical class name),
-`split` (train / val / test, or empty), `patient_id` and `source`.
+`split` (train / val / test, or empty), `patient_id` and `source`; a manifest's other columns follow as
+they are (text, empty where missing), for reports by subgroup.
 """
 from __future__ import annotations
 
 import logging
 import os
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -28,6 +30,8 @@ LABEL_ALIASES = {
     "tuberculosis": "tuberculosis", "tb": "tuberculosis", "turberculosis": "tuberculosis",
 }
 COLUMNS = ["path", "label", "split", "patient_id", "source"]
+TARGET = "target"  # the class index the data module adds; a manifest column of that name is not kept
+MAX_SUBGROUP_VALUES = 20
 # How R, pandas and databases write a missing value: such a patient_id is no patient, not one named "NA".
 MISSING_IDS = {"", "na", "n/a", "nan", "none", "null"}
 
@@ -166,12 +170,17 @@ def _patient_ids(column: pd.Series) -> pd.Series:
 
 
 def index_manifest(manifest: str | Path) -> pd.DataFrame:
-    """A CSV with `path` (relative to the CSV) and `label`; optional `split`, `patient_id`, `source`."""
+    """A CSV with `path` (relative to the CSV) and `label`; optional `split`, `patient_id`, `source`; any other
+    columns (view, sex, age band, site, ...) are kept as they are."""
     manifest = absolute(manifest)
     if not manifest.is_file():
         raise FileNotFoundError(f"manifest {manifest} does not exist")
     table = pd.read_csv(manifest, dtype=str, keep_default_na=False)
     table.columns = [str(name).strip().lower() for name in table.columns]
+    repeated = sorted({name for name in table.columns if list(table.columns).count(name) > 1})
+    if repeated:
+        raise DataConfigError(f"{manifest}: column name(s) {repeated} appear more than once (case is ignored); "
+                              "rename them")
     missing = {"path", "label"} - set(table.columns)
     if missing:
         raise DataConfigError(f"{manifest}: missing column(s) {sorted(missing)} (found {list(table.columns)}); the "
@@ -183,11 +192,28 @@ def index_manifest(manifest: str | Path) -> pd.DataFrame:
         "patient_id": _patient_ids(table["patient_id"]) if "patient_id" in table else "",
         "source": table["source"] if "source" in table else manifest.parent.name,
     })
+    other = [name for name in table.columns if name not in COLUMNS and name != TARGET]
+    frame = pd.concat([frame, table[other].apply(lambda column: column.str.strip())], axis=1)
     bad_splits = set(frame["split"]) - set(SPLITS) - {""}
     if bad_splits:
         raise DataConfigError(f"{manifest}: unknown split value(s) {sorted(bad_splits)}; use {SPLITS}, or leave it "
                               "empty to have the split drawn")
     return frame
+
+
+def check_subgroup_columns(index: pd.DataFrame, columns: Sequence[str]) -> None:
+    """Refuse report subgroups that are not extra columns of a manifest, or that have too many values to be groups."""
+    available = [name for name in index.columns if name not in COLUMNS and name != TARGET]
+    unknown = [name for name in columns if name not in available]
+    if unknown:
+        raise DataConfigError(f"data.subgroups {unknown} are not extra columns of the data (available: {available}; "
+                              "every report is per class and per source already): add them to the manifest, one value "
+                              "per image, empty where unknown")
+    for name in columns:
+        values = index[name].nunique()
+        if values > MAX_SUBGROUP_VALUES:
+            raise DataConfigError(f"data.subgroups column {name!r} has {values} distinct values, more than "
+                                  f"{MAX_SUBGROUP_VALUES}: bin it into a new column (e.g. age 0-17, 18-39, 40-64, 65+)")
 
 
 def check_patient_leakage(index: pd.DataFrame) -> None:

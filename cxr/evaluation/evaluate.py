@@ -50,4 +50,5 @@ def evaluate(classifier: Classifier, datamodule: ChestXrayDataModule, split: str
         raw = compute_metrics(torch.softmax(logits, dim=1).numpy(), frame["target"].to_numpy(), classifier.class_names)
         extra["uncalibrated"] = {"accuracy": raw["accuracy"], "macro_auroc": raw["macro_auroc"],
                                  "recall": {name: raw["per_class"][name]["recall"] for name in classifier.class_names}}
-    return write_report(out_dir, probs, frame, classifier.class_names, title or f"{split} split", extra)
+    return write_report(out_dir, probs, frame, classifier.class_names, title or f"{split} split", extra,
+                        subgroups=datamodule.subgroups)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -10,6 +11,8 @@ import pandas as pd
 from cxr.evaluation.figures import plot_confusion_matrix, plot_roc_curves
 from cxr.evaluation.metrics import auroc_shortfall_by_source, compute_metrics, costliest_images, metrics_by_group
 from cxr.evaluation.uncertainty import bootstrap_intervals
+
+NOT_GIVEN = "(not given)"  # the subgroup of images whose manifest leaves that column empty
 
 
 def _pct(value: float | None) -> str:
@@ -58,6 +61,34 @@ def operating_point_lines(metrics: dict) -> list[str]:
         lines.append(f"The network's own softmax (no temperature, no bias): accuracy {_pct(raw['accuracy'])}; "
                      f"macro AUROC {_num(raw['macro_auroc'])}; recall {recalls}.")
     return lines
+
+
+def _with_interval(value: float | None, interval: list[float] | None, fmt) -> str:
+    return fmt(value) if value is None or interval is None else f"{fmt(value)} ({format_interval(interval, fmt)})"
+
+
+def group_table_lines(heading: str, key: str, groups: dict, classes: list[str]) -> list[str]:
+    """One row per group (a source, or a value of a subgroup column), 95% patient-bootstrap intervals in brackets."""
+    lines = ["", f"## {heading}", "",
+             f"| {key} | n | Accuracy | Pneumonia-vs-normal AUROC | " + " | ".join(f"recall {c}" for c in classes) + " | "
+             + " | ".join(f"called {c}" for c in classes) + " |",
+             "|---|---|---|---|" + "---|" * (2 * len(classes))]
+    for group, g in groups.items():
+        ci = g.get("confidence_intervals") or {}
+        recall_ci = ci.get("recall", {})
+        recalls = " | ".join(_with_interval(g["per_class"][c]["recall"], recall_ci.get(c), _pct) if g["per_class"][c]["support"]
+                             else "–" for c in classes)
+        called = " | ".join(_pct(g["per_class"][c]["called"]) for c in classes)
+        lines.append(f"| {group} | {g['n']} | {_with_interval(g['accuracy'], ci.get('accuracy'), _pct)} | "
+                     f"{_with_interval(g['pneumonia_vs_normal_auroc'], ci.get('pneumonia_vs_normal_auroc'), _num)} | "
+                     f"{recalls} | {called} |")
+    return lines
+
+
+def subgroup_lines(metrics: dict) -> list[str]:
+    """A table per `data.subgroups` column."""
+    return [line for column, groups in (metrics.get("per_subgroup") or {}).items()
+            for line in group_table_lines(f"Per {column}", column, groups, metrics["classes"])]
 
 
 def shortfall_lines(metrics: dict) -> list[str]:
@@ -114,39 +145,47 @@ def markdown_report(metrics: dict, title: str) -> str:
     for name, row in zip(metrics["classes"], metrics["confusion_matrix"]):
         lines.append(f"| {name} | " + " | ".join(str(v) for v in row) + " |")
     if metrics.get("per_source"):
-        lines += ["", "## Per source", "",
-                  "| Source | n | Accuracy | Pneumonia-vs-normal AUROC | " +
-                  " | ".join(f"recall {c}" for c in metrics["classes"]) + " | " +
-                  " | ".join(f"called {c}" for c in metrics["classes"]) + " |",
-                  "|---|---|---|---|" + "---|" * (2 * len(metrics["classes"]))]
-        for source, s in metrics["per_source"].items():
-            recalls = " | ".join(_pct(s["per_class"][c]["recall"]) if s["per_class"][c]["support"] else "–" for c in metrics["classes"])
-            called = " | ".join(_pct(s["per_class"][c]["called"]) for c in metrics["classes"])
-            lines.append(f"| {source} | {s['n']} | {_pct(s['accuracy'])} | {_num(s['pneumonia_vs_normal_auroc'])} | {recalls} | {called} |")
+        lines += group_table_lines("Per source", "Source", metrics["per_source"], metrics["classes"])
+    lines += subgroup_lines(metrics)
     lines += shortfall_lines(metrics)
     lines += costliest_image_lines(metrics)
     return "\n".join(lines) + "\n"
 
 
+def metrics_by_group_with_intervals(probs: np.ndarray, targets: np.ndarray, groups: np.ndarray, patients: np.ndarray,
+                                    class_names: list[str]) -> dict:
+    """metrics_by_group, each group with its own patient-bootstrap confidence intervals."""
+    by_group = metrics_by_group(probs, targets, groups, class_names)
+    for name, metrics in by_group.items():
+        rows = groups == name
+        metrics["confidence_intervals"] = bootstrap_intervals(probs[rows], targets[rows], patients[rows], class_names)
+    return by_group
+
+
 def write_report(out_dir: str | Path, probs: np.ndarray, frame: pd.DataFrame, class_names: list[str],
-                 title: str = "Evaluation", extra: dict | None = None) -> dict:
-    """`frame` has one row per image (columns path, label, source, patient_id, target) in the order of `probs`;
-    images without a patient id count as their own patient in the confidence intervals."""
+                 title: str = "Evaluation", extra: dict | None = None, subgroups: Sequence[str] = ()) -> dict:
+    """`frame` has one row per image (columns path, label, source, patient_id, target, and the `subgroups`
+    columns) in the order of `probs`; images without a patient id count as their own patient in the
+    confidence intervals."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     targets = frame["target"].to_numpy()
     metrics = compute_metrics(probs, targets, class_names)
     sources = frame["source"].astype(str).to_numpy()
-    metrics["per_source"] = metrics_by_group(probs, targets, sources, class_names)
+    patients = frame["patient_id"].astype(str).where(frame["patient_id"].astype(str) != "", frame["path"].astype(str)).to_numpy()
+    metrics["per_source"] = metrics_by_group_with_intervals(probs, targets, sources, patients, class_names)
+    metrics["per_subgroup"] = {
+        column: metrics_by_group_with_intervals(probs, targets, frame[column].astype(str).replace("", NOT_GIVEN).to_numpy(),
+                                                patients, class_names)
+        for column in subgroups}
     metrics["auroc_shortfall_by_source"] = auroc_shortfall_by_source(probs, targets, sources, class_names)
     metrics["costliest_images"] = costliest_images(probs, targets, frame["path"].astype(str).to_numpy(), sources,
                                                    class_names)
-    patients = frame["patient_id"].astype(str).where(frame["patient_id"].astype(str) != "", frame["path"].astype(str))
-    metrics["confidence_intervals"] = bootstrap_intervals(probs, targets, patients.to_numpy(), class_names)
+    metrics["confidence_intervals"] = bootstrap_intervals(probs, targets, patients, class_names)
     metrics.update(extra or {})
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (out_dir / "report.md").write_text(markdown_report(metrics, title))
-    predictions = frame[["path", "label", "source"]].copy()
+    predictions = frame[["path", "label", "source", *subgroups]].copy()
     for c, name in enumerate(class_names):
         predictions[f"p_{name}"] = probs[:, c]
     predictions["predicted"] = [class_names[i] for i in probs.argmax(axis=1)]
