@@ -200,8 +200,9 @@ def test_each_value_of_a_subgroup_column_gets_its_own_numbers_and_empty_ones_are
     assert views["PA"]["per_class"]["pneumonia"]["recall"] == 1.0
     assert views["AP"]["per_class"]["pneumonia"]["recall"] == 0.0
     assert metrics["per_class"]["pneumonia"]["recall"] == 0.5
-    assert views["AP"]["confidence_intervals"]["recall"]["pneumonia"] == [0.0, 0.0]
+    # 0 of 2 patients: Wilson's interval, not the bootstrap's 0-0%
+    assert views["AP"]["confidence_intervals"]["recall"]["pneumonia"] == pytest.approx([0.0, 0.6576], abs=1e-4)
     report = (tmp_path / "report.md").read_text()
-    assert "## Per view" in report and "| AP | 3 | 33.3% (" in report
+    assert "## Per view" in report and "| AP | 3 | 33.3% (" in report and "| 0.0% (0.0%–65.8%) |" in report
     predictions = pd.read_csv(tmp_path / "predictions.csv", keep_default_na=False)
     assert predictions["view"].tolist() == frame["view"].tolist()

@@ -71,3 +71,16 @@ def test_macro_interval_only_from_resamples_holding_every_class():
     positives = np.stack([counts[:, targets == c].sum(axis=1) for c in range(3)], axis=1)
     every_class = ((positives > 0) & (positives < 20)).all(axis=1)
     assert 0 < ci["macro_auroc_resamples"] == int(every_class.sum()) < 500
+
+
+def test_a_flawless_small_group_gets_a_wilson_interval_and_a_perfect_auroc_none():
+    # 18 tuberculosis films, all found, against 10 normals, all ranked below them: the bootstrap sees only 100%.
+    targets = np.array([2] * 18 + [0] * 10)
+    probs = np.where(np.eye(3)[targets] == 1, 0.9, 0.05)
+    ci = bootstrap_intervals(probs, targets, np.arange(28).astype(str), NAMES)
+    assert ci["recall"]["tuberculosis"] == pytest.approx([18 / (18 + 1.959964 ** 2), 1.0])  # Wilson: n / (n + z²)
+    assert ci["accuracy"] == pytest.approx([28 / (28 + 1.959964 ** 2), 1.0])
+    assert ci["auroc"]["tuberculosis"] is None and ci["macro_auroc"] is None
+    # one patient imaged 18 times is one trial, not 18
+    repeated = bootstrap_intervals(probs, targets, np.array(["tb"] * 18 + [str(i) for i in range(10)]), NAMES)
+    assert repeated["recall"]["tuberculosis"] == pytest.approx([1 / (1 + 1.959964 ** 2), 1.0])

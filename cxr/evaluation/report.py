@@ -63,10 +63,6 @@ def operating_point_lines(metrics: dict) -> list[str]:
     return lines
 
 
-def _with_interval(value: float | None, interval: list[float] | None, fmt) -> str:
-    return fmt(value) if value is None or interval is None else f"{fmt(value)} ({format_interval(interval, fmt)})"
-
-
 def group_table_lines(heading: str, key: str, groups: dict, classes: list[str]) -> list[str]:
     """One row per group (a source, or a value of a subgroup column), 95% patient-bootstrap intervals in brackets."""
     lines = ["", f"## {heading}", "",
@@ -74,13 +70,17 @@ def group_table_lines(heading: str, key: str, groups: dict, classes: list[str]) 
              + " | ".join(f"called {c}" for c in classes) + " |",
              "|---|---|---|---|" + "---|" * (2 * len(classes))]
     for group, g in groups.items():
-        ci = g.get("confidence_intervals") or {}
-        recall_ci = ci.get("recall", {})
-        recalls = " | ".join(_with_interval(g["per_class"][c]["recall"], recall_ci.get(c), _pct) if g["per_class"][c]["support"]
-                             else "–" for c in classes)
+        ci = g.get("confidence_intervals")
+
+        def cell(value: float | None, interval: list[float] | None, fmt) -> str:
+            if value is None or ci is None:  # no interval at all for a group of one patient
+                return fmt(value)
+            return f"{fmt(value)} ({format_interval(interval, fmt) if interval else 'no interval'})"
+
+        recalls = " | ".join(cell(g["per_class"][c]["recall"], ci and ci["recall"][c], _pct) for c in classes)
         called = " | ".join(_pct(g["per_class"][c]["called"]) for c in classes)
-        lines.append(f"| {group} | {g['n']} | {_with_interval(g['accuracy'], ci.get('accuracy'), _pct)} | "
-                     f"{_with_interval(g['pneumonia_vs_normal_auroc'], ci.get('pneumonia_vs_normal_auroc'), _num)} | "
+        lines.append(f"| {group} | {g['n']} | {cell(g['accuracy'], ci and ci['accuracy'], _pct)} | "
+                     f"{cell(g['pneumonia_vs_normal_auroc'], ci and ci['pneumonia_vs_normal_auroc'], _num)} | "
                      f"{recalls} | {called} |")
     return lines
 

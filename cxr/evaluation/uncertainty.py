@@ -4,12 +4,18 @@ moves by about ±0.005, so differences smaller than that between recipes are not
 
 Each resample is a multinomial count per patient, i.e. a weight per image, so every resample's metrics
 come from a few array operations instead of one metric call per resample.
+
+A bootstrap cannot see beyond its sample: when every image of a group is right (18 of 18 latent-TB films
+found), every resample gives 100% and the percentile interval is 100–100%. Such a proportion gets the
+Wilson score interval over the patients concerned instead (82–100%), and an AUROC that every resample
+gives alike (perfect separation of a few images) gets no interval rather than a zero-width one.
 """
 from __future__ import annotations
 
 from typing import Sequence
 
 import numpy as np
+from scipy.stats import binomtest
 
 from cxr.evaluation.metrics import pneumonia_vs_normal_scores, weighted_auroc
 
@@ -31,9 +37,23 @@ def _interval(samples: np.ndarray, confidence: float) -> list[float] | None:
     return [float(np.percentile(samples, tail)), float(np.percentile(samples, 100 - tail))]
 
 
+def _auroc_interval(samples: np.ndarray, confidence: float) -> list[float] | None:
+    interval = _interval(samples, confidence)
+    return None if interval is None or interval[0] == interval[1] else interval
+
+
+def _proportion_interval(samples: np.ndarray, patients: int, confidence: float) -> list[float] | None:
+    interval = _interval(samples, confidence)
+    if interval is None or interval[0] != interval[1] or interval[0] not in (0.0, 1.0):
+        return interval
+    wilson = binomtest(round(interval[0] * patients), patients).proportion_ci(confidence, method="wilson")
+    return [float(wilson.low), float(wilson.high)]
+
+
 def bootstrap_intervals(probs: np.ndarray, targets: np.ndarray, groups: Sequence[str], class_names: Sequence[str],
                         n_resamples: int = RESAMPLES, confidence: float = CONFIDENCE, seed: int = 0) -> dict | None:
-    """Percentile intervals from resampling whole `groups` (patients) with replacement; None under 2 groups."""
+    """Percentile intervals from resampling whole `groups` (patients) with replacement (Wilson's for a proportion
+    of 0 or 1, none for an AUROC every resample gives alike); None under 2 groups."""
     probs, targets = np.asarray(probs, dtype=np.float64), np.asarray(targets, dtype=int)
     class_names = list(class_names)
     _, row_group = np.unique(np.asarray(groups, dtype=str), return_inverse=True)
@@ -53,13 +73,14 @@ def bootstrap_intervals(probs: np.ndarray, targets: np.ndarray, groups: Sequence
     out = {"confidence": confidence, "resamples": n_resamples, "patients": n_groups,
            "method": "percentile bootstrap over patients",
            "macro_auroc_resamples": int(np.isfinite(macro).sum()),
-           "accuracy": _interval(_weighted_mean(correct, np.ones_like(correct), weights), confidence),
-           "macro_auroc": _interval(macro, confidence),
+           "accuracy": _proportion_interval(_weighted_mean(correct, np.ones_like(correct), weights), n_groups, confidence),
+           "macro_auroc": _auroc_interval(macro, confidence),
            "pneumonia_vs_normal_auroc": None,
-           "auroc": {name: _interval(v, confidence) for name, v in auroc.items()},
-           "recall": {name: _interval(v, confidence) for name, v in recall.items()}}
+           "auroc": {name: _auroc_interval(v, confidence) for name, v in auroc.items()},
+           "recall": {name: _proportion_interval(recall[name], len(np.unique(row_group[targets == c])), confidence)
+                      for c, name in enumerate(class_names)}}
     pvn = pneumonia_vs_normal_scores(probs, targets, class_names)
     if pvn is not None:
         keep, score, is_pneumonia = pvn
-        out["pneumonia_vs_normal_auroc"] = _interval(weighted_auroc(score, is_pneumonia, weights[:, keep]), confidence)
+        out["pneumonia_vs_normal_auroc"] = _auroc_interval(weighted_auroc(score, is_pneumonia, weights[:, keep]), confidence)
     return out
