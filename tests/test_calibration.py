@@ -119,3 +119,11 @@ def test_a_temperature_alone_is_reported_beside_the_networks_own_numbers(synthet
     assert metrics["uncalibrated"]["macro_auroc"] == pytest.approx(raw["macro_auroc"])
     assert metrics["uncalibrated"]["accuracy"] == metrics["accuracy"]
     assert "The network's own softmax (no temperature, no bias)" in (tmp_path / "eval" / "report.md").read_text()
+
+
+def test_an_operating_point_that_costs_accuracy_where_it_was_fitted_is_warned_about():
+    from cxr.evaluation.recalibrate import accuracy_loss
+
+    record = {"split": "val", "n": 34, "accuracy_uncalibrated": 0.353, "accuracy_calibrated": 0.088}
+    assert "lowers its accuracy from 35.3% to 8.8%" in accuracy_loss(record)
+    assert accuracy_loss({**record, "accuracy_calibrated": 0.353}) is None

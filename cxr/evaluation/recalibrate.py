@@ -37,4 +37,18 @@ def recalibrate_checkpoint(ckpt_path: str | Path, datamodule: ChestXrayDataModul
     log.info("calibration on %s (n=%d): %s; NLL %.4f -> %.4f, accuracy %.4f -> %.4f -> %s", split, len(targets),
              calibration.to_spec(classifier.class_names), record["nll_uncalibrated"], record["nll_calibrated"],
              record["accuracy_uncalibrated"], record["accuracy_calibrated"], out_path)
+    if problem := accuracy_loss(record):
+        log.warning(problem)
     return {**calibration.to_spec(classifier.class_names), **record}
+
+
+def accuracy_loss(record: dict) -> str | None:
+    """A warning when the fitted operating point makes more errors than the network's own argmax on the very
+    images it was fitted on: it minimises the negative log-likelihood, not errors, and on few or unusual images
+    the two part ways."""
+    before, after = record["accuracy_uncalibrated"], record["accuracy_calibrated"]
+    if after >= before:
+        return None
+    return (f"the operating point fitted on the {record['split']} split (n = {record['n']}) lowers its accuracy from "
+            f"{before:.1%} to {after:.1%} (it minimises NLL, not errors): with few or unrepresentative images prefer "
+            "calibration.method=temperature (confidence only) or none; report.md gives the network's own numbers too")
