@@ -68,15 +68,24 @@ def configure_threads(cfg: DictConfig) -> None:
         torch.set_num_threads(int(threads))
 
 
+def log_to_run_files(log: logging.Logger, level: int, message: str, exc_info=None) -> None:
+    """Write to the run's log file (Hydra's file handler) only, not to the console."""
+    record = log.makeRecord(log.name, level, __file__, 0, message, None, exc_info)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
 def log_config(cfg: DictConfig, log: logging.Logger) -> None:
-    log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
+    """The resolved configuration, in the run's log file: on the console it would bury each job of a sweep."""
+    log_to_run_files(log, logging.INFO, "config:\n" + OmegaConf.to_yaml(cfg, resolve=True))
 
 
 def user_errors(main):
     """Wrap an entry point: an expected error (unreadable or leaking data, a missing file or checkpoint, weights
     that cannot be had, a required override left out) is printed as its message on stderr with exit status 1,
-    not as a traceback; any other exception keeps its traceback. In a sweep (-m) the error is re-raised
-    instead, so Hydra marks that job failed and still runs the others."""
+    not as a traceback; any other exception keeps its traceback. Either way the run's log file ends with it.
+    In a sweep (-m) the error is re-raised instead, so Hydra marks that job failed and still runs the others."""
     @functools.wraps(main)
     def wrapper(cfg: DictConfig):
         from hydra.core.hydra_config import HydraConfig
@@ -89,14 +98,22 @@ def user_errors(main):
         from cxr.models.backbone import PretrainedWeightsError
         from cxr.resume import ResumeError
 
+        log = logging.getLogger("cxr")
         try:
             return main(cfg)
         except (DataCheckError, DataConfigError, LeakageError, PretrainedWeightsError, CheckpointError, ResumeError,
                 ConfigError, FileNotFoundError, FileExistsError, MissingMandatoryValue) as exc:
             print(f"error: {exc}", file=sys.stderr)
+            log_to_run_files(log, logging.ERROR, f"error: {exc}")  # the run's folder says why it stopped
             if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
                 raise
             raise SystemExit(1) from None
+        except KeyboardInterrupt:
+            log_to_run_files(log, logging.ERROR, "interrupted")
+            raise
+        except Exception:
+            log_to_run_files(log, logging.ERROR, "failed", exc_info=sys.exc_info())
+            raise
 
     return wrapper
 

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
@@ -28,7 +29,7 @@ def main(cfg: DictConfig) -> float | None:
                        title=f"{classifier.spec['backbone']} on {datamodule.split} split")
     log.info("accuracy %.4f, macro AUROC %s, n %d -> %s", metrics["accuracy"], metrics["macro_auroc"], metrics["n"],
              cfg.paths.output_dir)
-    print(f"{cfg.paths.output_dir}/metrics.json")
+    print(Path(cfg.paths.output_dir) / "metrics.json")
     return metrics["macro_auroc"]
 
 

@@ -26,12 +26,18 @@ from cxr.config import (CONFIG_DIR, ConfigError, configure_threads, instantiate_
 from cxr.evaluation.evaluate import evaluate
 from cxr.evaluation.recalibrate import recalibrate_checkpoint
 from cxr.inference import load_classifier
+from cxr.models.backbone import input_mismatch
+from cxr.models.unfreeze import ProgressiveUnfreezing
 from cxr.resume import RESUME_CHECKPOINT, RecordRunConfig, check_resume, keep_earlier_curves
 
 log = logging.getLogger("cxr.train")
 
 
 def train(cfg: DictConfig) -> dict:
+    if cfg.get("experiment"):
+        raise ConfigError(f"the experiment's settings landed under `experiment:` ({sorted(cfg.experiment)}) instead of "
+                          "replacing the defaults: its file must begin with the line `# @package _global_`, as those "
+                          "in configs/experiment/ do")
     configure_threads(cfg)
     L.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.paths.output_dir)
@@ -64,9 +70,15 @@ def train(cfg: DictConfig) -> dict:
                                                    class_weights=None if weights is None else weights.tolist())
     model.data_summary = data_summary
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    pretrained = str(cfg.model.get("pretrained", "none"))
+    if problem := input_mismatch(pretrained, model.net, preprocessing.mean, preprocessing.std):
+        log.warning(problem)
+    if pretrained == "none" and any(isinstance(c, ProgressiveUnfreezing) for c in callbacks):
+        log.warning("model.pretrained=none with progressive unfreezing: the randomly initialised backbone stays frozen "
+                    "for the first epochs; to train from scratch, switch unfreezing off (~callbacks.unfreeze)")
     callbacks.append(RecordRunConfig(cfg))
     check_model_selection(callbacks, datamodule, best.stem)
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    loggers = [instantiate(c, **wandb_identity(c, cfg)) for c in (cfg.get("logger") or {}).values() if c is not None]
     if not loggers:  # logger=none: nothing to log learning rates to, and Lightning refuses the monitor
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     if resume_from:
@@ -112,15 +124,26 @@ def train(cfg: DictConfig) -> dict:
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     (out_dir / RESUME_CHECKPOINT).unlink(missing_ok=True)  # a finished run is not resumed
     for logger in loggers:
-        summary = dict(results.get("eval") or {})
-        summary.update({f"uncalibrated_{k}": v for k, v in summary.pop("uncalibrated", {}).items() if k != "recall"})
-        logger.log_metrics({f"summary/{k}": v for k, v in summary.items() if v is not None})
+        logger.log_metrics(run_summary(results, datamodule.split))
         if test_after_fit and hasattr(logger, "log_image"):  # W&B: the report's figures on the run's page
-            figures = ("confusion_matrix.png", "roc_curves.png")
-            logger.log_image("eval/figures", [str(out_dir / "eval" / name) for name in figures],
-                             caption=["confusion matrix, rows = true class (test split)", "one-vs-rest ROC (test split)"])
+            for name, caption in (("confusion_matrix", "rows = true class"), ("roc_curves", "one-vs-rest")):
+                logger.log_image(f"eval/{name}", [str(out_dir / "eval" / f"{name}.png")],
+                                 caption=[f"{caption} ({datamodule.split} split)"])
         logger.finalize("success")
     return results
+
+
+def run_summary(results: dict, split: str) -> dict:
+    """A run's headline numbers for the dashboard: the validation score that chose the checkpoint (what to
+    compare runs by) and the evaluated split's numbers, each named for its split."""
+    summary = {}
+    if selection := results.get("selection"):
+        summary[f"summary/selected_{selection['monitor'].replace('/', '_')}"] = selection["best"]
+    evaluated = dict(results.get("eval") or {})
+    uncalibrated = evaluated.pop("uncalibrated", {})
+    summary.update({f"summary/{split}_{k}": v for k, v in evaluated.items()})
+    summary.update({f"summary/{split}_uncalibrated_{k}": v for k, v in uncalibrated.items() if k != "recall"})
+    return {k: v for k, v in summary.items() if v is not None}
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
@@ -158,6 +181,25 @@ def check_model_selection(callbacks: list, datamodule, best_name: str) -> None:
         raise ConfigError(f"the val split holds images of {classes} only, so {sorted(watched)} cannot be computed "
                           "and nothing could choose the checkpoint or stop early; give val images of at least two "
                           "classes (a val/ folder, a split column or data.val_fraction)")
+
+
+def wandb_identity(logger_cfg: DictConfig, cfg: DictConfig) -> dict:
+    """A W&B run's name and group where its config leaves them null: the name lists the command-line overrides
+    that make this run what it is (the task name without any); the group is the task and the sweep's folder
+    (every job of one sweep) or the run's folder (a run and its resumed part)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not str(logger_cfg.get("_target_", "")).endswith("WandbLogger") or not HydraConfig.initialized():
+        return {}
+    hydra_cfg = HydraConfig.get()
+    bookkeeping = ("hydra.", "paths.", "logger", "num_threads", "resume", "trainer.enable_progress_bar")
+    overrides = [o for o in hydra_cfg.overrides.task if not o.lstrip("+~").startswith(bookkeeping)]
+    sweep = hydra_cfg.mode == RunMode.MULTIRUN
+    folder = Path(hydra_cfg.sweep.dir if sweep else hydra_cfg.runtime.output_dir).name
+    identity = {"name": " ".join(overrides) or cfg.task_name,
+                "group": f"{cfg.task_name}/{folder}"}
+    return {key: value for key, value in identity.items() if logger_cfg.get(key) is None}
 
 
 def finite_or_none(value) -> float | None:

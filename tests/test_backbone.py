@@ -68,3 +68,18 @@ def test_local_weights_file(tmp_path):
     torch.save({"conv_stem.weight": torch.zeros(1)}, tmp_path / "wrong.pth")
     with pytest.raises(PretrainedWeightsError, match="does not fit"):
         create_backbone("test_efficientnet", 3, pretrained=str(tmp_path / "wrong.pth"))
+
+
+def test_inputs_normalised_unlike_the_pretrained_weights_are_named():
+    import timm
+
+    from cxr.models.backbone import input_mismatch
+
+    lite0 = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=3)
+    imagenet = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    assert input_mismatch("packaged", lite0, (0.5,) * 3, (0.5,) * 3) is None
+    assert "mean = std = 0.5" in input_mismatch("packaged", lite0, *imagenet)
+    resnet = timm.create_model("resnet18", pretrained=False, num_classes=3)
+    assert input_mismatch("timm", resnet, *imagenet) is None
+    assert "timm's weights were trained with mean (0.485" in input_mismatch("timm", resnet, (0.5,) * 3, (0.5,) * 3)
+    assert input_mismatch("none", resnet, (0.5,) * 3, (0.5,) * 3) is None

@@ -3,7 +3,10 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
+from omegaconf import open_dict
 
 from cxr.config import CONFIG_DIR
 
@@ -88,3 +91,36 @@ def test_wandb_logger_runs_offline(tmp_path, monkeypatch):
     logger.experiment.finish()
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
+
+
+@pytest.mark.parametrize("mode, group", [(RunMode.RUN, "lite0_finetune/run-1"), (RunMode.MULTIRUN, "lite0_finetune/sweep-7")])
+def test_a_wandb_run_is_named_by_its_overrides_and_grouped_by_its_run_or_sweep_folder(mode, group):
+    from cxr.train import wandb_identity
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=lite0_finetune", "data.holdout_sources=[kermany]", "seed=1",
+                                          "logger=wandb", "hydra.run.dir=/x/run-1", "hydra.sweep.dir=/x/sweep-7",
+                                          "paths.cache_dir=/c"], return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.mode, cfg.hydra.runtime.output_dir = mode, "/x/run-1" if mode == RunMode.RUN else "/x/sweep-7/0"
+    HydraConfig.instance().set_config(cfg)
+    try:
+        identity = wandb_identity(cfg.logger.wandb, cfg)
+        assert identity == {"name": "experiment=lite0_finetune data.holdout_sources=[kermany] seed=1",
+                            "group": group}
+        with open_dict(cfg):
+            cfg.logger.wandb.name = "mine"
+        assert "name" not in wandb_identity(cfg.logger.wandb, cfg)  # a name given in the config is kept
+        assert wandb_identity(cfg.logger.csv, cfg) == {}
+    finally:
+        HydraConfig.instance().cfg = None
+
+
+def test_common_trainer_settings_are_overridden_as_typed_with_or_without_a_debug_config():
+    for debug in ([], ["debug=smoke"]):
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            cfg = compose("train", overrides=[*debug, "trainer.limit_train_batches=5", "trainer.gradient_clip_val=1.0",
+                                              "trainer.accumulate_grad_batches=2", "paths.output_dir=/tmp/unused"])
+        assert (cfg.trainer.limit_train_batches, cfg.trainer.gradient_clip_val) == (5, 1.0)
+    trainer = instantiate(cfg.trainer)
+    assert trainer.accumulate_grad_batches == 2 and trainer.gradient_clip_val == 1.0

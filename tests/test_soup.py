@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from cxr.models.soup import average_weights, check_soup_members, greedy_soup
-from tests.test_train_eval import TINY, run
+from tests.test_train_eval import TINY, command, run
 
 
 def tiny_net(seed: int) -> torch.nn.Module:
@@ -155,15 +155,14 @@ def test_greedy_soup_writes_a_calibrated_checkpoint_and_its_record(members, tmp_
 
 def test_soup_refuses_other_data_than_the_members_and_an_existing_output(members, tmp_path):
     import subprocess
-    import sys
 
     from tests.conftest import PROJECT_ROOT
 
     (first, second), cache = members
 
     def soup(*overrides):
-        return subprocess.run([sys.executable, "-m", "cxr.soup", f"members=[{first},{second}]", *overrides,
-                               f"paths.cache_dir={cache}"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
+        return subprocess.run(command("cxr.soup", (f"members=[{first},{second}]", *overrides), cache), cwd=PROJECT_ROOT,
+                              capture_output=True, text=True, timeout=600)
 
     # The same images, split by another seed (the split fingerprint differs even where counts agree).
     other = soup(*DATA, "data.split_seed=7", f"paths.output_dir={tmp_path / 'other'}")

@@ -3,6 +3,8 @@ import json
 import os
 import subprocess
 import sys
+import uuid
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -12,10 +14,18 @@ from tests.conftest import PROJECT_ROOT
 TINY = ["model=tiny", "preprocess.image_size=64", "data.n_per_class=20", "data.size=96", "trainer.enable_progress_bar=false"]
 
 
+def command(module: str, overrides: tuple[str, ...], cache_dir) -> list[str]:
+    """`python -m module overrides`, with Hydra's own run folder (.hydra/, the log) under `cache_dir` unless given:
+    tests must not leave folders in the repository's logs/."""
+    own_folder = any(o.startswith(("hydra.run.dir=", "hydra.sweep.dir=")) for o in overrides) or "-m" in overrides
+    hydra_dir = [] if own_folder else [f"hydra.run.dir={Path(cache_dir) / 'hydra' / uuid.uuid4().hex}"]
+    return [sys.executable, "-m", module, *overrides, *hydra_dir, f"paths.cache_dir={cache_dir}"]
+
+
 def run(module: str, *overrides: str, cache_dir) -> str:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([sys.executable, "-m", module, *overrides, f"paths.cache_dir={cache_dir}"],
-                          cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600, env=env)
+    proc = subprocess.run(command(module, overrides, cache_dir), cwd=PROJECT_ROOT, capture_output=True, text=True,
+                          timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
 
@@ -65,8 +75,8 @@ def test_eval_of_saved_checkpoint_matches_training_test_metrics(trained_run, tmp
 
 
 def failing_run(module: str, *overrides: str, cache_dir) -> str:
-    proc = subprocess.run([sys.executable, "-m", module, *overrides, f"paths.cache_dir={cache_dir}"],
-                          cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(command(module, overrides, cache_dir), cwd=PROJECT_ROOT, capture_output=True, text=True,
+                          timeout=600)
     assert proc.returncode != 0, proc.stdout[-2000:]
     return proc.stderr
 
@@ -172,11 +182,18 @@ def test_a_checkpoint_that_validation_cannot_choose_is_refused_before_the_fit(tm
         check_model_selection(renamed, datamodule, "best")
 
 
-def test_wandb_run_gets_the_test_figures(tmp_path):
+def test_wandb_run_gets_the_test_figures_and_the_dashboard_the_selection_score(tmp_path):
     run("cxr.train", "debug=smoke", *TINY, "data.batch_size=8", "logger=wandb", f"paths.output_dir={tmp_path}",
         cache_dir=tmp_path / "cache")
-    images = list(tmp_path.glob("wandb/offline-run-*/files/media/images/eval/figures_*.png"))
-    assert len(images) == 2, sorted(str(p) for p in tmp_path.glob("wandb/offline-run-*/files/**/*"))
+    for name in ("confusion_matrix", "roc_curves"):  # one key each: W&B shows one size per key
+        images = list(tmp_path.glob(f"wandb/offline-run-*/files/media/images/eval/{name}_*.png"))
+        assert len(images) == 1, sorted(str(p) for p in tmp_path.glob("wandb/offline-run-*/files/**/*"))
+    results = json.loads((tmp_path / "results.json").read_text())
+    logged = pd.read_csv(tmp_path / "csv" / "metrics.csv")  # what every logger got, W&B included
+    summary = {key: logged[key].dropna().iloc[-1] for key in logged.columns if key.startswith("summary/")}
+    assert summary["summary/selected_val_auroc_macro"] == pytest.approx(results["selection"]["best"])
+    assert summary["summary/test_macro_auroc"] == pytest.approx(results["eval"]["macro_auroc"])
+    assert all(key.startswith(("summary/selected_", "summary/test_")) for key in summary), summary
 
 
 def test_logged_learning_rates_are_the_ones_each_epoch_uses(tmp_path):
@@ -185,7 +202,8 @@ def test_logged_learning_rates_are_the_ones_each_epoch_uses(tmp_path):
     run("cxr.train", "debug=smoke", *TINY, "data.batch_size=8", "callbacks=cosine", f"paths.output_dir={tmp_path}",
         cache_dir=tmp_path / "cache")
     curves = pd.read_csv(tmp_path / "csv" / "metrics.csv")
-    head = curves.filter(like="lr-").filter(like="head").columns[0]
+    assert {"lr-AdamW/head", "lr-AdamW/backbone"} <= set(curves.columns)  # the names runs without unfreezing have
+    head = "lr-AdamW/head"
     by_epoch = curves[head].dropna().tolist()  # one row per epoch, logged at its first step
     assert len(by_epoch) == 2
     assert by_epoch[1] / by_epoch[0] == pytest.approx(cosine_factor(1, 2, 0, 0.05) / cosine_factor(0, 2, 0, 0.05))
@@ -206,10 +224,20 @@ def test_a_sweep_runs_past_a_failed_job_with_one_wandb_run_per_job(tmp_path):
                          cache_dir=tmp_path / "cache")
     assert "error: " in stderr and "/nonexistent/weights.pth" in stderr, stderr[-2000:]
     assert [(sweep / str(job) / "results.json").exists() for job in range(4)] == [False, False, True, True]
+    for job in (0, 1):  # the failed job's folder says why
+        assert "error: model.pretrained='/nonexistent/weights.pth'" in (sweep / str(job) / "train.log").read_text()
+    summary = pd.read_csv(sweep / "summary.csv")  # one row per job, failures included
+    assert summary["status"].tolist() == ["failed", "failed", "completed", "completed"]
+    assert summary["error"][0].startswith("model.pretrained='/nonexistent/weights.pth'")
+    assert "model.pretrained=none" in summary["overrides"][2] and "seed=1" in summary["overrides"][2]
+    for job in (2, 3):
+        results = json.loads((sweep / str(job) / "results.json").read_text())
+        assert summary["selected_score"][job] == pytest.approx(results["selection"]["best"])
+        assert summary["eval_macro_auroc"][job] == pytest.approx(results["eval"]["macro_auroc"])
     for job in (2, 3):  # before, job 3 logged into job 2's still open run and had no run of its own
         runs = list((sweep / str(job) / "wandb").glob("offline-run-*"))
         assert len(runs) == 1, runs
-        assert len(list(runs[0].glob("files/media/images/eval/figures_*.png"))) == 2
+        assert len(list(runs[0].glob("files/media/images/eval/*.png"))) == 2
     before = (sweep / "2" / ".hydra" / "overrides.yaml").read_text()
     stderr = failing_run("cxr.train", "-m", "seed=3,4", "debug=smoke", *TINY, f"hydra.sweep.dir={sweep}",
                          cache_dir=tmp_path / "cache")
@@ -257,8 +285,8 @@ def test_calibrate_writes_a_new_checkpoint_and_never_overwrites(trained_run, tmp
     assert spec["calibration_fit"]["method"] == "temperature" and spec["logit_bias"] is None
     assert json.loads((tmp_path / "run" / "calibration.json").read_text())["temperature"] == spec["temperature"]
     assert file_sha256(best) == before
-    again = subprocess.run([sys.executable, "-m", "cxr.calibrate", *overrides, f"paths.cache_dir={cache}"],
-                           cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
+    again = subprocess.run(command("cxr.calibrate", tuple(overrides), cache), cwd=PROJECT_ROOT, capture_output=True,
+                           text=True, timeout=600)
     assert again.returncode != 0 and "exists; choose another output=" in again.stderr
 
 
@@ -296,7 +324,20 @@ def test_refit_on_train_and_val_keeps_val_out_of_every_later_choice(tmp_path_fac
     for module, overrides in (("cxr.train", [*refit, "calibration.method=temperature", f"paths.output_dir={out}/again"]),
                               ("cxr.eval", [f"ckpt_path={out}/checkpoints/best.ckpt", "data=synthetic", "data.split=val",
                                             "data.n_per_class=20", "data.size=96", f"paths.output_dir={out}/val"])):
-        proc = subprocess.run([sys.executable, "-m", module, *overrides, f"paths.cache_dir={cache}"],
-                              cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(command(module, tuple(overrides), cache), cwd=PROJECT_ROOT, capture_output=True,
+                              text=True, timeout=600)
         assert proc.returncode != 0 and "trained on the 'val' split" in proc.stderr, proc.stderr[-2000:]
     assert not (out / "again" / "checkpoints").exists()  # refused before any fitting
+
+
+def test_an_experiment_of_ones_own_outside_the_repository_needs_the_global_package_line(tmp_path):
+    (tmp_path / "experiment").mkdir()
+    settings = "model:\n  dropout: 0.05\ntrainer:\n  max_epochs: 1\n"
+    (tmp_path / "experiment" / "mine.yaml").write_text("# @package _global_\n" + settings)
+    (tmp_path / "experiment" / "mine_unpackaged.yaml").write_text(settings)
+    searchpath = f"hydra.searchpath=[file://{tmp_path}]"
+    composed = run("cxr.train", "--cfg", "job", searchpath, "experiment=mine", cache_dir=tmp_path / "cache")
+    assert "dropout: 0.05" in composed and "max_epochs: 1\n" in composed
+    stderr = failing_run("cxr.train", searchpath, "experiment=mine_unpackaged", f"hydra.run.dir={tmp_path / 'run'}",
+                         cache_dir=tmp_path / "cache")
+    assert "must begin with the line `# @package _global_`" in stderr, stderr[-2000:]

@@ -13,7 +13,9 @@ from __future__ import annotations
 import importlib
 import logging
 from pathlib import Path
+from typing import Sequence
 
+import numpy as np
 import timm
 import torch
 from torch import nn
@@ -128,6 +130,27 @@ def _create_with_weights(backbone: str, num_classes: int, pretrained: str, dropo
             )
         _load_file(model, path)
     return model
+
+
+PACKAGED_NORMALISATION = (0.5, 0.5)  # mean, std the packaged Lite weights were trained with, every channel
+
+
+def input_mismatch(pretrained: str, net: nn.Module, mean: Sequence[float], std: Sequence[float]) -> str | None:
+    """Why inputs normalised with `mean`/`std` do not fit the pretrained weights, or None (for weights from a
+    file, or none, nothing is known)."""
+    if pretrained == "packaged":
+        expected, whose = ([PACKAGED_NORMALISATION[0]] * len(mean), [PACKAGED_NORMALISATION[1]] * len(std)), \
+            "the packaged weights were trained with mean = std = 0.5 (preprocess=packaged)"
+    elif pretrained == "timm" and getattr(net, "pretrained_cfg", {}).get("mean"):
+        cfg = net.pretrained_cfg
+        expected, whose = (cfg["mean"], cfg["std"]), \
+            f"timm's weights were trained with mean {tuple(cfg['mean'])} and std {tuple(cfg['std'])}"
+    else:
+        return None
+    if len(expected[0]) == len(mean) and np.allclose(expected, (mean, std), atol=1e-3):
+        return None
+    return (f"inputs are normalised with mean {tuple(mean)} and std {tuple(std)}, but {whose}: the network sees "
+            "other pixel values than it learnt from; set preprocess.mean / preprocess.std to match")
 
 
 def head_parameter_names(model: nn.Module) -> list[str]:

@@ -8,6 +8,7 @@ on ImageNet's statistics (Keras' advice for fine-tuning small data sets).
 """
 from __future__ import annotations
 
+import itertools
 import logging
 from typing import Sequence
 
@@ -86,6 +87,10 @@ class ProgressiveUnfreezing(BaseFinetuning):
             head_lr = base_lr(optimizer.param_groups[0])  # undecayed: a schedule then decays the new group too
             self.unfreeze_and_add_param_group(opening, optimizer, lr=head_lr * factor, initial_denom_lr=1.0,
                                               train_bn=self.train_bn)
+            taken = {group.get("name") for group in optimizer.param_groups[:-1]}
+            # named as without unfreezing ("backbone"), so curves of runs with and without it line up
+            optimizer.param_groups[-1]["name"] = next(name for k in itertools.count(1)
+                                                      if (name := "backbone" if k == 1 else f"backbone_{k}") not in taken)
             log.info("epoch %d: unfroze backbone stages %d..%d of %d (lr %.2e)", epoch, self.n_unfrozen, end - 1,
                      len(stages), head_lr * factor)
             self.n_unfrozen = end

@@ -1,0 +1,56 @@
+"""One table for a whole sweep: `<sweep folder>/summary.csv`, a row per job as it ends.
+
+A `-m` sweep leaves one run folder per job; comparing them would otherwise mean joining each folder's
+.hydra/overrides.yaml and results.json by hand. Jobs are meant to be compared by the validation score
+that chose their checkpoint (`selected_score`); the evaluated split's numbers sit beside it, named for
+that split, and a failed job keeps its row with the error.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+SUMMARY_FILE = "summary.csv"
+COLUMNS = ["job", "status", "overrides", "selected_metric", "selected_score", "eval_split", "eval_accuracy",
+           "eval_macro_auroc", "eval_pneumonia_vs_normal_auroc", "fit_minutes", "folder", "error"]
+
+
+def summary_row(config: DictConfig, job_return: JobReturn) -> dict:
+    folder = Path(config.paths.output_dir)
+    row = {"job": config.hydra.job.num, "overrides": " ".join(job_return.overrides or []), "folder": str(folder),
+           "status": "completed" if job_return.status == JobStatus.COMPLETED else "failed"}
+    if job_return.status != JobStatus.COMPLETED:
+        row["error"] = str(job_return._return_value).strip().splitlines()[0] if job_return._return_value else ""
+    results_file = folder / "results.json"
+    if results_file.is_file():
+        results = json.loads(results_file.read_text())
+        selection, evaluated = results.get("selection") or {}, results.get("eval") or {}
+        row.update({"selected_metric": selection.get("monitor"), "selected_score": selection.get("best"),
+                    "eval_split": config.data.get("split") if evaluated else None,
+                    "eval_accuracy": evaluated.get("accuracy"), "eval_macro_auroc": evaluated.get("macro_auroc"),
+                    "eval_pneumonia_vs_normal_auroc": evaluated.get("pneumonia_vs_normal_auroc"),
+                    "fit_minutes": round(results["fit_seconds"] / 60, 2)})
+    return row
+
+
+class SweepSummary(Callback):
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        print(f"each job is summarised in {Path(config.hydra.sweep.dir) / SUMMARY_FILE} as it ends", file=sys.stderr)
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs) -> None:
+        if config.hydra.mode != RunMode.MULTIRUN:
+            return
+        path = Path(config.hydra.sweep.dir) / SUMMARY_FILE
+        new = not path.exists()
+        with path.open("a", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+            if new:
+                writer.writeheader()
+            writer.writerow(summary_row(config, job_return))
