@@ -316,3 +316,14 @@ def test_report_subgroups_must_be_columns_of_the_data_with_few_values(tmp_path, 
         ChestXrayDataModule.from_manifest(str(manifest), preprocessing=PREP, subgroups=["age"]).build_index()
     with pytest.raises(DataConfigError, match=r"\['source'\] are not extra columns .* per source already"):
         ChestXrayDataModule.from_manifest(str(manifest), preprocessing=PREP, subgroups=["source"]).build_index()
+
+
+def test_scoring_every_image_draws_no_split(synthetic_manifest, monkeypatch):
+    import cxr.data.datamodule as datamodule_module
+
+    def no_draw(*args, **kwargs):
+        raise AssertionError("a split was drawn for data.split=all")
+
+    monkeypatch.setattr(datamodule_module, "assign_splits", no_draw)
+    datamodule = ChestXrayDataModule.from_manifest(str(synthetic_manifest), preprocessing=PREP, split="all")
+    assert len(datamodule.split_frame("all")) == len(pd.read_csv(synthetic_manifest))

@@ -160,12 +160,13 @@ class ChestXrayDataModule(L.LightningDataModule):
         check_subgroup_columns(index, self.subgroups)
         self.drawn_split_images = int((index["split"] == "").sum())
         given = set(index["split"])
-        if "" not in given and "train" in given and "val" not in given:
-            # train/ and test/ only, a common layout: val is drawn from train, patient-grouped and seeded.
-            log.warning("no val split given: drawing %.0f%% of the train images as val", 100 * self.val_fraction)
-            index = assign_splits(index.assign(split=index["split"].replace("train", "")), self.val_fraction, 0.0,
-                                  self.split_seed)
-        index = assign_splits(index, self.val_fraction, self.test_fraction, self.split_seed)
+        if self.split != ALL_IMAGES:  # scoring every image as one set needs no split drawn
+            if "" not in given and "train" in given and "val" not in given:
+                # train/ and test/ only, a common layout: val is drawn from train, patient-grouped and seeded.
+                log.warning("no val split given: drawing %.0f%% of the train images as val", 100 * self.val_fraction)
+                index = assign_splits(index.assign(split=index["split"].replace("train", "")), self.val_fraction, 0.0,
+                                      self.split_seed)
+            index = assign_splits(index, self.val_fraction, self.test_fraction, self.split_seed)
         check_patient_leakage(index)
         if self.holdout_sources:
             missing = set(self.holdout_sources) - set(index["source"])
@@ -179,7 +180,7 @@ class ChestXrayDataModule(L.LightningDataModule):
             index.loc[~held & (index["split"] == "test"), "split"] = "unused"
         index = index.reset_index(drop=True)
         untrained = sorted(set(self.class_names) - set(index.loc[index["split"].isin(self.train_splits), "label"]))
-        if untrained:
+        if untrained and self.split != ALL_IMAGES:  # data scored whole is not trained on
             log.warning("class(es) %s have no training images: the model cannot learn them; if the data holds only "
                         "some classes, pass +data.class_names=[...]", untrained)
         warn_classes_missing_from_evaluation(index)
