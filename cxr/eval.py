@@ -1,6 +1,7 @@
 """cxr-eval: evaluate a saved checkpoint on a split of any data config.
 
     cxr-eval ckpt_path=logs/train/runs/.../checkpoints/best.ckpt data=manifest data.manifest=m.csv data.split=test
+    cxr-eval ... logger=wandb      # the numbers and figures on the dashboard too (job type "eval")
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from omegaconf import DictConfig
 from cxr.config import CONFIG_DIR, configure_threads, instantiate_checkpoint_datamodule, log_config, user_errors
 from cxr.evaluation.evaluate import evaluate
 from cxr.inference import load_classifier
+from cxr.tracking import finish_wandb_run, headline, instantiate_loggers, log_config_to, log_results, run_summary
 
 log = logging.getLogger("cxr.eval")
 
@@ -25,8 +27,17 @@ def main(cfg: DictConfig) -> float | None:
     classifier = load_classifier(cfg.ckpt_path)
     datamodule = instantiate_checkpoint_datamodule(cfg, classifier.spec)
     datamodule.warn_if_split_was_drawn(datamodule.split)
-    metrics = evaluate(classifier, datamodule, datamodule.split, cfg.paths.output_dir,
-                       title=f"{classifier.spec['backbone']} on {datamodule.split} split")
+    loggers = instantiate_loggers(cfg, job_type="eval")  # built first: a logger that cannot start fails fast
+    log_config_to(loggers, cfg)
+    try:
+        metrics = evaluate(classifier, datamodule, datamodule.split, cfg.paths.output_dir,
+                           title=f"{classifier.spec['backbone']} on {datamodule.split} split")
+        log_results(loggers, run_summary({"eval": headline(metrics)}, datamodule.split), Path(cfg.paths.output_dir),
+                    datamodule.split)
+    except BaseException:
+        finish_wandb_run(exit_code=1)
+        raise
+    finish_wandb_run(exit_code=0)
     log.info("accuracy %.4f, macro AUROC %s, n %d -> %s", metrics["accuracy"], metrics["macro_auroc"], metrics["n"],
              cfg.paths.output_dir)
     print(Path(cfg.paths.output_dir) / "metrics.json")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import hydra
 import lightning as L
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from cxr.calibration import check_calibration_targets
 from cxr.checkpoint import TRAIN_FINGERPRINTS
@@ -29,6 +28,8 @@ from cxr.inference import load_classifier
 from cxr.models.backbone import input_mismatch
 from cxr.models.unfreeze import ProgressiveUnfreezing
 from cxr.resume import RESUME_CHECKPOINT, RecordRunConfig, check_resume, keep_earlier_curves
+from cxr.tracking import (finish_wandb_run, headline, instantiate_loggers, log_config_to, log_results,
+                          run_summary)
 
 log = logging.getLogger("cxr.train")
 
@@ -78,13 +79,12 @@ def train(cfg: DictConfig) -> dict:
                     "for the first epochs; to train from scratch, switch unfreezing off (~callbacks.unfreeze)")
     callbacks.append(RecordRunConfig(cfg))
     check_model_selection(callbacks, datamodule, best.stem)
-    loggers = [instantiate(c, **wandb_identity(c, cfg)) for c in (cfg.get("logger") or {}).values() if c is not None]
+    loggers = instantiate_loggers(cfg)
     if not loggers:  # logger=none: nothing to log learning rates to, and Lightning refuses the monitor
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     if resume_from:
         keep_earlier_curves(loggers, first_epoch)
-    for logger in loggers:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    log_config_to(loggers, cfg)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
     start = time.perf_counter()
@@ -118,32 +118,12 @@ def train(cfg: DictConfig) -> dict:
                            if k.startswith("test/")}
         metrics = evaluate(load_classifier(best), datamodule, datamodule.split, out_dir / "eval",
                            title=f"{cfg.get('task_name', 'train')}: {datamodule.split} split")
-        results["eval"] = {k: metrics[k] for k in ("n", "accuracy", "macro_auroc", "pneumonia_vs_normal_auroc")}
-        if "uncalibrated" in metrics:
-            results["eval"]["uncalibrated"] = metrics["uncalibrated"]
+        results["eval"] = headline(metrics)
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     (out_dir / RESUME_CHECKPOINT).unlink(missing_ok=True)  # a finished run is not resumed
-    for logger in loggers:
-        logger.log_metrics(run_summary(results, datamodule.split))
-        if test_after_fit and hasattr(logger, "log_image"):  # W&B: the report's figures on the run's page
-            for name, caption in (("confusion_matrix", "rows = true class"), ("roc_curves", "one-vs-rest")):
-                logger.log_image(f"eval/{name}", [str(out_dir / "eval" / f"{name}.png")],
-                                 caption=[f"{caption} ({datamodule.split} split)"])
-        logger.finalize("success")
+    log_results(loggers, run_summary(results, datamodule.split), out_dir / "eval" if test_after_fit else None,
+                datamodule.split)
     return results
-
-
-def run_summary(results: dict, split: str) -> dict:
-    """A run's headline numbers for the dashboard: the validation score that chose the checkpoint (what to
-    compare runs by) and the evaluated split's numbers, each named for its split."""
-    summary = {}
-    if selection := results.get("selection"):
-        summary[f"summary/selected_{selection['monitor'].replace('/', '_')}"] = selection["best"]
-    evaluated = dict(results.get("eval") or {})
-    uncalibrated = evaluated.pop("uncalibrated", {})
-    summary.update({f"summary/{split}_{k}": v for k, v in evaluated.items()})
-    summary.update({f"summary/{split}_uncalibrated_{k}": v for k, v in uncalibrated.items() if k != "recall"})
-    return {k: v for k, v in summary.items() if v is not None}
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
@@ -183,36 +163,10 @@ def check_model_selection(callbacks: list, datamodule, best_name: str) -> None:
                           "classes (a val/ folder, a split column or data.val_fraction)")
 
 
-def wandb_identity(logger_cfg: DictConfig, cfg: DictConfig) -> dict:
-    """A W&B run's name and group where its config leaves them null: the name lists the command-line overrides
-    that make this run what it is (the task name without any); the group is the task and the sweep's folder
-    (every job of one sweep) or the run's folder (a run and its resumed part)."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    if not str(logger_cfg.get("_target_", "")).endswith("WandbLogger") or not HydraConfig.initialized():
-        return {}
-    hydra_cfg = HydraConfig.get()
-    bookkeeping = ("hydra.", "paths.", "logger", "num_threads", "resume", "trainer.enable_progress_bar")
-    overrides = [o for o in hydra_cfg.overrides.task if not o.lstrip("+~").startswith(bookkeeping)]
-    sweep = hydra_cfg.mode == RunMode.MULTIRUN
-    folder = Path(hydra_cfg.sweep.dir if sweep else hydra_cfg.runtime.output_dir).name
-    identity = {"name": " ".join(overrides) or cfg.task_name,
-                "group": f"{cfg.task_name}/{folder}"}
-    return {key: value for key, value in identity.items() if logger_cfg.get(key) is None}
-
-
 def finite_or_none(value) -> float | None:
     """A metric for results.json: NaN and infinity are not JSON."""
     value = float(value)
     return value if math.isfinite(value) else None
-
-
-def finish_wandb_run(exit_code: int) -> None:
-    """Lightning's WandbLogger.finalize leaves the W&B run open: the next job of a sweep would log into it."""
-    wandb = sys.modules.get("wandb")
-    if wandb is not None and wandb.run is not None:
-        wandb.finish(exit_code=exit_code)
 
 
 if __name__ == "__main__":

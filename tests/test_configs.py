@@ -95,7 +95,7 @@ def test_wandb_logger_runs_offline(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("mode, group", [(RunMode.RUN, "lite0_finetune/run-1"), (RunMode.MULTIRUN, "lite0_finetune/sweep-7")])
 def test_a_wandb_run_is_named_by_its_overrides_and_grouped_by_its_run_or_sweep_folder(mode, group):
-    from cxr.train import wandb_identity
+    from cxr.tracking import wandb_identity
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("train", overrides=["experiment=lite0_finetune", "data.holdout_sources=[kermany]", "seed=1",

@@ -341,3 +341,15 @@ def test_an_experiment_of_ones_own_outside_the_repository_needs_the_global_packa
     stderr = failing_run("cxr.train", searchpath, "experiment=mine_unpackaged", f"hydra.run.dir={tmp_path / 'run'}",
                          cache_dir=tmp_path / "cache")
     assert "must begin with the line `# @package _global_`" in stderr, stderr[-2000:]
+
+
+def test_eval_puts_its_numbers_and_figures_on_the_dashboard(trained_run, tmp_path):
+    out, cache, _ = trained_run
+    run("cxr.eval", f"ckpt_path={out}/checkpoints/best.ckpt", "data.n_per_class=20", "data.size=96", "logger=wandb",
+        f"hydra.run.dir={tmp_path}", cache_dir=cache)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    logged = pd.read_csv(tmp_path / "csv" / "metrics.csv")  # what every logger got, W&B included
+    assert logged["summary/test_macro_auroc"].dropna().iloc[-1] == pytest.approx(metrics["macro_auroc"])
+    assert logged["summary/test_n"].dropna().iloc[-1] == metrics["n"]
+    for name in ("confusion_matrix", "roc_curves"):
+        assert len(list(tmp_path.glob(f"wandb/offline-run-*/files/media/images/eval/{name}_*.png"))) == 1

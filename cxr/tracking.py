@@ -1,0 +1,81 @@
+"""Experiment tracking shared by the entry points: loggers (CSV, W&B) built from the `logger` config, named
+and grouped after the run, and the numbers and figures a finished run or evaluation puts on the dashboard."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+
+def instantiate_loggers(cfg: DictConfig, **overrides) -> list:
+    return [instantiate(c, **{**wandb_identity(c, cfg), **(overrides if is_wandb(c) else {})})
+            for c in (cfg.get("logger") or {}).values() if c is not None]
+
+
+def is_wandb(logger_cfg: DictConfig) -> bool:
+    return str(logger_cfg.get("_target_", "")).endswith("WandbLogger")
+
+
+def log_config_to(loggers: list, cfg: DictConfig) -> None:
+    for logger in loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+
+def wandb_identity(logger_cfg: DictConfig, cfg: DictConfig) -> dict:
+    """A W&B run's name and group where its config leaves them null: the name lists the command-line overrides
+    that make this run what it is (the task name without any); the group is the task and the sweep's folder
+    (every job of one sweep) or the run's folder (a run and its resumed part)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not is_wandb(logger_cfg) or not HydraConfig.initialized():
+        return {}
+    hydra_cfg = HydraConfig.get()
+    bookkeeping = ("hydra.", "paths.", "logger", "num_threads", "resume", "trainer.enable_progress_bar")
+    overrides = [o for o in hydra_cfg.overrides.task if not o.lstrip("+~").startswith(bookkeeping)]
+    sweep = hydra_cfg.mode == RunMode.MULTIRUN
+    folder = Path(hydra_cfg.sweep.dir if sweep else hydra_cfg.runtime.output_dir).name
+    identity = {"name": " ".join(overrides) or cfg.task_name,
+                "group": f"{cfg.task_name}/{folder}"}
+    return {key: value for key, value in identity.items() if logger_cfg.get(key) is None}
+
+
+def headline(metrics: dict) -> dict:
+    """The numbers of an evaluation (metrics.json) that results.json and the dashboard carry."""
+    out = {k: metrics[k] for k in ("n", "accuracy", "macro_auroc", "pneumonia_vs_normal_auroc")}
+    if "uncalibrated" in metrics:
+        out["uncalibrated"] = metrics["uncalibrated"]
+    return out
+
+
+def run_summary(results: dict, split: str) -> dict:
+    """A run's headline numbers for the dashboard: the validation score that chose the checkpoint (what to
+    compare runs by) and the evaluated split's numbers, each named for its split."""
+    summary = {}
+    if selection := results.get("selection"):
+        summary[f"summary/selected_{selection['monitor'].replace('/', '_')}"] = selection["best"]
+    evaluated = dict(results.get("eval") or {})
+    uncalibrated = evaluated.pop("uncalibrated", {})
+    summary.update({f"summary/{split}_{k}": v for k, v in evaluated.items()})
+    summary.update({f"summary/{split}_uncalibrated_{k}": v for k, v in uncalibrated.items() if k != "recall"})
+    return {k: v for k, v in summary.items() if v is not None}
+
+
+def log_results(loggers: list, summary: dict, eval_dir: Path | None, split: str) -> None:
+    """`summary` to every logger, and the evaluation's figures in `eval_dir` to those that take images (W&B),
+    one key each (W&B shows one image size per key); then close them."""
+    for logger in loggers:
+        logger.log_metrics(summary)
+        if eval_dir is not None and hasattr(logger, "log_image"):
+            for name, caption in (("confusion_matrix", "rows = true class"), ("roc_curves", "one-vs-rest")):
+                logger.log_image(f"eval/{name}", [str(eval_dir / f"{name}.png")], caption=[f"{caption} ({split} split)"])
+        logger.finalize("success")
+
+
+def finish_wandb_run(exit_code: int) -> None:
+    """Lightning's WandbLogger.finalize leaves the W&B run open: the next job of a sweep would log into it."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish(exit_code=exit_code)
