@@ -194,6 +194,10 @@ def test_wandb_run_gets_the_test_figures_and_the_dashboard_the_selection_score(t
     assert summary["summary/selected_val_auroc_macro"] == pytest.approx(results["selection"]["best"])
     assert summary["summary/test_macro_auroc"] == pytest.approx(results["eval"]["macro_auroc"])
     assert all(key.startswith(("summary/selected_", "summary/test_")) for key in summary), summary
+    import yaml
+
+    hparams = yaml.safe_load((tmp_path / "csv" / "hparams.yaml").read_text())  # the config, once, as composed
+    assert hparams["model"]["dropout"] == 0.3 and "dropout" not in hparams
 
 
 def test_logged_learning_rates_are_the_ones_each_epoch_uses(tmp_path):

@@ -99,7 +99,8 @@ class ChestXrayClassifier(L.LightningModule):
         self.backbone_lr_factor = backbone_lr_factor
         self.calibration = Calibration()  # fitted after training, on the validation split
         self.data_summary: dict = {}
-        self.save_hyperparameters(ignore=["optimizer", "scheduler", "mixup", "preprocessing", "class_weights"])
+        # logger=False: the loggers get the whole composed config (cxr-train logs it), not these again at top level
+        self.save_hyperparameters(ignore=["optimizer", "scheduler", "mixup", "preprocessing", "class_weights"], logger=False)
         self.val_predictions, self.test_predictions = EvaluatedPredictions(), EvaluatedPredictions()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
