@@ -9,6 +9,7 @@ For each preprocessing variant: frozen ImageNet Lite0 features (packaged weights
 - Kermany held out: pneumonia-vs-normal AUROC on all Kermany images.
 
     python experiments/preprocessing_probe.py [--size 160] [--out experiments/preprocessing_probe.md]
+    python experiments/preprocessing_probe.py --crops 0.06,0.12,0.18,0.24 --out /tmp/crops.md   # border crop depths
 """
 from __future__ import annotations
 
@@ -31,8 +32,10 @@ from cxr.models.backbone import create_backbone
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def variants(size: int) -> dict[str, Preprocessing]:
+def variants(size: int, crops: list[float] | None = None) -> dict[str, Preprocessing]:
     base = dict(image_size=size, mean=(0.5,) * 3, std=(0.5,) * 3)
+    if crops:
+        return {f"+ border crop {100 * crop:.0f}%": Preprocessing(**base, crop_border=crop) for crop in crops}
     return {
         "plain resize": Preprocessing(**base),
         "+ CLAHE": Preprocessing(**base, equalize="clahe"),
@@ -77,13 +80,15 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=160)
     parser.add_argument("--cache-dir", default=str(ROOT / ".cache/images"))
     parser.add_argument("--out", default=str(ROOT / "experiments/preprocessing_probe.md"))
+    parser.add_argument("--crops", type=lambda text: [float(c) for c in text.split(",")],
+                        help="instead of the ablation, the border crop alone at these depths")
     args = parser.parse_args()
     index = index_manifest(args.manifest)
     y = np.array([CLASS_NAMES.index(label) for label in index["label"]])
     source, split = index["source"].to_numpy(), index["split"].to_numpy()
     net = create_backbone("tf_efficientnet_lite0", 3, pretrained="packaged").eval().to(memory_format=torch.channels_last)
     rows = []
-    for name, prep in variants(args.size).items():
+    for name, prep in variants(args.size, args.crops).items():
         start = time.perf_counter()
         x = features(net, load_standardized(index["path"].tolist(), prep, args.cache_dir), prep)
         train, test = split == "train", split == "test"
