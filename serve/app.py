@@ -91,7 +91,9 @@ def build_server(cfg: DictConfig) -> ls.LitServer:
     # single-threaded worker leaves the second of two cores idle.
     predict_workers = int(s.predict_workers or s.workers_per_device)
     workers = [predict_workers] + [int(s.workers_per_device)] * (len(apis) - 1)
-    server = ls.LitServer(apis, accelerator="cpu", workers_per_device=workers,
+    # restart_workers: a worker that dies (the kernel's OOM killer, a crash in a native library) is started again;
+    # without it LitServe shuts the whole server down, failing every client, /health included.
+    server = ls.LitServer(apis, accelerator="cpu", workers_per_device=workers, restart_workers=True,
                           timeout=float(s.timeout), model_metadata=info, middlewares=middlewares)
     install_routes(server, predict, info)
     return server

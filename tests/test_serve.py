@@ -6,10 +6,13 @@ import base64
 import hashlib
 import io
 import json
+import os
+import signal
 import struct
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -404,3 +407,32 @@ def test_audit_log_under_concurrent_load(server):
         assert set(line) >= {"time", "request_id", "endpoint", "image_sha256", "model_sha256", "probabilities",
                              "label", "needs_review", "latency_ms"}
         assert not {"image", "pixels", "file"} & set(line)
+
+
+def inference_workers(session: int) -> list[int]:
+    """Pids of LitServe's inference worker processes (multiprocessing spawns) in the server's session."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and os.getsid(int(entry.name)) == session and \
+                    b"spawn_main" in (entry / "cmdline").read_bytes():
+                pids.append(int(entry.name))
+        except (OSError, ProcessLookupError):
+            continue
+    return sorted(pids)
+
+
+def test_a_worker_that_dies_is_restarted_and_the_server_keeps_serving(ckpt, tmp_path):
+    with start_server(ckpt, tmp_path, f"server.api_key={API_KEY}", "server.predict_workers=2") as server:
+        workers = inference_workers(server.proc.pid)
+        assert len(workers) == 4  # two /predict, one /predict/batch, one /predict/explain
+        os.kill(workers[0], signal.SIGKILL)  # as the kernel's OOM killer would
+        deadline = time.monotonic() + 90
+        while server.health_status() != 200 or len(inference_workers(server.proc.pid)) < 4:
+            assert server.proc.poll() is None, server.log()  # before, LitServe shut the whole server down
+            assert time.monotonic() < deadline, server.log()
+            time.sleep(1)
+        assert workers[0] not in inference_workers(server.proc.pid)
+        answer = requests.post(server.url + "/predict", headers=AUTH, files={"file": ("a.png", png(), "image/png")},
+                               timeout=30)
+        assert answer.status_code == 200, answer.text
