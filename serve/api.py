@@ -76,6 +76,7 @@ class CxrAPI(ls.LitAPI):
 
         s = self.settings
         self.backend = make_backend(s.backend, s.ckpt_path, s.onnx_path, s.num_threads)
+        self.backend_name = self.backend.name
         self.class_names = list(self.backend.spec["class_names"])
         self.referral = Referral.from_spec(self.backend.spec, s.review_confidence)
         self.audit = AuditLog(s.audit_log)
@@ -96,7 +97,7 @@ class CxrAPI(ls.LitAPI):
                   "review_reason": reason, "model_sha256": self.settings.model_sha256,
                   "request_id": job.request_id, "latency_ms": round(latency_ms, 3)}
         audit = {"request_id": job.request_id, "endpoint": endpoint, "image_sha256": job.image.sha256,
-                 "model_sha256": self.settings.model_sha256, "backend": self.settings.backend,
+                 "model_sha256": self.settings.model_sha256, "backend": self.backend_name,
                  "probabilities": probs, "label": label, "needs_review": needs_review, "review_reason": reason,
                  "latency_ms": result["latency_ms"]}
         if index is not None:
@@ -202,6 +203,7 @@ class ExplainAPI(CxrAPI):
 
         s = self.settings
         torch_backend = TorchBackend(s.ckpt_path, s.num_threads)
+        self.backend_name = torch_backend.name  # whatever server.backend says: the audit names what answered
         self.class_names = torch_backend.classifier.class_names
         self.referral = Referral.from_spec(torch_backend.spec, s.review_confidence)
         self.audit = AuditLog(s.audit_log)

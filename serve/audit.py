@@ -2,7 +2,8 @@
 
 Each record is serialised to one line and written with a single `os.write` on an O_APPEND
 descriptor while holding an exclusive `flock`, so concurrent writers (several inference worker
-processes) never lose or interleave lines. Records carry hashes and results, never pixels.
+processes) never lose or interleave lines. A file renamed or removed by log rotation is reopened at the
+next record. Records carry hashes and results, never pixels.
 """
 from __future__ import annotations
 
@@ -43,11 +44,24 @@ class AuditLog:
             raise ValueError(f"audit log {self.path} cannot be written ({exc}); fix server.audit_log") from exc
 
     def _descriptor(self) -> int:
-        if self._fd is None or self._pid != os.getpid():
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
-            self._pid = os.getpid()
+        if self._fd is not None and self._pid == os.getpid() and not self._moved():
+            return self._fd
+        if self._fd is not None and self._pid == os.getpid():
+            os.close(self._fd)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        self._pid = os.getpid()
         return self._fd
+
+    def _moved(self) -> bool:
+        """The open file is no longer the one at `path` (logrotate renamed or removed it): reopen, as the standard
+        library's WatchedFileHandler does, so no line goes to a renamed or deleted file after rotation."""
+        try:
+            at_path = os.stat(self.path)
+        except FileNotFoundError:
+            return True
+        held = os.fstat(self._fd)
+        return (at_path.st_dev, at_path.st_ino) != (held.st_dev, held.st_ino)
 
     def write(self, record: dict) -> None:
         if self.path is None:

@@ -1,11 +1,14 @@
 """Fast unit tests of serving pieces: referral rule, audit log across processes, error shapes."""
 from __future__ import annotations
 
+import base64
+import io
 import json
 import multiprocessing as mp
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from serve.audit import AuditLog
 from serve.errors import http_exception_response
@@ -74,6 +77,32 @@ def test_audit_log_disabled_and_picklable(tmp_path):
     clone = pickle.loads(pickle.dumps(log))
     clone.write({"a": 2})
     assert [json.loads(x)["a"] for x in (tmp_path / "a.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_audit_log_follows_log_rotation(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path)
+    log.write({"a": 1})
+    path.rename(tmp_path / "audit.jsonl.1")  # logrotate's rename
+    log.write({"a": 2})
+    assert [json.loads(x)["a"] for x in (tmp_path / "audit.jsonl.1").read_text().splitlines()] == [1]
+    assert [json.loads(x)["a"] for x in path.read_text().splitlines()] == [2]
+    path.unlink()  # removed while the server runs: the next line starts a new file, not a deleted one
+    log.write({"a": 3})
+    assert [json.loads(x)["a"] for x in path.read_text().splitlines()] == [3]
+
+
+def test_explain_audits_the_backend_that_answered(tiny_checkpoint, tmp_path, monkeypatch):
+    from serve.api import ExplainAPI, Settings
+
+    audit = tmp_path / "audit.jsonl"
+    api = ExplainAPI(Settings(ckpt_path=str(tiny_checkpoint), backend="onnx", audit_log=str(audit)))
+    api.setup("cpu")
+    image = io.BytesIO()
+    Image.fromarray(np.arange(64 * 64, dtype=np.uint8).reshape(64, 64)).save(image, "PNG")
+    request = {"image": base64.b64encode(image.getvalue()).decode()}
+    api.encode_response(api.predict(api.decode_request(request)))
+    assert json.loads(audit.read_text())["backend"] == "torch"  # Grad-CAM needs the PyTorch model
 
 
 def test_error_shape():
