@@ -91,3 +91,20 @@ def test_readable_files_without_a_greyscale_image_are_a_decode_error(image, mess
     with pytest.raises(ImageDecodeError, match=message) as info:
         decode_image(encode(image, "TIFF"))
     assert info.value.code == "invalid_image"
+
+
+def test_scaling_a_16_bit_image_needs_one_float32_copy_not_float64_temporaries():
+    import tracemalloc
+
+    from cxr.data.decode import to_uint8
+
+    pixels = (np.arange(2000 * 2000, dtype=np.uint32) % 65536).astype(np.uint16).reshape(2000, 2000)
+    tracemalloc.start()
+    try:
+        scaled = to_uint8(pixels)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak <= 6 * pixels.size  # float32 working copy + the uint8 result; float64 temporaries took ~22 bytes/pixel
+    expected = np.round((pixels.astype(np.float64) - pixels.min()) * (255.0 / (pixels.max() - pixels.min())))
+    assert np.array_equal(scaled, expected.astype(np.uint8))
