@@ -16,6 +16,7 @@ from starlette.requests import Request
 from serve.errors import error_response
 
 MEDIA_TYPES = ("application/json", "multipart/form-data")
+MAX_JSON_DEPTH = 32  # a request is {"image": ...} or {"images": [...]}; 32 leaves room for any metadata
 
 
 class RequestGuard:
@@ -78,6 +79,8 @@ class RequestGuard:
                 return 400, "malformed_json", f"request body is not valid JSON: {type(exc).__name__}: {exc}"
             if not isinstance(parsed, dict):
                 return 422, "invalid_request", "JSON body must be an object like {\"image\": \"<base64>\"}"
+            if nesting_depth(parsed) > MAX_JSON_DEPTH:  # the body travels pickled to a worker: deep nesting breaks that
+                return 400, "malformed_json", f"JSON body is nested deeper than {MAX_JSON_DEPTH} levels"
             return body
         try:
             form = await Request(scope, _replay(body, _disconnected)).form()
@@ -87,6 +90,17 @@ class RequestGuard:
                 return 413, "too_many_images", f"request body has too many parts: {exc}"
             return 400, "malformed_multipart", f"request body is not valid multipart/form-data: {exc}"
         return body
+
+
+def nesting_depth(value) -> int:
+    """How deeply lists and objects nest in parsed JSON (iterative: the value may be too deep for recursion)."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        item, depth = todo.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            todo.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 def _lowercase_media_type(scope) -> dict:

@@ -301,6 +301,9 @@ BAD_INPUTS = {
                              422, "invalid_image"),
     "deeply_nested_json": (dict(data=b'{"image": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
                                 headers={**AUTH, "Content-Type": "application/json"}), 400, "malformed_json"),
+    # parseable, but too deep to be pickled to a worker (was a 500)
+    "nested_json_metadata": (dict(json={"image": b64(png(1)), "meta": json.loads("[" * 600 + "]" * 600)}), 400,
+                             "malformed_json"),
     "pixel_bomb": (dict(files={"file": ("bomb.png", png_bomb(), "image/png")}), 413, "image_too_large"),
     "payload_too_large": (dict(data=b"{" + b" " * (MAX_PAYLOAD + 10) + b"}",
                                headers={**AUTH, "Content-Type": "application/json"}), 413, "payload_too_large"),
