@@ -10,6 +10,7 @@ from __future__ import annotations
 import hmac
 import json
 
+from python_multipart.multipart import parse_options_header
 from starlette.datastructures import Headers
 from starlette.requests import Request
 
@@ -82,6 +83,12 @@ class RequestGuard:
             if nesting_depth(parsed) > MAX_JSON_DEPTH:  # the body travels pickled to a worker: deep nesting breaks that
                 return 400, "malformed_json", f"JSON body is nested deeper than {MAX_JSON_DEPTH} levels"
             return body
+        boundary = parse_options_header(headers.get("content-type", ""))[1].get(b"boundary", b"")
+        if not boundary or not body.rstrip().endswith(b"--" + boundary + b"--"):
+            # The parser takes a body cut short and drops its unfinished part: the request would be called
+            # "missing field" for a file that was sent, but not whole.
+            return 400, "malformed_multipart", ("multipart body has no boundary or does not end with its closing "
+                                                "boundary: it was cut short")
         try:
             form = await Request(scope, _replay(body, _disconnected)).form()
             await form.close()
