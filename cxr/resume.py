@@ -60,13 +60,29 @@ def check_resume(folder: Path, cfg: DictConfig) -> int:
     if saved is None:
         raise ResumeError(f"{last} does not record the configuration of the run that wrote it")
     now = run_config(cfg)
-    changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k, "<unset>") != now.get(k, "<unset>"))
+    changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k, "<unset>") != now.get(k, "<unset>")
+                     and not (k not in saved and added_without_effect(k, now[k])))
     if changed:
         shown = "; ".join(f"{k}: {saved.get(k, '<unset>')!r} -> {now.get(k, '<unset>')!r}" for k in changed[:5])
         more = f" (and {len(changed) - 5} more)" if len(changed) > 5 else ""
         raise ResumeError(f"resume=true needs the interrupted run's configuration; {len(changed)} setting(s) "
                           f"differ: {shown}{more}")
     return int(checkpoint["epoch"]) + 1  # saved at the end of that (0-based) epoch
+
+
+def added_without_effect(key: str, value) -> bool:
+    """A setting the interrupted run's version of cxr did not have yet, at a value that changes nothing (empty, or
+    Lightning's own default for a Trainer argument): resuming across such an upgrade is allowed."""
+    if value is None or value == [] or value == {}:
+        return True
+    if key.startswith("trainer.") and key.count(".") == 1:
+        import inspect
+
+        import lightning as L
+
+        parameter = inspect.signature(L.Trainer.__init__).parameters.get(key.split(".")[1])
+        return parameter is not None and parameter.default == value
+    return False
 
 
 def keep_earlier_curves(loggers: list, completed: int) -> None:

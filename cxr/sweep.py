@@ -27,7 +27,9 @@ def summary_row(config: DictConfig, job_return: JobReturn) -> dict:
     row = {"job": config.hydra.job.num, "overrides": " ".join(job_return.overrides or []), "folder": str(folder),
            "status": "completed" if job_return.status == JobStatus.COMPLETED else "failed"}
     if job_return.status != JobStatus.COMPLETED:
-        row["error"] = str(job_return._return_value).strip().splitlines()[0] if job_return._return_value else ""
+        error = job_return._return_value
+        message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        row["error"] = f"{type(error).__name__}: {message}" if message else type(error).__name__
     results_file = folder / "results.json"
     if results_file.is_file():
         results = json.loads(results_file.read_text())

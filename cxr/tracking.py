@@ -25,8 +25,8 @@ def log_config_to(loggers: list, cfg: DictConfig) -> None:
 
 def wandb_identity(logger_cfg: DictConfig, cfg: DictConfig) -> dict:
     """A W&B run's name and group where its config leaves them null: the name lists the command-line overrides
-    that make this run what it is (the task name without any); the group is the task and the sweep's folder
-    (every job of one sweep) or the run's folder (a run and its resumed part)."""
+    that make this run what it is (the task name without any); the group is the sweep's folder (every job of
+    one sweep, and a job resumed later) or the task and the run's folder (a run and its resumed part)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -35,10 +35,14 @@ def wandb_identity(logger_cfg: DictConfig, cfg: DictConfig) -> dict:
     hydra_cfg = HydraConfig.get()
     bookkeeping = ("hydra.", "paths.", "logger", "num_threads", "resume", "trainer.enable_progress_bar")
     overrides = [o for o in hydra_cfg.overrides.task if not o.lstrip("+~").startswith(bookkeeping)]
-    sweep = hydra_cfg.mode == RunMode.MULTIRUN
-    folder = Path(hydra_cfg.sweep.dir if sweep else hydra_cfg.runtime.output_dir).name
-    identity = {"name": " ".join(overrides) or cfg.task_name,
-                "group": f"{cfg.task_name}/{folder}"}
+    folder = Path(cfg.paths.output_dir)  # the run's own folder, which its resumed part is given again
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        group = f"multirun/{Path(hydra_cfg.sweep.dir).name}"
+    elif (folder.parent / "multirun.yaml").exists():  # one job of a sweep, resumed on its own
+        group = f"multirun/{folder.parent.name}"
+    else:
+        group = f"{cfg.task_name}/{folder.name}"
+    identity = {"name": " ".join(overrides) or cfg.task_name, "group": group}
     return {key: value for key, value in identity.items() if logger_cfg.get(key) is None}
 
 

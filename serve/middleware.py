@@ -84,7 +84,7 @@ class RequestGuard:
                 return 400, "malformed_json", f"JSON body is nested deeper than {MAX_JSON_DEPTH} levels"
             return body
         boundary = parse_options_header(headers.get("content-type", ""))[1].get(b"boundary", b"")
-        if not boundary or not body.rstrip().endswith(b"--" + boundary + b"--"):
+        if not boundary or body.rfind(b"--" + boundary + b"--") == -1:  # an epilogue may follow the closing one
             # The parser takes a body cut short and drops its unfinished part: the request would be called
             # "missing field" for a file that was sent, but not whole.
             return 400, "malformed_multipart", ("multipart body has no boundary or does not end with its closing "

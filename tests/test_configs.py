@@ -1,4 +1,5 @@
 """Every experiment and config group composes, and builds the objects it names."""
+import copy
 from pathlib import Path
 
 import pytest
@@ -93,14 +94,15 @@ def test_wandb_logger_runs_offline(tmp_path, monkeypatch):
     assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
 
 
-@pytest.mark.parametrize("mode, group", [(RunMode.RUN, "lite0_finetune/run-1"), (RunMode.MULTIRUN, "lite0_finetune/sweep-7")])
-def test_a_wandb_run_is_named_by_its_overrides_and_grouped_by_its_run_or_sweep_folder(mode, group):
+@pytest.mark.parametrize("mode, group", [(RunMode.RUN, "lite0_finetune/run-1"), (RunMode.MULTIRUN, "multirun/sweep-7")])
+def test_a_wandb_run_is_named_by_its_overrides_and_grouped_by_its_run_or_sweep_folder(mode, group, tmp_path):
     from cxr.tracking import wandb_identity
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("train", overrides=["experiment=lite0_finetune", "data.holdout_sources=[kermany]", "seed=1",
                                           "logger=wandb", "hydra.run.dir=/x/run-1", "hydra.sweep.dir=/x/sweep-7",
                                           "paths.cache_dir=/c"], return_hydra_config=True)
+    resumed_job = copy.deepcopy(cfg)
     with open_dict(cfg):
         cfg.hydra.mode, cfg.hydra.runtime.output_dir = mode, "/x/run-1" if mode == RunMode.RUN else "/x/sweep-7/0"
     HydraConfig.instance().set_config(cfg)
@@ -111,6 +113,13 @@ def test_a_wandb_run_is_named_by_its_overrides_and_grouped_by_its_run_or_sweep_f
         with open_dict(cfg):
             cfg.logger.wandb.name = "mine"
         assert "name" not in wandb_identity(cfg.logger.wandb, cfg)  # a name given in the config is kept
+        if mode == RunMode.RUN:  # one job of a sweep resumed on its own (hydra.run.dir=<sweep>/3) stays in its group
+            (tmp_path / "sweep-7" / "3").mkdir(parents=True)
+            (tmp_path / "sweep-7" / "multirun.yaml").write_text("")
+            with open_dict(resumed_job):
+                resumed_job.hydra.mode, resumed_job.hydra.runtime.output_dir = mode, str(tmp_path / "sweep-7" / "3")
+            HydraConfig.instance().set_config(resumed_job)
+            assert wandb_identity(resumed_job.logger.wandb, resumed_job)["group"] == "multirun/sweep-7"
         assert wandb_identity(cfg.logger.csv, cfg) == {}
     finally:
         HydraConfig.instance().cfg = None

@@ -316,6 +316,9 @@ def test_report_subgroups_must_be_columns_of_the_data_with_few_values(tmp_path, 
         ChestXrayDataModule.from_manifest(str(manifest), preprocessing=PREP, subgroups=["age"]).build_index()
     with pytest.raises(DataConfigError, match=r"\['source'\] are not extra columns .* per source already"):
         ChestXrayDataModule.from_manifest(str(manifest), preprocessing=PREP, subgroups=["source"]).build_index()
+    table.rename(columns={"view": "predicted"}).to_csv(manifest, index=False)
+    with pytest.raises(DataConfigError, match=r"\['predicted'\] are names predictions.csv uses"):
+        ChestXrayDataModule.from_manifest(str(manifest), preprocessing=PREP, subgroups=["predicted"]).build_index()
 
 
 def test_scoring_every_image_draws_no_split(synthetic_manifest, monkeypatch):

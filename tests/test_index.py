@@ -247,3 +247,9 @@ def test_a_manifest_naming_one_column_twice_is_refused(tmp_path):
     (tmp_path / "m.csv").write_text("path,label,view,VIEW\na.png,normal,PA,AP\n")
     with pytest.raises(DataConfigError, match=r"\['view'\] appear more than once"):
         index_manifest(tmp_path / "m.csv")
+
+
+def test_a_manifest_repeating_a_column_name_exactly_is_refused(tmp_path):
+    (tmp_path / "m.csv").write_text("path,label,view,view\na.png,normal,PA,AP\n")  # pandas would read view, view.1
+    with pytest.raises(DataConfigError, match=r"\['view'\] appear more than once"):
+        index_manifest(tmp_path / "m.csv")

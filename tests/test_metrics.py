@@ -189,7 +189,7 @@ def test_each_value_of_a_subgroup_column_gets_its_own_numbers_and_empty_ones_are
     # Pneumonia found on PA films only: the whole-split recall (50%) hides a subgroup at 0%.
     frame = pd.DataFrame({"path": [f"{i}.png" for i in range(8)], "label": ["pneumonia"] * 4 + ["normal"] * 4,
                           "source": ["a"] * 8, "patient_id": [str(i) for i in range(8)],
-                          "view": ["PA", "PA", "AP", "AP", "PA", "AP", "", ""]})
+                          "view": ["PA", "PA", "AP", "AP", "PA", "AP", "", "NA"]})  # NA: unknown too
     frame["target"] = [CLASSES.index(label) for label in frame["label"]]
     called_pneumonia = np.array([1, 1, 0, 0, 0, 0, 0, 0])
     probs = np.stack([1 - called_pneumonia * 0.8 - 0.1, called_pneumonia * 0.8 + 0.05, np.full(8, 0.05)], axis=1)
@@ -204,5 +204,7 @@ def test_each_value_of_a_subgroup_column_gets_its_own_numbers_and_empty_ones_are
     assert views["AP"]["confidence_intervals"]["recall"]["pneumonia"] == pytest.approx([0.0, 0.6576], abs=1e-4)
     report = (tmp_path / "report.md").read_text()
     assert "## Per view" in report and "| AP | 3 | 33.3% (" in report and "| 0.0% (0.0%–65.8%) |" in report
+    table = markdown_report({**metrics, "per_subgroup": {"view": {"AP|lateral": views["AP"]}}}, "t")
+    assert "| AP\\|lateral | 3 |" in table  # a "|" inside a value would end its cell
     predictions = pd.read_csv(tmp_path / "predictions.csv", keep_default_na=False)
     assert predictions["view"].tolist() == frame["view"].tolist()

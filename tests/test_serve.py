@@ -435,3 +435,11 @@ def test_a_worker_that_dies_is_restarted_and_the_server_keeps_serving(ckpt, tmp_
         answer = requests.post(server.url + "/predict", headers=AUTH, files={"file": ("a.png", png(), "image/png")},
                                timeout=30)
         assert answer.status_code == 200, answer.text
+
+
+def test_a_multipart_body_with_an_epilogue_after_its_closing_boundary_is_served(server, reference):
+    body = (b"--xyz\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.png\"\r\n"
+            b"Content-Type: image/png\r\n\r\n" + png(1) + b"\r\n--xyz--\r\nthis epilogue is allowed (RFC 2046)\r\n")
+    answer = post(server, "/predict", data=body, headers={**AUTH, "Content-Type": "multipart/form-data; boundary=xyz"})
+    assert answer.status_code == 200, answer.text
+

@@ -357,3 +357,27 @@ def test_eval_puts_its_numbers_and_figures_on_the_dashboard(trained_run, tmp_pat
     assert logged["summary/test_n"].dropna().iloc[-1] == metrics["n"]
     for name in ("confusion_matrix", "roc_curves"):
         assert len(list(tmp_path.glob(f"wandb/offline-run-*/files/media/images/eval/{name}_*.png"))) == 1
+
+
+def test_a_run_interrupted_before_an_upgrade_resumes_past_settings_that_change_nothing():
+    from cxr.resume import added_without_effect
+
+    assert added_without_effect("trainer.limit_train_batches", None) and added_without_effect("trainer.max_steps", -1)
+    assert added_without_effect("data.subgroups", []) and added_without_effect("logger.wandb.group", None)
+    assert not added_without_effect("trainer.max_steps", 100)  # a real change, refused as before
+    assert not added_without_effect("model.dropout", 0.3)
+
+
+def test_a_sweep_summary_keeps_the_row_of_a_job_that_failed_without_a_message(tmp_path):
+    from hydra.core.utils import JobReturn, JobStatus
+    from omegaconf import OmegaConf
+
+    from cxr.sweep import summary_row
+
+    config = OmegaConf.create({"hydra": {"job": {"num": 3}}, "paths": {"output_dir": str(tmp_path)},
+                               "data": {"split": "test"}})
+    failed = JobReturn(overrides=["seed=1"], status=JobStatus.FAILED, _return_value=MemoryError())
+    row = summary_row(config, failed)
+    assert (row["job"], row["status"], row["error"]) == (3, "failed", "MemoryError")
+    failed = JobReturn(overrides=["seed=1"], status=JobStatus.FAILED, _return_value=KeyError("model"))
+    assert summary_row(config, failed)["error"] == "KeyError: 'model'"

@@ -64,6 +64,11 @@ def balanced_sampler(targets: Sequence[int], num_classes: int, seed: int,
 ALL_IMAGES = "all"
 
 
+def prediction_columns(class_names: Sequence[str]) -> list[str]:
+    """The columns an evaluation's predictions.csv adds beside the images' own."""
+    return [*(f"p_{name}" for name in class_names), "predicted"]
+
+
 def warn_classes_missing_from_evaluation(index: pd.DataFrame) -> None:
     """Name the classes of the data that a non-empty val or test split lacks: their metrics there are undefined."""
     for split in ("val", "test"):
@@ -157,7 +162,7 @@ class ChestXrayDataModule(L.LightningDataModule):
             raise DataConfigError(f"labels {sorted(unknown)} are not among the model's classes {self.class_names}: "
                                   "remove those images, or train with them listed in +data.class_names=[...]")
         check_patient_leakage(index)
-        check_subgroup_columns(index, self.subgroups)
+        check_subgroup_columns(index, self.subgroups, reserved=prediction_columns(self.class_names))
         self.drawn_split_images = int((index["split"] == "").sum())
         given = set(index["split"])
         if self.split != ALL_IMAGES:  # scoring every image as one set needs no split drawn

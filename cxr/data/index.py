@@ -6,6 +6,7 @@ they are (text, empty where missing), for reports by subgroup.
 """
 from __future__ import annotations
 
+import csv
 import logging
 import os
 from pathlib import Path
@@ -175,12 +176,14 @@ def index_manifest(manifest: str | Path) -> pd.DataFrame:
     manifest = absolute(manifest)
     if not manifest.is_file():
         raise FileNotFoundError(f"manifest {manifest} does not exist")
-    table = pd.read_csv(manifest, dtype=str, keep_default_na=False)
-    table.columns = [str(name).strip().lower() for name in table.columns]
-    repeated = sorted({name for name in table.columns if list(table.columns).count(name) > 1})
+    with manifest.open(newline="", encoding="utf-8-sig") as handle:  # as written: pandas renames a repeat to name.1
+        header = [name.strip().lower() for name in next(csv.reader(handle), [])]
+    repeated = sorted({name for name in header if header.count(name) > 1})
     if repeated:
         raise DataConfigError(f"{manifest}: column name(s) {repeated} appear more than once (case is ignored); "
                               "rename them")
+    table = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    table.columns = [str(name).strip().lower() for name in table.columns]
     missing = {"path", "label"} - set(table.columns)
     if missing:
         raise DataConfigError(f"{manifest}: missing column(s) {sorted(missing)} (found {list(table.columns)}); the "
@@ -201,8 +204,13 @@ def index_manifest(manifest: str | Path) -> pd.DataFrame:
     return frame
 
 
-def check_subgroup_columns(index: pd.DataFrame, columns: Sequence[str]) -> None:
-    """Refuse report subgroups that are not extra columns of a manifest, or that have too many values to be groups."""
+def check_subgroup_columns(index: pd.DataFrame, columns: Sequence[str], reserved: Sequence[str] = ()) -> None:
+    """Refuse report subgroups that are not extra columns of a manifest, that have too many values to be groups, or
+    whose names the report's predictions.csv uses itself (`reserved`)."""
+    taken = [name for name in columns if name in reserved]
+    if taken:
+        raise DataConfigError(f"data.subgroups {taken} are names predictions.csv uses for the model's output; rename "
+                              "those manifest columns")
     available = [name for name in index.columns if name not in COLUMNS and name != TARGET]
     unknown = [name for name in columns if name not in available]
     if unknown:

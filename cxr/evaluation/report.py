@@ -10,6 +10,7 @@ import pandas as pd
 
 from cxr.evaluation.figures import plot_confusion_matrix, plot_roc_curves
 from cxr.evaluation.metrics import auroc_shortfall_by_source, compute_metrics, costliest_images, metrics_by_group
+from cxr.data.index import MISSING_IDS
 from cxr.evaluation.uncertainty import bootstrap_intervals
 
 NOT_GIVEN = "(not given)"  # the subgroup of images whose manifest leaves that column empty
@@ -79,7 +80,8 @@ def group_table_lines(heading: str, key: str, groups: dict, classes: list[str]) 
 
         recalls = " | ".join(cell(g["per_class"][c]["recall"], ci and ci["recall"][c], _pct) for c in classes)
         called = " | ".join(_pct(g["per_class"][c]["called"]) for c in classes)
-        lines.append(f"| {group} | {g['n']} | {cell(g['accuracy'], ci and ci['accuracy'], _pct)} | "
+        cell_name = str(group).replace("|", "\\|")  # a value's own "|" would end its table cell
+        lines.append(f"| {cell_name} | {g['n']} | {cell(g['accuracy'], ci and ci['accuracy'], _pct)} | "
                      f"{cell(g['pneumonia_vs_normal_auroc'], ci and ci['pneumonia_vs_normal_auroc'], _num)} | "
                      f"{recalls} | {called} |")
     return lines
@@ -152,6 +154,12 @@ def markdown_report(metrics: dict, title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def subgroup_values(column: pd.Series) -> np.ndarray:
+    """A subgroup column's values, every way of writing "unknown" (empty, NA, null, ...) as NOT_GIVEN."""
+    values = column.astype(str).str.strip()
+    return values.mask(values.str.lower().isin(MISSING_IDS), NOT_GIVEN).to_numpy()
+
+
 def metrics_by_group_with_intervals(probs: np.ndarray, targets: np.ndarray, groups: np.ndarray, patients: np.ndarray,
                                     class_names: list[str]) -> dict:
     """metrics_by_group, each group with its own patient-bootstrap confidence intervals."""
@@ -175,8 +183,7 @@ def write_report(out_dir: str | Path, probs: np.ndarray, frame: pd.DataFrame, cl
     patients = frame["patient_id"].astype(str).where(frame["patient_id"].astype(str) != "", frame["path"].astype(str)).to_numpy()
     metrics["per_source"] = metrics_by_group_with_intervals(probs, targets, sources, patients, class_names)
     metrics["per_subgroup"] = {
-        column: metrics_by_group_with_intervals(probs, targets, frame[column].astype(str).replace("", NOT_GIVEN).to_numpy(),
-                                                patients, class_names)
+        column: metrics_by_group_with_intervals(probs, targets, subgroup_values(frame[column]), patients, class_names)
         for column in subgroups}
     metrics["auroc_shortfall_by_source"] = auroc_shortfall_by_source(probs, targets, sources, class_names)
     metrics["costliest_images"] = costliest_images(probs, targets, frame["path"].astype(str).to_numpy(), sources,
