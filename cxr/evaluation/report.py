@@ -8,9 +8,9 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from cxr.data.index import MISSING_IDS
 from cxr.evaluation.figures import plot_confusion_matrix, plot_roc_curves
 from cxr.evaluation.metrics import auroc_shortfall_by_source, compute_metrics, costliest_images, metrics_by_group
-from cxr.data.index import MISSING_IDS
 from cxr.evaluation.uncertainty import bootstrap_intervals
 
 NOT_GIVEN = "(not given)"  # the subgroup of images whose manifest leaves that column empty
