@@ -232,7 +232,7 @@ def test_a_sweep_runs_past_a_failed_job_with_one_wandb_run_per_job(tmp_path):
         assert "error: model.pretrained='/nonexistent/weights.pth'" in (sweep / str(job) / "train.log").read_text()
     summary = pd.read_csv(sweep / "summary.csv")  # one row per job, failures included
     assert summary["status"].tolist() == ["failed", "failed", "completed", "completed"]
-    assert summary["error"][0].startswith("model.pretrained='/nonexistent/weights.pth'")
+    assert summary["error"][0].startswith("PretrainedWeightsError: model.pretrained='/nonexistent/weights.pth'")
     assert "model.pretrained=none" in summary["overrides"][2] and "seed=1" in summary["overrides"][2]
     for job in (2, 3):
         results = json.loads((sweep / str(job) / "results.json").read_text())
