@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 from cxr.config import CONFIG_DIR, configure_threads, instantiate_checkpoint_datamodule, log_config, user_errors
 from cxr.evaluation.evaluate import evaluate
 from cxr.inference import load_classifier
-from cxr.tracking import finish_wandb_run, headline, instantiate_loggers, log_config_to, log_results, run_summary
+from cxr.tracking import headline, instantiate_loggers, log_config_to, log_results, run_summary, wandb_run_finished
 
 log = logging.getLogger("cxr.eval")
 
@@ -29,15 +29,11 @@ def main(cfg: DictConfig) -> float | None:
     datamodule.warn_if_split_was_drawn(datamodule.split)
     loggers = instantiate_loggers(cfg, job_type="eval")  # built first: a logger that cannot start fails fast
     log_config_to(loggers, cfg)
-    try:
+    with wandb_run_finished():
         metrics = evaluate(classifier, datamodule, datamodule.split, cfg.paths.output_dir,
                            title=f"{classifier.spec['backbone']} on {datamodule.split} split")
         log_results(loggers, run_summary({"eval": headline(metrics)}, datamodule.split), Path(cfg.paths.output_dir),
                     datamodule.split)
-    except BaseException:
-        finish_wandb_run(exit_code=1)
-        raise
-    finish_wandb_run(exit_code=0)
     log.info("accuracy %.4f, macro AUROC %s, n %d -> %s", metrics["accuracy"], metrics["macro_auroc"], metrics["n"],
              cfg.paths.output_dir)
     print(Path(cfg.paths.output_dir) / "metrics.json")

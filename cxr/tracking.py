@@ -3,6 +3,7 @@ and grouped after the run, and the numbers and figures a finished run or evaluat
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from hydra.utils import instantiate
@@ -78,8 +79,19 @@ def log_results(loggers: list, summary: dict, eval_dir: Path | None, split: str)
         logger.finalize("success")
 
 
-def finish_wandb_run(exit_code: int) -> None:
-    """Lightning's WandbLogger.finalize leaves the W&B run open: the next job of a sweep would log into it."""
+@contextmanager
+def wandb_run_finished():
+    """Close the W&B run when the block ends, marked failed if it raised: Lightning's WandbLogger.finalize leaves
+    it open, and the next job of a sweep would log into it."""
+    try:
+        yield
+    except BaseException:
+        _finish_wandb_run(exit_code=1)
+        raise
+    _finish_wandb_run(exit_code=0)
+
+
+def _finish_wandb_run(exit_code: int) -> None:
     wandb = sys.modules.get("wandb")
     if wandb is not None and wandb.run is not None:
         wandb.finish(exit_code=exit_code)

@@ -28,8 +28,7 @@ from cxr.inference import load_classifier
 from cxr.models.backbone import input_mismatch
 from cxr.models.unfreeze import ProgressiveUnfreezing
 from cxr.resume import RESUME_CHECKPOINT, RecordRunConfig, check_resume, keep_earlier_curves
-from cxr.tracking import (finish_wandb_run, headline, instantiate_loggers, log_config_to, log_results,
-                          run_summary)
+from cxr.tracking import headline, instantiate_loggers, log_config_to, log_results, run_summary, wandb_run_finished
 
 log = logging.getLogger("cxr.train")
 
@@ -132,12 +131,8 @@ def main(cfg: DictConfig) -> float | None:
     """Returns the validation score that chose the checkpoint: what a sweeper (Optuna, ...) optimises, so a
     sweep never tunes on the test split."""
     log_config(cfg, log)
-    try:
+    with wandb_run_finished():
         results = train(cfg)
-    except BaseException:
-        finish_wandb_run(exit_code=1)
-        raise
-    finish_wandb_run(exit_code=0)
     log.info("results: %s", results)
     print(results["best_checkpoint"])
     return (results.get("selection") or {}).get("best")
