@@ -33,7 +33,8 @@ LABEL_ALIASES = {
 COLUMNS = ["path", "label", "split", "patient_id", "source"]
 TARGET = "target"  # the class index the data module adds; a manifest column of that name is not kept
 MAX_SUBGROUP_VALUES = 20
-# How R, pandas and databases write a missing value: such a patient_id is no patient, not one named "NA".
+# How R, pandas and databases write a missing value: such a patient_id is no patient, not one named "NA",
+# and such a subgroup value is "not given".
 MISSING_IDS = {"", "na", "n/a", "nan", "none", "null"}
 
 
@@ -165,9 +166,15 @@ def index_folder(root: str | Path) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def _patient_ids(column: pd.Series) -> pd.Series:
-    ids = column.str.strip()
-    return ids.mask(ids.str.lower().isin(MISSING_IDS), "")
+def blank_missing(column: pd.Series) -> pd.Series:
+    """Text values stripped, every way of writing "no value" (NA, null, ...) as the empty string."""
+    values = column.astype(str).str.strip()
+    return values.mask(values.str.lower().isin(MISSING_IDS), "")
+
+
+def extra_columns(columns) -> list[str]:
+    """The columns of an index beyond the ones every index has: a manifest's own (view, sex, ...)."""
+    return [name for name in columns if name not in COLUMNS and name != TARGET]
 
 
 def index_manifest(manifest: str | Path) -> pd.DataFrame:
@@ -192,11 +199,10 @@ def index_manifest(manifest: str | Path) -> pd.DataFrame:
         "path": [str(absolute(manifest.parent / p)) for p in table["path"]],
         "label": [_label_or_raise(v, f"{manifest} row {i + 2}") for i, v in enumerate(table["label"])],
         "split": table["split"].str.strip().str.lower().replace(SPLIT_ALIASES) if "split" in table else "",
-        "patient_id": _patient_ids(table["patient_id"]) if "patient_id" in table else "",
+        "patient_id": blank_missing(table["patient_id"]) if "patient_id" in table else "",
         "source": table["source"] if "source" in table else manifest.parent.name,
     })
-    other = [name for name in table.columns if name not in COLUMNS and name != TARGET]
-    frame = pd.concat([frame, table[other].apply(lambda column: column.str.strip())], axis=1)
+    frame = pd.concat([frame, table[extra_columns(table.columns)].apply(lambda column: column.str.strip())], axis=1)
     bad_splits = set(frame["split"]) - set(SPLITS) - {""}
     if bad_splits:
         raise DataConfigError(f"{manifest}: unknown split value(s) {sorted(bad_splits)}; use {SPLITS}, or leave it "
@@ -211,7 +217,7 @@ def check_subgroup_columns(index: pd.DataFrame, columns: Sequence[str], reserved
     if taken:
         raise DataConfigError(f"data.subgroups {taken} are names predictions.csv uses for the model's output; rename "
                               "those manifest columns")
-    available = [name for name in index.columns if name not in COLUMNS and name != TARGET]
+    available = extra_columns(index.columns)
     unknown = [name for name in columns if name not in available]
     if unknown:
         raise DataConfigError(f"data.subgroups {unknown} are not extra columns of the data (available: {available}; "

@@ -8,7 +8,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from cxr.data.index import MISSING_IDS
+from cxr.data.index import blank_missing
 from cxr.evaluation.figures import plot_confusion_matrix, plot_roc_curves
 from cxr.evaluation.metrics import auroc_shortfall_by_source, compute_metrics, costliest_images, metrics_by_group
 from cxr.evaluation.uncertainty import bootstrap_intervals
@@ -156,8 +156,7 @@ def markdown_report(metrics: dict, title: str) -> str:
 
 def subgroup_values(column: pd.Series) -> np.ndarray:
     """A subgroup column's values, every way of writing "unknown" (empty, NA, null, ...) as NOT_GIVEN."""
-    values = column.astype(str).str.strip()
-    return values.mask(values.str.lower().isin(MISSING_IDS), NOT_GIVEN).to_numpy()
+    return blank_missing(column).replace("", NOT_GIVEN).to_numpy()
 
 
 def metrics_by_group_with_intervals(probs: np.ndarray, targets: np.ndarray, groups: np.ndarray, patients: np.ndarray,
