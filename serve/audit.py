@@ -44,9 +44,9 @@ class AuditLog:
             raise ValueError(f"audit log {self.path} cannot be written ({exc}); fix server.audit_log") from exc
 
     def _descriptor(self) -> int:
-        if self._fd is not None and self._pid == os.getpid() and not self._moved():
-            return self._fd
-        if self._fd is not None and self._pid == os.getpid():
+        if self._fd is not None and self._pid == os.getpid():  # this process's own descriptor
+            if not self._moved():
+                return self._fd
             os.close(self._fd)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
