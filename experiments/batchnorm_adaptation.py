@@ -15,13 +15,11 @@ import argparse
 
 import numpy as np
 import torch
-from hydra import compose, initialize_config_dir
 from torch.optim.swa_utils import update_bn
 
-from cxr.config import CONFIG_DIR, instantiate_checkpoint_datamodule
 from cxr.evaluation.evaluate import predict_logits
 from cxr.evaluation.metrics import pneumonia_vs_normal_auroc
-from cxr.inference import load_classifier
+from shared_data import checkpoint_on_shared_data  # experiments/shared_data.py
 
 
 def row(run: str, source: str, classifier, logits: torch.Tensor, targets: np.ndarray) -> str:
@@ -40,10 +38,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for spec in args.runs:
         run, source = spec.rsplit(":", 1)
-        classifier = load_classifier(f"{run}/checkpoints/best.ckpt")
-        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            cfg = compose("eval", overrides=["data=shared", f"data.holdout_sources=[{source}]", f"ckpt_path={run}"])
-        datamodule = instantiate_checkpoint_datamodule(cfg, classifier.spec)
+        classifier, datamodule = checkpoint_on_shared_data(f"{run}/checkpoints/best.ckpt",
+                                                           f"data.holdout_sources=[{source}]")
         targets = datamodule.split_frame("test")["target"].to_numpy()
         before = predict_logits(classifier, datamodule, "test")
         loader = torch.utils.data.DataLoader(datamodule.dataset("test"), batch_size=64, shuffle=True)

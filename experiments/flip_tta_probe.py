@@ -13,12 +13,11 @@ from __future__ import annotations
 import argparse
 
 import torch
-from hydra import compose, initialize_config_dir
 
-from cxr.config import CONFIG_DIR, instantiate_checkpoint_datamodule
 from cxr.evaluation.evaluate import predict_logits
 from cxr.evaluation.metrics import compute_metrics
-from cxr.inference import Classifier, load_classifier
+from cxr.inference import Classifier
+from shared_data import checkpoint_on_shared_data  # experiments/shared_data.py
 
 
 class Mirrored:
@@ -38,10 +37,7 @@ def main() -> None:
     print("| checkpoint | split | as is: macro AUROC | mirrored | averaged | as is: accuracy | mirrored | averaged |")
     print("|---|---|---|---|---|---|---|---|")
     for path in args.checkpoints:
-        classifier = load_classifier(path)
-        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            cfg = compose("eval", overrides=["data=shared", f"ckpt_path={path}"])
-        datamodule = instantiate_checkpoint_datamodule(cfg, classifier.spec)
+        classifier, datamodule = checkpoint_on_shared_data(path)
         for split in ("val", "test"):
             targets = datamodule.split_frame(split)["target"].to_numpy()
             plain = predict_logits(classifier, datamodule, split)

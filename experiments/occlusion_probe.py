@@ -17,12 +17,11 @@ import argparse
 
 import numpy as np
 import torch
-from hydra import compose, initialize_config_dir
 
-from cxr.config import CONFIG_DIR, instantiate_checkpoint_datamodule
 from cxr.evaluation.evaluate import predict_logits
 from cxr.evaluation.metrics import pneumonia_vs_normal_auroc
-from cxr.inference import Classifier, load_classifier
+from cxr.inference import Classifier
+from shared_data import checkpoint_on_shared_data  # experiments/shared_data.py
 
 ROWS, COLUMNS = (0.10, 0.90), (0.12, 0.88)
 
@@ -51,10 +50,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint")
     args = parser.parse_args()
-    classifier = load_classifier(args.checkpoint)
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("eval", overrides=["data=shared", f"ckpt_path={args.checkpoint}"])
-    datamodule = instantiate_checkpoint_datamodule(cfg, classifier.spec)
+    classifier, datamodule = checkpoint_on_shared_data(args.checkpoint)
     frame = datamodule.split_frame("test")
     names = classifier.class_names
     called, probabilities = {}, {}
