@@ -10,6 +10,7 @@ from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 from omegaconf import DictConfig, OmegaConf
 
 # Where a training run keeps the state it can be resumed from (every epoch end; removed once the run finishes).
@@ -117,3 +118,12 @@ class ResumeCheckpoint(ModelCheckpoint):
     @property
     def state_key(self) -> str:
         return self._generate_state_key(purpose="resume")
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        # A run interrupted after early stopping had ended its fit (while testing or calibrating) resumes from
+        # the stopping epoch, whose restored EarlyStopping state says it stopped; Lightning would only check it
+        # again after training one more epoch.
+        if any(c.stopping_reason != EarlyStoppingReason.NOT_STOPPED for c in trainer.early_stopping_callbacks):
+            trainer.should_stop = True
+

@@ -249,6 +249,21 @@ def test_a_sweep_runs_past_a_failed_job_with_one_wandb_run_per_job(tmp_path):
     assert (sweep / "2" / ".hydra" / "overrides.yaml").read_text() == before
 
 
+def test_a_run_interrupted_after_early_stopping_resumes_without_training_another_epoch(tmp_path):
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    overrides = ["debug=smoke", *TINY, "trainer.max_epochs=3", "+callbacks.early_stopping.stopping_threshold=0.0",
+                 f"hydra.run.dir={out}", "+callbacks.interrupt._target_=tests.interrupt.InterruptOnce",
+                 "+callbacks.interrupt.at_test=true", f"+callbacks.interrupt.marker={tmp_path / 'interrupted'}"]
+    failing_run("cxr.train", *overrides, cache_dir=cache)  # stopped after epoch 0, then Ctrl-C while testing
+    assert (out / "checkpoints" / "last.ckpt").is_file() and not (out / "results.json").exists()
+
+    run("cxr.train", *overrides, "resume=true", cache_dir=cache)
+    results = json.loads((out / "results.json").read_text())
+    assert results["epochs"] == 1 and results["resumed_after_epochs"] == 1
+    resumed_curves = pd.read_csv(out / "csv" / "metrics.csv")
+    assert resumed_curves.get("train/loss_step", pd.Series(dtype=float)).dropna().empty  # not one training step
+
+
 def test_a_refit_may_not_choose_on_val(tmp_path):
     """Training on val too, a checkpoint chosen (or a run stopped) by val scores would be chosen in-sample."""
     stderr = failing_run("cxr.train", "debug=fast_dev_run", *TINY, "data.train_splits=[train,val]",
