@@ -3,7 +3,8 @@
 A `-m` sweep leaves one run folder per job; comparing them would otherwise mean joining each folder's
 .hydra/overrides.yaml and results.json by hand. Jobs are meant to be compared by the validation score
 that chose their checkpoint (`selected_score`); the evaluated split's numbers sit beside it, named for
-that split, and a failed job keeps its row with the error.
+that split, and a failed job keeps its row with the error. A job interrupted and resumed on its own
+(`hydra.run.dir=<sweep>/<job> resume=true`) adds its row when it ends.
 """
 from __future__ import annotations
 
@@ -22,9 +23,18 @@ COLUMNS = ["job", "status", "overrides", "selected_metric", "selected_score", "e
            "eval_macro_auroc", "eval_pneumonia_vs_normal_auroc", "fit_minutes", "folder", "error"]
 
 
+def sweep_folder(mode: RunMode, sweep_dir: str, run_folder: Path) -> Path | None:
+    """The sweep a run belongs to: the one running it, or, for one job resumed on its own, the folder above it."""
+    if mode == RunMode.MULTIRUN:
+        return Path(sweep_dir)
+    if (run_folder.parent / "multirun.yaml").exists():
+        return run_folder.parent
+    return None
+
+
 def summary_row(config: DictConfig, job_return: JobReturn) -> dict:
     folder = Path(config.paths.output_dir)
-    row = {"job": config.hydra.job.num, "overrides": " ".join(job_return.overrides or []), "folder": str(folder),
+    row = {"job": config.hydra.job.num if config.hydra.mode == RunMode.MULTIRUN else folder.name, "overrides": " ".join(job_return.overrides or []), "folder": str(folder),
            "status": "completed" if job_return.status == JobStatus.COMPLETED else "failed"}
     if job_return.status != JobStatus.COMPLETED:
         error = job_return._return_value
@@ -47,9 +57,10 @@ class SweepSummary(Callback):
         print(f"each job is summarised in {Path(config.hydra.sweep.dir) / SUMMARY_FILE} as it ends", file=sys.stderr)
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs) -> None:
-        if config.hydra.mode != RunMode.MULTIRUN:
+        sweep = sweep_folder(config.hydra.mode, config.hydra.sweep.dir, Path(config.paths.output_dir))
+        if sweep is None:
             return
-        path = Path(config.hydra.sweep.dir) / SUMMARY_FILE
+        path = sweep / SUMMARY_FILE
         new = not path.exists()
         with path.open("a", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=COLUMNS)

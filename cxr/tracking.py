@@ -29,7 +29,8 @@ def wandb_identity(logger_cfg: DictConfig, cfg: DictConfig) -> dict:
     that make this run what it is (the task name without any); the group is the sweep's folder (every job of
     one sweep, and a job resumed later) or the task and the run's folder (a run and its resumed part)."""
     from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
+
+    from cxr.sweep import sweep_folder
 
     if not is_wandb(logger_cfg) or not HydraConfig.initialized():
         return {}
@@ -37,12 +38,8 @@ def wandb_identity(logger_cfg: DictConfig, cfg: DictConfig) -> dict:
     bookkeeping = ("hydra.", "paths.", "logger", "num_threads", "resume", "trainer.enable_progress_bar")
     overrides = [o for o in hydra_cfg.overrides.task if not o.lstrip("+~").startswith(bookkeeping)]
     folder = Path(cfg.paths.output_dir)  # the run's own folder, which its resumed part is given again
-    if hydra_cfg.mode == RunMode.MULTIRUN:
-        group = f"multirun/{Path(hydra_cfg.sweep.dir).name}"
-    elif (folder.parent / "multirun.yaml").exists():  # one job of a sweep, resumed on its own
-        group = f"multirun/{folder.parent.name}"
-    else:
-        group = f"{cfg.task_name}/{folder.name}"
+    sweep = sweep_folder(hydra_cfg.mode, hydra_cfg.sweep.dir, folder)
+    group = f"multirun/{sweep.name}" if sweep else f"{cfg.task_name}/{folder.name}"
     identity = {"name": " ".join(overrides) or cfg.task_name, "group": group}
     return {key: value for key, value in identity.items() if logger_cfg.get(key) is None}
 

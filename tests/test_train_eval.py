@@ -264,6 +264,23 @@ def test_a_run_interrupted_after_early_stopping_resumes_without_training_another
     assert resumed_curves.get("train/loss_step", pd.Series(dtype=float)).dropna().empty  # not one training step
 
 
+def test_a_sweep_job_resumed_on_its_own_adds_its_row_to_the_sweep_summary(tmp_path):
+    sweep, cache = tmp_path / "sweep", tmp_path / "cache"
+    job = ["seed=1", "debug=smoke", *TINY, "trainer.max_epochs=2",
+           "+callbacks.interrupt._target_=tests.interrupt.InterruptOnce", "+callbacks.interrupt.at_epoch=1",
+           f"+callbacks.interrupt.marker={tmp_path / 'interrupted'}"]
+    failing_run("cxr.train", "-m", *job, f"hydra.sweep.dir={sweep}", cache_dir=cache)  # Ctrl-C in epoch 1
+    assert (sweep / "0" / "checkpoints" / "last.ckpt").is_file() and not (sweep / "0" / "results.json").exists()
+
+    run("cxr.train", *job, f"hydra.run.dir={sweep / '0'}", "resume=true", cache_dir=cache)
+    summary = pd.read_csv(sweep / "summary.csv")
+    resumed = summary.iloc[-1]
+    results = json.loads((sweep / "0" / "results.json").read_text())
+    assert (resumed["job"], resumed["status"], resumed["folder"]) == (0, "completed", str(sweep / "0"))
+    assert "seed=1" in resumed["overrides"] and "resume=true" in resumed["overrides"]
+    assert resumed["selected_score"] == pytest.approx(results["selection"]["best"])
+
+
 def test_a_refit_may_not_choose_on_val(tmp_path):
     """Training on val too, a checkpoint chosen (or a run stopped) by val scores would be chosen in-sample."""
     stderr = failing_run("cxr.train", "debug=fast_dev_run", *TINY, "data.train_splits=[train,val]",
