@@ -32,7 +32,7 @@ def instantiate_datamodule(cfg, preprocessing):
     from hydra.utils import instantiate
 
     # Runtime objects go to partials: instantiate() would turn them into OmegaConf nodes.
-    require_values(cfg.data, "data")
+    require_values(cfg.data)
     augment = instantiate_optional(cfg.get("augment"))
     return instantiate(cfg.data, _partial_=True)(preprocessing=preprocessing, augment=augment)
 
@@ -44,20 +44,19 @@ def instantiate_checkpoint_datamodule(cfg, spec: dict):
 
     from cxr.data.preprocess import Preprocessing
 
-    require_values(cfg.data, "data")
+    require_values(cfg.data)
     return instantiate(cfg.data, _partial_=True)(preprocessing=Preprocessing.from_dict(spec["preprocessing"]),
                                                  class_names=list(spec["class_names"]), augment=None)
 
 
-def require_values(node: DictConfig, prefix: str) -> None:
+def require_values(node: DictConfig) -> None:
     """A required override left out (`data=folder` without `data.root`) named as such: instantiate() with
     _partial_ would drop the `???` and fail later with a TypeError about a missing argument."""
     from omegaconf.errors import MissingMandatoryValue
 
-    missing = OmegaConf.missing_keys(node)
+    missing = sorted(OmegaConf.missing_keys(node))  # full keys from the config's root: data.root
     if missing:
-        raise MissingMandatoryValue(f"{', '.join(f'{prefix}.{k}' for k in sorted(missing))} must be set, "
-                                    f"e.g. {prefix}.{sorted(missing)[0]}=...")
+        raise MissingMandatoryValue(f"{', '.join(missing)} must be set, e.g. {missing[0]}=...")
 
 
 def configure_threads(cfg: DictConfig) -> None:
