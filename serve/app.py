@@ -22,7 +22,7 @@ from starlette.responses import JSONResponse, Response
 
 from cxr import __version__
 from cxr.checkpoint import file_sha256, public_data_summary, read_spec
-from cxr.config import CONFIG_DIR, log_config, user_errors
+from cxr.config import CONFIG_DIR, ConfigError, log_config, user_errors
 from serve.api import BatchAPI, ExplainAPI, PredictAPI, Settings
 from serve.audit import AuditLog
 from serve.errors import error_response, http_exception_response
@@ -31,7 +31,6 @@ from serve.referral import Referral
 from serve.requests import HealthProbe
 
 log = logging.getLogger("serve.app")
-HEALTH_PROBE_TIMEOUT = 10.0
 
 
 def model_info(spec: dict, settings: Settings, server_cfg) -> dict:
@@ -70,7 +69,9 @@ def build_server(cfg: DictConfig) -> ls.LitServer:
 
         onnx_path = str(ensure_onnx(cfg.ckpt_path, s.onnx_path, cfg.paths.cache_dir))
     elif s.backend != "torch":
-        raise ValueError(f"server.backend must be 'torch' or 'onnx', got {s.backend!r}")
+        raise ConfigError(f"server.backend must be 'torch' or 'onnx', got {s.backend!r}")
+    if float(s.health_timeout) <= 0:
+        raise ConfigError(f"server.health_timeout must be a positive number of seconds, got {s.health_timeout!r}")
     settings = Settings(ckpt_path=str(Path(cfg.ckpt_path).resolve()), backend=s.backend, onnx_path=onnx_path,
                         api_key=str(s.api_key) if s.api_key else None,
                         audit_log=str(Path(s.audit_log).resolve()) if s.audit_log else None,
@@ -95,11 +96,11 @@ def build_server(cfg: DictConfig) -> ls.LitServer:
     # without it LitServe shuts the whole server down, failing every client, /health included.
     server = ls.LitServer(apis, accelerator="cpu", workers_per_device=workers, restart_workers=True,
                           timeout=float(s.timeout), model_metadata=info, middlewares=middlewares)
-    install_routes(server, predict, info)
+    install_routes(server, predict, info, health_timeout=float(s.health_timeout))
     return server
 
 
-def install_routes(server: ls.LitServer, predict: PredictAPI, info: dict) -> None:
+def install_routes(server: ls.LitServer, predict: PredictAPI, info: dict, health_timeout: float) -> None:
     app = server.app
 
     async def on_http_error(request: Request, exc: StarletteHTTPException) -> Response:
@@ -129,7 +130,7 @@ def install_routes(server: ls.LitServer, predict: PredictAPI, info: dict) -> Non
         if not status or not all(v == ls.server.WorkerSetupStatus.READY for v in status.values()):
             return error_response(503, "not_ready", "model workers are still starting")
         try:
-            answer = await asyncio.wait_for(handler.handle_request(HealthProbe(), HealthProbe), HEALTH_PROBE_TIMEOUT)
+            answer = await asyncio.wait_for(handler.handle_request(HealthProbe(), HealthProbe), health_timeout)
         except Exception as exc:  # timeout or worker error
             return error_response(503, "not_answering", f"model did not answer a probe: {type(exc).__name__}")
         if getattr(answer, "status_code", 500) != 200:

@@ -443,3 +443,34 @@ def test_a_multipart_body_with_an_epilogue_after_its_closing_boundary_is_served(
     answer = post(server, "/predict", data=body, headers={**AUTH, "Content-Type": "multipart/form-data; boundary=xyz"})
     assert answer.status_code == 200, answer.text
 
+
+
+def test_health_answers_503_when_the_probe_outlasts_server_health_timeout(ckpt, tmp_path):
+    proc = start_server(ckpt, tmp_path, "server.health_timeout=0.000001")  # no probe comes back that fast
+    try:
+        deadline, body = time.monotonic() + 120, {}
+        while body.get("error", {}).get("code") != "not_answering":  # 503 not_ready while the workers start
+            assert proc.proc.poll() is None and time.monotonic() < deadline, (body, proc.log())
+            time.sleep(0.5)
+            try:
+                answer = requests.get(proc.url + "/health", timeout=5)
+                body = answer.json()
+            except (requests.ConnectionError, ValueError):
+                continue
+            assert answer.status_code in (200, 503), answer.text
+        answer = requests.post(proc.url + "/predict", files={"file": ("a.png", png(), "image/png")}, timeout=30)
+        assert answer.status_code == 200, answer.text  # only the probe is held to the short deadline
+    finally:
+        proc.stop()
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("server.health_timeout=0", "error: server.health_timeout must be a positive number of seconds, got 0"),
+    ("server.backend=tensorrt", "error: server.backend must be 'torch' or 'onnx', got 'tensorrt'"),
+])
+def test_a_bad_server_setting_is_one_message_before_the_server_starts(setting, message, ckpt, tmp_path):
+    proc = start_server(ckpt, tmp_path, setting)
+    assert proc.proc.wait(timeout=120) != 0
+    log = proc.log()
+    proc.stop()
+    assert message in log and "Traceback" not in log, log
