@@ -31,7 +31,7 @@ def main(cfg: DictConfig) -> float | None:
     log_config_to(loggers, cfg)
     with wandb_run_finished():
         metrics = evaluate(classifier, datamodule, datamodule.split, cfg.paths.output_dir,
-                           title=f"{classifier.spec['backbone']} on {datamodule.split} split")
+                           title=f"{classifier.spec['backbone']} on {datamodule.describe_split(datamodule.split)}")
         log_results(loggers, run_summary({"eval": headline(metrics)}, datamodule.split), Path(cfg.paths.output_dir),
                     datamodule.split)
     log.info("accuracy %.4f, macro AUROC %s, n %d -> %s", metrics["accuracy"], metrics["macro_auroc"], metrics["n"],

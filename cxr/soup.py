@@ -135,7 +135,7 @@ def main(cfg: DictConfig) -> str:
         results["calibration"] = recalibrate_checkpoint(best, datamodule, calibration["split"], calibration["method"],
                                                         out_path=best)
     metrics = evaluate(load_classifier(best), datamodule, datamodule.split, out_dir / "eval",
-                       title=f"{cfg.task_name}: {datamodule.split} split")
+                       title=f"{cfg.task_name}: {datamodule.describe_split(datamodule.split)}")
     results["eval"] = {k: metrics[k] for k in ("n", "accuracy", "macro_auroc", "pneumonia_vs_normal_auroc")}
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     log.info("results: %s", results)

@@ -116,7 +116,7 @@ def train(cfg: DictConfig) -> dict:
         results["test"] = {k: finite_or_none(v) for k, v in trainer.callback_metrics.items()
                            if k.startswith("test/")}
         metrics = evaluate(load_classifier(best), datamodule, datamodule.split, out_dir / "eval",
-                           title=f"{cfg.get('task_name', 'train')}: {datamodule.split} split")
+                           title=f"{cfg.get('task_name', 'train')}: {datamodule.describe_split(datamodule.split)}")
         results["eval"] = headline(metrics)
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     (out_dir / RESUME_CHECKPOINT).unlink(missing_ok=True)  # a finished run is not resumed

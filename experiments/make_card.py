@@ -13,6 +13,7 @@ import json
 import shutil
 from pathlib import Path
 
+from cxr.evaluation.formatting import number, percent
 from cxr.evaluation.report import (costliest_image_lines, format_interval, group_table_lines, interval_lines,
                                    operating_point_lines, shortfall_lines, subgroup_lines)
 
@@ -25,26 +26,18 @@ REFERENCE_TABLE4 = {  # the reference technical report, Table 4 (its own test se
 REFERENCE_ACCURACY = 0.771
 
 
-def pct(v) -> str:
-    return "–" if v is None else f"{100 * v:.1f}%"
-
-
-def num(v) -> str:
-    return "–" if v is None else f"{v:.3f}"
-
-
 def side_by_side(metrics: dict) -> list[str]:
     lines = ["| Class | Precision | Recall | F1 | AUC | Support | Reference P / R / F1 / AUC (support) |",
              "|---|---|---|---|---|---|---|"]
     for name in metrics["classes"]:
         c = metrics["per_class"][name]
         r = REFERENCE_TABLE4[name]
-        lines.append(f"| {name} | {pct(c['precision'])} | {pct(c['recall'])} | {pct(c['f1'])} | {pct(c['auroc'])} | "
-                     f"{c['support']} | {pct(r[0])} / {pct(r[1])} / {pct(r[2])} / {pct(r[3])} ({r[4]}) |")
+        lines.append(f"| {name} | {percent(c['precision'])} | {percent(c['recall'])} | {percent(c['f1'])} | {percent(c['auroc'])} | "
+                     f"{c['support']} | {percent(r[0])} / {percent(r[1])} / {percent(r[2])} / {percent(r[3])} ({r[4]}) |")
     m, r = metrics["macro_avg"], REFERENCE_TABLE4["macro"]
-    lines.append(f"| **Macro avg** | {pct(m['precision'])} | {pct(m['recall'])} | {pct(m['f1'])} | {pct(metrics['macro_auroc'])} | "
-                 f"{metrics['n']} | {pct(r[0])} / {pct(r[1])} / {pct(r[2])} / {pct(r[3])} ({r[4]}) |")
-    lines.append(f"| **Accuracy** | | | | | | {pct(REFERENCE_ACCURACY)} → here **{pct(metrics['accuracy'])}** |")
+    lines.append(f"| **Macro avg** | {percent(m['precision'])} | {percent(m['recall'])} | {percent(m['f1'])} | {percent(metrics['macro_auroc'])} | "
+                 f"{metrics['n']} | {percent(r[0])} / {percent(r[1])} / {percent(r[2])} / {percent(r[3])} ({r[4]}) |")
+    lines.append(f"| **Accuracy** | | | | | | {percent(REFERENCE_ACCURACY)} → here **{percent(metrics['accuracy'])}** |")
     return lines
 
 
@@ -83,9 +76,9 @@ def main() -> None:
              f"- {wall_time(results)}; test inference {metrics['images_per_second']:.1f} images/s "
              "(this machine: 2 CPU cores, no GPU).",
              f"- Test split of `../shared/data/cxr` (patient-grouped): n = {metrics['n']}. "
-             f"Accuracy **{pct(metrics['accuracy'])}**, macro AUROC **{num(metrics['macro_auroc'])}**, "
-             f"tuberculosis recall **{pct(metrics['per_class']['tuberculosis']['recall'])}**, "
-             f"pneumonia-vs-normal AUROC {num(metrics['pneumonia_vs_normal_auroc'])}.",
+             f"Accuracy **{percent(metrics['accuracy'])}**, macro AUROC **{number(metrics['macro_auroc'])}**, "
+             f"tuberculosis recall **{percent(metrics['per_class']['tuberculosis']['recall'])}**, "
+             f"pneumonia-vs-normal AUROC {number(metrics['pneumonia_vs_normal_auroc'])}.",
              f"- Checkpoint SHA-256 `{metrics['checkpoint_sha256'][:16]}…` (not committed; rerun the command).",
              *interval_lines(metrics), *operating_point_lines(metrics), "", args.notes, "", "## Test split, beside the reference report's Table 4", "",
              "The reference numbers are on the report's own 2,569-image test set, not on this data.", "",
@@ -99,10 +92,10 @@ def main() -> None:
         for item in args.holdout:
             source, run = item.split("=", 1)
             h, _ = load(Path(run), args.eval_dir)
-            called = " | ".join(pct(h["per_class"][c]["called"]) for c in h["classes"])
+            called = " | ".join(percent(h["per_class"][c]["called"]) for c in h["classes"])
             ci = (h.get("confidence_intervals") or {}).get("pneumonia_vs_normal_auroc")
-            pvn = num(h["pneumonia_vs_normal_auroc"]) + (f" ({format_interval(ci, num)})" if ci else "")
-            lines.append(f"| {source} | {h['n']} | {pvn} | {called} | {pct(h['accuracy'])} |")
+            pvn = number(h["pneumonia_vs_normal_auroc"]) + (f" ({format_interval(ci, number)})" if ci else "")
+            lines.append(f"| {source} | {h['n']} | {pvn} | {called} | {percent(h['accuracy'])} |")
         lines.append("")
     (out / "README.md").write_text("\n".join(lines))
     print(out / "README.md")

@@ -127,6 +127,9 @@ def test_holdout_sources_train_without_and_test_on_all_of_them(tmp_path, synthet
     assert set(index.loc[index["split"].isin(["train", "val"]), "source"]) == {"hospital_a"}
     assert set(index.loc[index["split"] == "test", "source"]) == {"hospital_b"}
     assert (index["source"] == "hospital_b").sum() == len(dm.split_frame("test"))
+    # reports name what they cover: not "test split" but every image of the held-out source
+    assert (dm.describe_split("test"), dm.describe_split("val")) == ("held-out hospital_b (all of its images)",
+                                                                     "val split")
     with pytest.raises(ValueError, match="hospital_c"):
         ChestXrayDataModule.from_manifest(str(manifest), preprocessing=PREP, holdout_sources=["hospital_c"]).build_index()
 

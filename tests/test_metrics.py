@@ -1,4 +1,6 @@
 """Where AUROC is lost: the split of 1 − AUROC into pairs within and across sources, and the images that cost most."""
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -98,6 +100,13 @@ def test_report_never_claims_the_operating_point_was_fitted_elsewhere_when_it_ma
     metrics = {"split": evaluated, "temperature": 0.5, "logit_bias": None,
                "calibration_fit": {"method": "temperature", "split": "val", "n": 40}}
     assert operating_point_lines(metrics)[1].endswith(expected)
+
+
+def test_a_report_on_val_says_the_checkpoint_was_chosen_there():
+    from cxr.evaluation.report import selection_lines
+
+    assert "chooses a checkpoint's epoch by its scores on the val split" in " ".join(selection_lines({"split": "val"}))
+    assert selection_lines({"split": "test"}) == []
 
 
 def test_a_wrongly_called_absent_class_costs_precision_and_f1_but_has_no_recall():
@@ -203,8 +212,34 @@ def test_each_value_of_a_subgroup_column_gets_its_own_numbers_and_empty_ones_are
     # 0 of 2 patients: Wilson's interval, not the bootstrap's 0-0%
     assert views["AP"]["confidence_intervals"]["recall"]["pneumonia"] == pytest.approx([0.0, 0.6576], abs=1e-4)
     report = (tmp_path / "report.md").read_text()
-    assert "## Per view" in report and "| AP | 3 | 33.3% (" in report and "| 0.0% (0.0%–65.8%) |" in report
+    assert "## Per view" in report and "| AP | 3 | 33.3% (" in report and "| 0.0% (0.0%–65.8% Wilson) |" in report
     table = markdown_report({**metrics, "per_subgroup": {"view": {"AP|lateral": views["AP"]}}}, "t")
     assert "| AP\\|lateral | 3 |" in table  # a "|" inside a value would end its cell
     predictions = pd.read_csv(tmp_path / "predictions.csv", keep_default_na=False)
     assert predictions["view"].tolist() == frame["view"].tolist()
+
+
+def test_reports_never_round_a_value_into_perfection_and_mark_wilson_intervals(tmp_path):
+    # One normal image outranks one of 40 tuberculosis images: TB AUROC 1 - 1/(40 * 60) = 0.99958, not 1.000.
+    targets = np.array([2] * 40 + [0] * 30 + [1] * 30)
+    probs = np.array([[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.05, 0.05, 0.9]])[targets]
+    probs[0], probs[40] = [0.3, 0.1, 0.6], [0.3, 0.0, 0.7]  # a TB film scored below a normal one (called TB)
+    frame = pd.DataFrame({"path": [f"{i}.png" for i in range(100)], "label": [CLASSES[t] for t in targets],
+                          "source": ["a"] * 100, "patient_id": [str(i) for i in range(100)], "target": targets})
+    metrics = write_report(tmp_path, probs, frame, CLASSES)
+    assert metrics["per_class"]["tuberculosis"]["auroc"] == pytest.approx(1 - 1 / (40 * 60))
+    report = (tmp_path / "report.md").read_text()
+    tb_row = next(line for line in report.splitlines() if line.startswith("| tuberculosis |"))
+    assert tb_row.split("|")[5].strip() == "99.96%"  # the AUC column; was 100.0%
+    # 30 of 30 pneumonias and 40 of 40 TB found: Wilson's interval (n / (n + z²) to 1), marked; 29 of 30 normals:
+    # the bootstrap's
+    assert "pneumonia 88.6%–100.0% Wilson, tuberculosis 91.2%–100.0% Wilson." in report, report
+    assert re.search(r"recall normal \d+\.\d%–100\.0%, pneumonia", report), report
+
+
+def test_numbers_get_more_decimals_only_where_rounding_would_reach_a_perfect_or_null_value():
+    from cxr.evaluation.formatting import number, percent
+
+    assert (number(0.99987), percent(0.99987), number(0.9876), percent(0.5)) == ("0.9999", "99.99%", "0.988", "50.0%")
+    assert (number(1.0), percent(1.0), percent(0.0), number(None)) == ("1.000", "100.0%", "0.0%", "–")
+    assert percent(1 / 2500) == "0.04%"  # one image of 2,500 called tuberculosis is not 0.0%

@@ -81,6 +81,7 @@ def test_a_flawless_small_group_gets_a_wilson_interval_and_a_perfect_auroc_none(
     assert ci["recall"]["tuberculosis"] == pytest.approx([18 / (18 + 1.959964 ** 2), 1.0])  # Wilson: n / (n + z²)
     assert ci["accuracy"] == pytest.approx([28 / (28 + 1.959964 ** 2), 1.0])
     assert ci["auroc"]["tuberculosis"] is None and ci["macro_auroc"] is None
+    assert ci["wilson"] == ["accuracy", "recall.normal", "recall.tuberculosis"]  # reports mark these as Wilson's
     # one patient imaged 18 times is one trial, not 18
     repeated = bootstrap_intervals(probs, targets, np.array(["tb"] * 18 + [str(i) for i in range(10)]), NAMES)
     assert repeated["recall"]["tuberculosis"] == pytest.approx([1 / (1 + 1.959964 ** 2), 1.0])

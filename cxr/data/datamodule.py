@@ -207,6 +207,14 @@ class ChestXrayDataModule(L.LightningDataModule):
                                   f"({split}/ folder or split column), or choose a split that has them")
         return part
 
+    def describe_split(self, split: str) -> str:
+        """The images of `split` as a report's title names them."""
+        if split == ALL_IMAGES:
+            return "all images"
+        if split == "test" and self.holdout_sources:
+            return f"held-out {', '.join(self.holdout_sources)} (all of its images)"
+        return f"{split} split"
+
     def warn_if_split_was_drawn(self, split: str) -> None:
         """Scoring or calibrating on data that gives no split uses only the part drawn for `split`: say so, and
         how to take every image."""

@@ -13,6 +13,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torchmetrics.functional.classification import binary_roc  # noqa: E402
 
+from cxr.evaluation.formatting import number  # noqa: E402
+
 
 def set_title(ax, title: str) -> None:
     """Wrapped, so a long run name never runs off the figure."""
@@ -49,7 +51,7 @@ def plot_roc_curves(probs: np.ndarray, targets: np.ndarray, class_names: Sequenc
         if aurocs.get(name) is None:
             continue
         fpr, tpr, _ = binary_roc(torch.as_tensor(probs[:, c], dtype=torch.float32), torch.as_tensor(positive, dtype=torch.long))
-        ax.plot(fpr.numpy(), tpr.numpy(), label=f"{name} (AUC {aurocs[name]:.3f})")
+        ax.plot(fpr.numpy(), tpr.numpy(), label=f"{name} (AUC {number(aurocs[name])})")
     ax.plot([0, 1], [0, 1], "k--", linewidth=0.8)
     ax.set_xlabel("false positive rate")
     ax.set_ylabel("true positive rate")

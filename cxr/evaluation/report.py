@@ -11,34 +11,42 @@ import pandas as pd
 from cxr.data.index import blank_missing
 from cxr.evaluation.figures import plot_confusion_matrix, plot_roc_curves
 from cxr.evaluation.metrics import auroc_shortfall_by_source, compute_metrics, costliest_images, metrics_by_group
+from cxr.evaluation.formatting import number, percent
 from cxr.evaluation.uncertainty import bootstrap_intervals
 
 NOT_GIVEN = "(not given)"  # the subgroup of images whose manifest leaves that column empty
-
-
-def _pct(value: float | None) -> str:
-    return "–" if value is None else f"{100 * value:.1f}%"
-
-
-def _num(value: float | None) -> str:
-    return "–" if value is None else f"{value:.3f}"
 
 
 def format_interval(interval: list[float] | None, fmt) -> str:
     return "–" if interval is None else f"{fmt(interval[0])}–{fmt(interval[1])}"
 
 
+def proportion_interval(ci: dict, key: str) -> str:
+    """A proportion's interval ("accuracy", "recall.<class>"), marked where it is Wilson's, not the bootstrap's."""
+    interval = ci["accuracy"] if key == "accuracy" else ci["recall"][key.removeprefix("recall.")]
+    return format_interval(interval, percent) + (" Wilson" if key in ci.get("wilson", ()) else "")
+
+
 def interval_lines(metrics: dict) -> list[str]:
     ci = metrics.get("confidence_intervals")
     if not ci:
         return []
-    recalls = ", ".join(f"{name} {format_interval(value, _pct)}" for name, value in ci["recall"].items())
+    recalls = ", ".join(f"{name} {proportion_interval(ci, f'recall.{name}')}" for name in ci["recall"])
     kept = ci.get("macro_auroc_resamples", ci["resamples"])
     kept_text = f" from the {kept} resamples holding every class" if kept < ci["resamples"] else ""
+    wilson_text = ("; marked Wilson: every patient right (or every one wrong), where the bootstrap can only say "
+                   "100–100%, so Wilson's score interval over those patients" if ci.get("wilson") else "")
     return ["", f"{100 * ci['confidence']:.0f}% confidence intervals ({ci['method']}: {ci['patients']} patients, "
-                f"{ci['resamples']} resamples): accuracy {format_interval(ci['accuracy'], _pct)}; macro AUROC "
-                f"{format_interval(ci['macro_auroc'], _num)}{kept_text}; pneumonia-vs-normal AUROC "
-                f"{format_interval(ci['pneumonia_vs_normal_auroc'], _num)}; recall {recalls}."]
+                f"{ci['resamples']} resamples{wilson_text}): accuracy {proportion_interval(ci, 'accuracy')}; macro AUROC "
+                f"{format_interval(ci['macro_auroc'], number)}{kept_text}; pneumonia-vs-normal AUROC "
+                f"{format_interval(ci['pneumonia_vs_normal_auroc'], number)}; recall {recalls}."]
+
+
+def selection_lines(metrics: dict) -> list[str]:
+    if metrics.get("split") != "val":
+        return []
+    return ["", "cxr-train chooses a checkpoint's epoch by its scores on the val split: if these are the same images, "
+                "every figure here is optimistic."]
 
 
 def operating_point_lines(metrics: dict) -> list[str]:
@@ -58,32 +66,35 @@ def operating_point_lines(metrics: dict) -> list[str]:
                  "evaluated here.")
     lines = ["", f"Operating point ({method}): temperature {metrics['temperature']:.3f}{bias_text}; {where}"]
     if raw:
-        recalls = ", ".join(f"{name} {_pct(value)}" for name, value in raw["recall"].items())
-        lines.append(f"The network's own softmax (no temperature, no bias): accuracy {_pct(raw['accuracy'])}; "
-                     f"macro AUROC {_num(raw['macro_auroc'])}; recall {recalls}.")
+        recalls = ", ".join(f"{name} {percent(value)}" for name, value in raw["recall"].items())
+        lines.append(f"The network's own softmax (no temperature, no bias): accuracy {percent(raw['accuracy'])}; "
+                     f"macro AUROC {number(raw['macro_auroc'])}; recall {recalls}.")
     return lines
 
 
 def group_table_lines(heading: str, key: str, groups: dict, classes: list[str]) -> list[str]:
     """One row per group (a source, or a value of a subgroup column), 95% patient-bootstrap intervals in brackets."""
-    lines = ["", f"## {heading}", "",
+    lines = ["", f"## {heading}", "", "95% intervals over patients in brackets (bootstrap; Wilson where marked).", "",
              f"| {key} | n | Accuracy | Pneumonia-vs-normal AUROC | " + " | ".join(f"recall {c}" for c in classes) + " | "
              + " | ".join(f"called {c}" for c in classes) + " |",
              "|---|---|---|---|" + "---|" * (2 * len(classes))]
     for group, g in groups.items():
         ci = g.get("confidence_intervals")
 
-        def cell(value: float | None, interval: list[float] | None, fmt) -> str:
+        def cell(value: float | None, key: str) -> str:
+            fmt = number if key == "pneumonia_vs_normal_auroc" else percent
             if value is None or ci is None:  # no interval at all for a group of one patient
                 return fmt(value)
+            if key != "pneumonia_vs_normal_auroc":
+                return f"{fmt(value)} ({proportion_interval(ci, key)})"
+            interval = ci[key]
             return f"{fmt(value)} ({format_interval(interval, fmt) if interval else 'no interval'})"
 
-        recalls = " | ".join(cell(g["per_class"][c]["recall"], ci and ci["recall"][c], _pct) for c in classes)
-        called = " | ".join(_pct(g["per_class"][c]["called"]) for c in classes)
+        recalls = " | ".join(cell(g["per_class"][c]["recall"], f"recall.{c}") for c in classes)
+        called = " | ".join(percent(g["per_class"][c]["called"]) for c in classes)
         cell_name = str(group).replace("|", "\\|")  # a value's own "|" would end its table cell
-        lines.append(f"| {cell_name} | {g['n']} | {cell(g['accuracy'], ci and ci['accuracy'], _pct)} | "
-                     f"{cell(g['pneumonia_vs_normal_auroc'], ci and ci['pneumonia_vs_normal_auroc'], _num)} | "
-                     f"{recalls} | {called} |")
+        lines.append(f"| {cell_name} | {g['n']} | {cell(g['accuracy'], 'accuracy')} | "
+                     f"{cell(g['pneumonia_vs_normal_auroc'], 'pneumonia_vs_normal_auroc')} | {recalls} | {called} |")
     return lines
 
 
@@ -125,21 +136,22 @@ def costliest_image_lines(metrics: dict) -> list[str]:
         for image in c["images"]:
             lines.append(f"| {name} ({c['shortfall']:.4f}) | {'/'.join(Path(image['path']).parts[-2:])} | {image['source']} | "
                          f"{image['label']} | {image['role']} | {image['score']:.3f} | {image['share']:.4f} | "
-                         f"{_pct(image['share'] / c['shortfall'])} |")
+                         f"{percent(image['share'] / c['shortfall'])} |")
     return lines
 
 
 def markdown_report(metrics: dict, title: str) -> str:
-    lines = [f"# {title}", "", f"n = {metrics['n']} images; accuracy {_pct(metrics['accuracy'])}; "
-             f"macro AUROC {_num(metrics['macro_auroc'])}; pneumonia-vs-normal AUROC {_num(metrics['pneumonia_vs_normal_auroc'])}", "",
+    lines = [f"# {title}", "", f"n = {metrics['n']} images; accuracy {percent(metrics['accuracy'])}; "
+             f"macro AUROC {number(metrics['macro_auroc'])}; pneumonia-vs-normal AUROC {number(metrics['pneumonia_vs_normal_auroc'])}", "",
              "| Class | Precision | Recall | F1 | AUC | Support |", "|---|---|---|---|---|---|"]
     for name in metrics["classes"]:
         c = metrics["per_class"][name]
-        lines.append(f"| {name} | {_pct(c['precision'])} | {_pct(c['recall'])} | {_pct(c['f1'])} | {_pct(c['auroc'])} | {c['support']} |")
+        lines.append(f"| {name} | {percent(c['precision'])} | {percent(c['recall'])} | {percent(c['f1'])} | {percent(c['auroc'])} | {c['support']} |")
     m = metrics["macro_avg"]
-    lines.append(f"| **Macro avg** | {_pct(m['precision'])} | {_pct(m['recall'])} | {_pct(m['f1'])} | "
-                 f"{_pct(metrics['macro_auroc'])} | {metrics['n']} |")
+    lines.append(f"| **Macro avg** | {percent(m['precision'])} | {percent(m['recall'])} | {percent(m['f1'])} | "
+                 f"{percent(metrics['macro_auroc'])} | {metrics['n']} |")
     lines += interval_lines(metrics)
+    lines += selection_lines(metrics)
     lines += operating_point_lines(metrics)
     lines += ["", "Confusion matrix (rows = true, columns = predicted):", "",
               "| true \\ predicted | " + " | ".join(metrics["classes"]) + " |",
