@@ -112,9 +112,12 @@ def test_manifest_split_aliases_and_padded_patient_ids(tmp_path):
     ("path,label\na.png,covid\n", "unknown label 'covid'"),
     ("path,label,split\na.png,normal,holdout\n", "unknown split value"),
     ("file,label\na.png,normal\n", r"missing column\(s\) \['path'\]"),
+    # Excel's plain "CSV" on Windows writes cp1252: ñ is the byte 0xf1
+    ("path,label\nespa\u00f1a.png,normal\n".encode("cp1252"), "not UTF-8 text .*0xf1.*CSV UTF-8"),
+    ("path,label\na.png,normal\na.png,pneumonia\n", r"listed more than once with different labels or splits"),
 ])
 def test_bad_manifest_is_a_data_config_error_printed_without_traceback(tmp_path, capsys, csv, message):
-    (tmp_path / "m.csv").write_text(csv)
+    (tmp_path / "m.csv").write_bytes(csv if isinstance(csv, bytes) else csv.encode())
     with pytest.raises(DataConfigError, match=message):
         index_manifest(tmp_path / "m.csv")
     with pytest.raises(SystemExit) as exit_info:
@@ -253,3 +256,29 @@ def test_a_manifest_repeating_a_column_name_exactly_is_refused(tmp_path):
     (tmp_path / "m.csv").write_text("path,label,view,view\na.png,normal,PA,AP\n")  # pandas would read view, view.1
     with pytest.raises(DataConfigError, match=r"\['view'\] appear more than once"):
         index_manifest(tmp_path / "m.csv")
+
+
+@pytest.mark.parametrize("text", [
+    "path;label;split;patient_id\nimages/a.png;Normal;train;p1\nimages/b.png;TB;test;p2\n",  # a comma-decimal locale
+    "path\tlabel\tsplit\tpatient_id\nimages/a.png\tNormal\ttrain\tp1\nimages/b.png\tTB\ttest\tp2\n",
+    "path, label, split, patient_id\nimages/a.png, Normal, train, p1\nimages/b.png, TB, test, p2\n,,,\n , , ,\n",
+    "path,label,split,patient_id\r\nimages\\a.png,Normal,train,p1\r\nimages\\b.png,TB,test,p2\r\n",  # Windows
+])
+def test_manifests_as_spreadsheets_write_them_are_read_alike(tmp_path, text):
+    (tmp_path / "images").mkdir()
+    for name in ("a.png", "b.png"):
+        write_png(tmp_path / "images" / name)
+    (tmp_path / "m.csv").write_text(text, newline="")
+    index = index_manifest(tmp_path / "m.csv")
+    assert index["path"].tolist() == [str(tmp_path / "images" / "a.png"), str(tmp_path / "images" / "b.png")]
+    assert index[["label", "split", "patient_id"]].values.tolist() == [["normal", "train", "p1"],
+                                                                       ["tuberculosis", "test", "p2"]]
+
+
+def test_a_source_spelled_in_several_cases_is_one_source_and_a_repeated_row_counts_once(tmp_path, caplog):
+    (tmp_path / "m.csv").write_text("path,label,source\na.png,normal,kermany\nb.png,normal,Kermany \n"
+                                    "c.png,normal,kermany\nd.png,normal,NIH\na.png,normal,kermany\n")
+    index = index_manifest(tmp_path / "m.csv")
+    assert index["source"].tolist() == ["kermany", "kermany", "kermany", "NIH"]  # the spelling most rows use
+    assert index["path"].tolist() == [str(tmp_path / f"{n}.png") for n in "abcd"]
+    assert "read as ['kermany']" in caplog.text and "1 row(s) repeat an image" in caplog.text

@@ -177,37 +177,103 @@ def extra_columns(columns) -> list[str]:
     return [name for name in columns if name not in COLUMNS and name != TARGET]
 
 
+def not_utf8(manifest: Path, exc: UnicodeDecodeError) -> DataConfigError:
+    return DataConfigError(f"{manifest} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at position {exc.start}, "
+                           "as Excel's plain 'CSV' writes accents on Windows): save it as 'CSV UTF-8', or convert it, "
+                           "e.g. iconv -f cp1252 -t utf-8")
+
+
+def _manifest_separator(manifest: Path) -> str:
+    """The field separator of a manifest, from its first line: a comma, or the semicolon (spreadsheets set to a
+    locale whose decimal mark is a comma) or tab it uses instead."""
+    try:
+        with manifest.open(encoding="utf-8-sig") as handle:
+            first = handle.readline()
+    except UnicodeDecodeError as exc:
+        raise not_utf8(manifest, exc) from None
+    return max((",", ";", "\t"), key=first.count) if first.count(",") == 0 else ","
+
+
+def _resolved_path(manifest: Path, value: str) -> str:
+    """A manifest's path as an absolute one; written on Windows (`images\\x.png`), its separators are read as
+    folders where the path does not exist as written."""
+    path = absolute(manifest.parent / value)
+    if "\\" in value and os.sep == "/" and not path.exists():
+        path = absolute(manifest.parent / value.replace("\\", "/"))
+    return str(path)
+
+
+def _one_spelling(sources: pd.Series) -> pd.Series:
+    """Source names that differ only in case (`kermany`, `Kermany`) as one source, spelled as most of its images are:
+    apart, one hospital's images would count as two in the per-source report."""
+    spellings = sources.groupby(sources.str.casefold()).agg(lambda names: names.value_counts().index[0])
+    merged = sources.str.casefold().map(spellings)
+    variants = sorted(set(sources[merged != sources]))
+    if variants:
+        log.warning("source name(s) %s read as %s: sources differing only in case are one source", variants,
+                    sorted(set(merged[merged != sources])))
+    return merged
+
+
+def _without_repeated_rows(frame: pd.DataFrame, manifest: Path) -> pd.DataFrame:
+    """One row per image: a path listed twice with the same label and split is kept once (it would count twice in
+    every metric); listed with different labels or splits, it is refused."""
+    repeated = frame[frame.duplicated("path", keep=False)]
+    if repeated.empty:
+        return frame
+    conflicting = repeated.groupby("path")[["label", "split"]].nunique().max(axis=1) > 1
+    if conflicting.any():
+        paths = conflicting.index[conflicting].tolist()
+        raise DataConfigError(f"{manifest}: {len(paths)} image(s) are listed more than once with different labels or "
+                              f"splits, e.g. {paths[:3]}: keep one row per image")
+    log.warning("%s: %d row(s) repeat an image listed before (e.g. %s): each image is used once", manifest,
+                int(frame.duplicated("path").sum()), repeated["path"].iloc[0])
+    return frame.drop_duplicates("path").reset_index(drop=True)
+
+
 def index_manifest(manifest: str | Path) -> pd.DataFrame:
     """A CSV with `path` (relative to the CSV) and `label`; optional `split`, `patient_id`, `source`; any other
-    columns (view, sex, age band, site, ...) are kept as they are."""
+    columns (view, sex, age band, site, ...) are kept as they are. Read as spreadsheets write them: UTF-8 with or
+    without a byte-order mark, comma, semicolon or tab separated, spaces after separators, empty rows."""
     manifest = absolute(manifest)
     if not manifest.is_file():
         raise FileNotFoundError(f"manifest {manifest} does not exist")
+    separator = _manifest_separator(manifest)
     with manifest.open(newline="", encoding="utf-8-sig") as handle:  # as written: pandas renames a repeat to name.1
-        header = [name.strip().lower() for name in next(csv.reader(handle), [])]
+        header = [name.strip().lower() for name in next(csv.reader(handle, delimiter=separator), [])]
     repeated = sorted({name for name in header if header.count(name) > 1})
     if repeated:
         raise DataConfigError(f"{manifest}: column name(s) {repeated} appear more than once (case is ignored); "
                               "rename them")
-    table = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    try:
+        table = pd.read_csv(manifest, dtype=str, keep_default_na=False, sep=separator, skipinitialspace=True,
+                            encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise not_utf8(manifest, exc) from None
     table.columns = [str(name).strip().lower() for name in table.columns]
     missing = {"path", "label"} - set(table.columns)
     if missing:
         raise DataConfigError(f"{manifest}: missing column(s) {sorted(missing)} (found {list(table.columns)}); the "
                               "first line must name the columns, e.g. path,label,split,patient_id")
+    table = table.apply(lambda column: column.str.strip())
+    empty = (table == "").all(axis=1)
+    if empty.any():  # the rows a spreadsheet leaves below its data (",,,")
+        log.info("%s: skipped %d empty row(s)", manifest, int(empty.sum()))
+    rows = [i + 2 for i in np.flatnonzero(~empty.to_numpy())]  # the file's line numbers, for messages
+    table = table[~empty].reset_index(drop=True)
     frame = pd.DataFrame({
-        "path": [str(absolute(manifest.parent / p)) for p in table["path"]],
-        "label": [_label_or_raise(v, f"{manifest} row {i + 2}") for i, v in enumerate(table["label"])],
-        "split": table["split"].str.strip().str.lower().replace(SPLIT_ALIASES) if "split" in table else "",
+        "path": [_resolved_path(manifest, p) for p in table["path"]],
+        "label": [_label_or_raise(v, f"{manifest} row {row}") for row, v in zip(rows, table["label"])],
+        "split": table["split"].str.lower().replace(SPLIT_ALIASES) if "split" in table else "",
         "patient_id": blank_missing(table["patient_id"]) if "patient_id" in table else "",
-        "source": table["source"] if "source" in table else manifest.parent.name,
+        "source": _one_spelling(table["source"]) if "source" in table else manifest.parent.name,
     })
-    frame = pd.concat([frame, table[extra_columns(table.columns)].apply(lambda column: column.str.strip())], axis=1)
+    frame = pd.concat([frame, table[extra_columns(table.columns)]], axis=1)
     bad_splits = set(frame["split"]) - set(SPLITS) - {""}
     if bad_splits:
         raise DataConfigError(f"{manifest}: unknown split value(s) {sorted(bad_splits)}; use {SPLITS}, or leave it "
                               "empty to have the split drawn")
-    return frame
+    return _without_repeated_rows(frame, manifest)
 
 
 def check_subgroup_columns(index: pd.DataFrame, columns: Sequence[str], reserved: Sequence[str] = ()) -> None:
