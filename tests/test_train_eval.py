@@ -406,8 +406,10 @@ def test_a_sweep_summary_keeps_the_row_of_a_job_that_failed_without_a_message(tm
 
     from cxr.sweep import summary_row
 
-    config = OmegaConf.create({"hydra": {"job": {"num": 3}}, "paths": {"output_dir": str(tmp_path)},
-                               "data": {"split": "test"}})
+    from hydra.types import RunMode
+
+    config = OmegaConf.create({"hydra": {"job": {"num": 3}, "mode": RunMode.MULTIRUN},
+                               "paths": {"output_dir": str(tmp_path)}, "data": {"split": "test"}})
     failed = JobReturn(overrides=["seed=1"], status=JobStatus.FAILED, _return_value=MemoryError())
     row = summary_row(config, failed)
     assert (row["job"], row["status"], row["error"]) == (3, "failed", "MemoryError")
