@@ -18,6 +18,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from cxr.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 METHODS = ("none", "temperature", "temperature_bias")
@@ -61,16 +63,16 @@ def check_calibration_targets(targets: Sequence[int], class_names: Sequence[str]
     """Refuse data on which `method` cannot be fitted, and warn (`warn_few`) when a logit bias would rest on
     few images of some class; called before training as well as at fitting time."""
     if method not in METHODS:
-        raise ValueError(f"unknown calibration method {method!r}; choose one of {', '.join(METHODS)}")
+        raise ConfigError(f"unknown calibration method {method!r}; choose one of {', '.join(METHODS)}")
     if method == "none":
         return
     counts = torch.bincount(torch.as_tensor(list(targets), dtype=torch.long), minlength=len(class_names))
     if int(counts.sum()) == 0:
-        raise ValueError("no labelled images to fit the calibration on")
+        raise ConfigError("no labelled images to fit the calibration on")
     missing = [name for name, n in zip(class_names, counts.tolist()) if n == 0]
     if method == "temperature_bias" and missing:
-        raise ValueError(f"cannot fit a logit bias without images of {missing}; "
-                         "use calibration.method=temperature, or a split that has every class")
+        raise ConfigError(f"cannot fit a logit bias without images of {missing}: use calibration.method=temperature, "
+                          "a split that has every class, or a model without those classes (+data.class_names=[...])")
     if warn_few and method == "temperature_bias" and int(counts.min()) < FEW_PER_CLASS:
         log.warning("fitting a logit bias on only %s images per class (%s): it will be noisy; "
                     "prefer calibration.method=temperature or more labelled images",

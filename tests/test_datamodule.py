@@ -313,6 +313,8 @@ def test_report_subgroups_must_be_columns_of_the_data_with_few_values(tmp_path, 
     manifest = tmp_path / "with_columns.csv"
     table.to_csv(manifest, index=False)
     assert ChestXrayDataModule.from_manifest(str(manifest), preprocessing=PREP, subgroups=["view"]).build_index()["view"].nunique() == 2
+    # column names ignore case, in the manifest and in data.subgroups alike
+    assert ChestXrayDataModule.from_manifest(str(manifest), preprocessing=PREP, subgroups=[" View"]).subgroups == ["view"]
     with pytest.raises(DataConfigError, match=r"\['sex'\] are not extra columns of the data \(available: .*'view'"):
         ChestXrayDataModule.from_manifest(str(manifest), preprocessing=PREP, subgroups=["sex"]).build_index()
     with pytest.raises(DataConfigError, match="'age' has .* distinct values, more than 20: bin it"):
@@ -333,3 +335,39 @@ def test_scoring_every_image_draws_no_split(synthetic_manifest, monkeypatch):
     monkeypatch.setattr(datamodule_module, "assign_splits", no_draw)
     datamodule = ChestXrayDataModule.from_manifest(str(synthetic_manifest), preprocessing=PREP, split="all")
     assert len(datamodule.split_frame("all")) == len(pd.read_csv(synthetic_manifest))
+
+
+def test_data_of_two_classes_trains_a_two_class_model_unless_told_otherwise(tmp_path, synthetic_manifest, caplog):
+    # The Kaggle chest_xray layout: NORMAL/ and PNEUMONIA/ only. A third output no image ever trained would be served.
+    table = pd.read_csv(synthetic_manifest)
+    table = table[table["label"] != "tuberculosis"].assign(path=lambda t: [str(synthetic_manifest.parent / p)
+                                                                          for p in t["path"]])
+    table.to_csv(tmp_path / "kaggle.csv", index=False)
+    with caplog.at_level("WARNING"):
+        found = ChestXrayDataModule.from_manifest(str(tmp_path / "kaggle.csv"), preprocessing=PREP)
+        found.build_index()
+    assert found.class_names == ["normal", "pneumonia"] and "no images of ['tuberculosis']" in caplog.text
+    assert set(found.build_index()["target"]) == {0, 1}
+    given = ChestXrayDataModule.from_manifest(str(tmp_path / "kaggle.csv"), preprocessing=PREP,
+                                              class_names=["NORMAL", "Pneumonia", "TB"])  # as folders name them
+    given.build_index()
+    assert given.class_names == ["normal", "pneumonia", "tuberculosis"]
+    for bad in (["normal", "covid"], ["normal", "NORMAL"], ["normal"]):
+        with pytest.raises(DataConfigError, match="give two or more of"):
+            ChestXrayDataModule.from_manifest(str(tmp_path / "kaggle.csv"), preprocessing=PREP, class_names=bad)
+    table[table["label"] == "normal"].to_csv(tmp_path / "one_class.csv", index=False)
+    with pytest.raises(DataConfigError, match="images of \\['normal'\\] only"):
+        ChestXrayDataModule.from_manifest(str(tmp_path / "one_class.csv"), preprocessing=PREP).build_index()
+
+
+def test_images_without_a_split_beside_given_splits_are_placed_and_said_so(tmp_path, synthetic_manifest, caplog):
+    table = pd.read_csv(synthetic_manifest)
+    table["path"] = [str(synthetic_manifest.parent / p) for p in table["path"]]
+    table["patient_id"] = table["path"]
+    table["split"] = [("train", "train", "train", "val", "test")[i % 5] for i in range(len(table))]
+    table.loc[table.index[:6], "split"] = ""  # six images left blank, each its own patient
+    table.to_csv(tmp_path / "partly_split.csv", index=False)
+    with caplog.at_level("WARNING"):
+        index = ChestXrayDataModule.from_manifest(str(tmp_path / "partly_split.csv"), preprocessing=PREP).build_index()
+    assert "6 image(s) have no split in the data and were placed" in caplog.text
+    assert (index["split"] != "").all()

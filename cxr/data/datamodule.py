@@ -17,8 +17,8 @@ from torch.utils.data import DataLoader, WeightedRandomSampler, get_worker_info
 
 from cxr.checkpoint import TRAIN_FINGERPRINTS
 from cxr.data.dataset import StandardizedImageDataset, image_fingerprints, load_standardized
-from cxr.data.index import (CLASS_NAMES, TARGET, DataConfigError, LeakageError, assign_splits, check_patient_leakage,
-                            check_subgroup_columns, index_folder, index_manifest)
+from cxr.data.index import (CLASS_NAMES, TARGET, DataConfigError, LeakageError, assign_splits, canonical_label,
+                            check_patient_leakage, check_subgroup_columns, index_folder, index_manifest)
 from cxr.data.preprocess import Preprocessing
 from cxr.data.synthetic import synthetic_index
 
@@ -64,6 +64,28 @@ def balanced_sampler(targets: Sequence[int], num_classes: int, seed: int,
 ALL_IMAGES = "all"
 
 
+def checked_class_names(names: Sequence[str]) -> list[str]:
+    """`data.class_names` as labels are read (any case, the usual aliases: NORMAL, TB), each once."""
+    canonical = [canonical_label(name) for name in names]
+    unknown = [name for name, label in zip(names, canonical) if label is None]
+    if unknown or len(set(canonical)) != len(canonical) or len(canonical) < 2:
+        raise DataConfigError(f"data.class_names={list(names)}: give two or more of {list(CLASS_NAMES)} (any case; TB "
+                              "for tuberculosis), each once")
+    return canonical
+
+
+def classes_of(index: pd.DataFrame, candidates: Sequence[str]) -> list[str]:
+    """The `candidates` the data has images of: a folder of NORMAL/ and PNEUMONIA/ trains a two-class model, not a
+    three-class one whose tuberculosis output never saw an image."""
+    present = [name for name in candidates if name in set(index["label"])]
+    if len(present) < 2:
+        raise DataConfigError(f"the data has images of {present} only: a classifier needs two classes or more")
+    if len(present) < len(candidates):
+        log.warning("the data has no images of %s: the model's classes are %s (pass +data.class_names=[...] to "
+                    "choose them)", [name for name in candidates if name not in present], present)
+    return present
+
+
 def prediction_columns(class_names: Sequence[str]) -> list[str]:
     """The columns an evaluation's predictions.csv adds beside the images' own."""
     return [*(f"p_{name}" for name in class_names), "predicted"]
@@ -93,7 +115,7 @@ class ChestXrayDataModule(L.LightningDataModule):
         self,
         index: Callable[[], pd.DataFrame] | pd.DataFrame,
         preprocessing: Preprocessing,
-        class_names: Sequence[str] = CLASS_NAMES,
+        class_names: Sequence[str] | None = None,
         augment: A.BaseCompose | None = None,
         batch_size: int = 32,
         eval_batch_size: int | None = None,
@@ -114,7 +136,9 @@ class ChestXrayDataModule(L.LightningDataModule):
         super().__init__()
         self._index_factory = index
         self.preprocessing = preprocessing
-        self.class_names = list(class_names)
+        # None: the classes the data has images of, of the three; given: exactly those, checked against the data
+        self.classes_from_data = class_names is None
+        self.class_names = list(CLASS_NAMES) if class_names is None else checked_class_names(class_names)
         self.augment = augment
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
@@ -130,7 +154,7 @@ class ChestXrayDataModule(L.LightningDataModule):
             raise ValueError(f"train_splits={self.train_splits} must include 'train' and not the evaluation split "
                              f"{split!r}")
         self.split = split
-        self.subgroups = list(subgroups)
+        self.subgroups = [str(name).strip().lower() for name in subgroups]  # as manifest column names are
         self.cache_dir = cache_dir
         self.seed = seed
         self.split_seed = split_seed
@@ -161,9 +185,12 @@ class ChestXrayDataModule(L.LightningDataModule):
         if unknown:
             raise DataConfigError(f"labels {sorted(unknown)} are not among the model's classes {self.class_names}: "
                                   "remove those images, or train with them listed in +data.class_names=[...]")
+        if self.classes_from_data:
+            self.class_names = classes_of(index, self.class_names)
         check_patient_leakage(index)
         check_subgroup_columns(index, self.subgroups, reserved=prediction_columns(self.class_names))
-        self.drawn_split_images = int((index["split"] == "").sum())
+        unsplit = (index["split"] == "").to_numpy()
+        self.drawn_split_images = int(unsplit.sum())
         given = set(index["split"])
         if self.split != ALL_IMAGES:  # scoring every image as one set needs no split drawn
             if "" not in given and "train" in given and "val" not in given:
@@ -172,6 +199,10 @@ class ChestXrayDataModule(L.LightningDataModule):
                 index = assign_splits(index.assign(split=index["split"].replace("train", "")), self.val_fraction, 0.0,
                                       self.split_seed)
             index = assign_splits(index, self.val_fraction, self.test_fraction, self.split_seed)
+            if 0 < unsplit.sum() < len(index):  # the splits given grow: say by how much
+                placed = index.loc[unsplit, "split"].value_counts().to_dict()
+                log.warning("%d image(s) have no split in the data and were placed: %s (with their patient's given "
+                            "split where it has one, else drawn with data.split_seed)", int(unsplit.sum()), placed)
         check_patient_leakage(index)
         if self.holdout_sources:
             missing = set(self.holdout_sources) - set(index["source"])
