@@ -118,7 +118,8 @@ def user_errors(main):
 
 
 def used_run_folder(folder: Path) -> str | None:
-    """Why `folder` may not receive a new training run, or None."""
+    """Why `folder` may not receive a new run (of cxr-train, cxr-soup, cxr-eval or cxr-calibrate), or None: it
+    holds the outputs of one, which the new run would overwrite."""
     if (folder / "results.json").exists():
         return f"{folder} holds a finished run (results.json)"
     from cxr.resume import RESUME_CHECKPOINT
@@ -127,17 +128,22 @@ def used_run_folder(folder: Path) -> str | None:
     if resumable or (folder / "checkpoints" / "best.ckpt").exists():
         hint = " (continue it with resume=true and the same overrides)" if resumable else ""
         return f"{folder} holds an interrupted run (checkpoints without results.json){hint}"
+    if (folder / "metrics.json").exists():
+        return f"{folder} holds an evaluation (metrics.json)"
+    if (folder / "calibration.json").exists():
+        return f"{folder} holds a calibration (calibration.json)"
     return None
 
 
 class RefuseUsedRunFolder(Callback):
-    """cxr-train's Hydra callback: refuse a run folder (or a sweep folder) that already holds a training run
-    before Hydra saves the new run's .hydra/ config over the old one's."""
+    """The Hydra callback of cxr-train, cxr-eval, cxr-calibrate and cxr-soup: refuse a run folder (or a sweep
+    folder) that already holds a run before Hydra saves the new run's .hydra/ config over the old one's."""
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         raw = OmegaConf.to_container(config.paths, resolve=False)["output_dir"]
         # paths.output_dir follows Hydra's run folder unless set: resolved here, before Hydra sets it.
-        folder = Path(config.hydra.run.dir if "hydra:runtime.output_dir" in str(raw) else config.paths.output_dir)
+        follows_run_dir = "hydra:runtime.output_dir" in str(raw)
+        folder = Path(config.hydra.run.dir if follows_run_dir else config.paths.output_dir)
         if config.get("resume"):
             from cxr.resume import ResumeError, check_resume
 
@@ -146,7 +152,8 @@ class RefuseUsedRunFolder(Callback):
             except ResumeError as exc:
                 self._refuse([str(exc)], "")
         else:
-            self._refuse([reason] if (reason := used_run_folder(folder)) else [], "; choose a new hydra.run.dir=")
+            self._refuse([reason] if (reason := used_run_folder(folder)) else [],
+                         f"; choose a new {'hydra.run.dir' if follows_run_dir else 'paths.output_dir'}=")
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         if config.get("resume"):

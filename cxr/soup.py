@@ -83,8 +83,6 @@ def main(cfg: DictConfig) -> str:
     configure_threads(cfg)
     out_dir = Path(cfg.paths.output_dir)
     best = out_dir / "checkpoints" / "best.ckpt"
-    if best.exists():
-        raise FileExistsError(f"{best} exists; choose another paths.output_dir=")
     paths = member_paths(cfg.members)
     members = [load_classifier(p) for p in paths]
     check_soup_members([m.spec for m in members], [str(p) for p in paths])

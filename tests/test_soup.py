@@ -170,4 +170,6 @@ def test_soup_refuses_other_data_than_the_members_and_an_existing_output(members
     (tmp_path / "taken" / "checkpoints").mkdir(parents=True)
     (tmp_path / "taken" / "checkpoints" / "best.ckpt").write_text("x")
     taken = soup(*DATA, f"paths.output_dir={tmp_path / 'taken'}")
-    assert taken.returncode != 0 and "exists; choose another paths.output_dir=" in taken.stderr
+    assert taken.returncode != 0 and "holds an interrupted run" in taken.stderr, taken.stderr[-2000:]
+    assert "choose a new paths.output_dir=" in taken.stderr
+    assert (tmp_path / "taken" / "checkpoints" / "best.ckpt").read_text() == "x"

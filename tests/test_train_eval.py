@@ -105,6 +105,23 @@ def test_expected_errors_are_one_message_not_a_traceback(module, overrides, mess
     assert "\nerror: " in "\n" + stderr and message in stderr and "Traceback" not in stderr, stderr[-2000:]
 
 
+@pytest.mark.parametrize("module, overrides, earlier_output, reason", [
+    ("cxr.eval", ["ckpt_path=/other/best.ckpt"], "metrics.json", "holds an evaluation (metrics.json)"),
+    ("cxr.calibrate", ["ckpt_path=/other/best.ckpt"], "calibration.json", "holds a calibration (calibration.json)"),
+    ("cxr.soup", ["members=[/other/best.ckpt]"], "results.json", "holds a finished run (results.json)"),
+])
+@pytest.mark.parametrize("folder_setting", ["hydra.run.dir", "paths.output_dir"])
+def test_eval_calibrate_and_soup_refuse_a_folder_holding_earlier_outputs_before_writing_there(
+        module, overrides, earlier_output, reason, folder_setting, tmp_path):
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / earlier_output).write_text("the earlier run's")
+    stderr = failing_run(module, *overrides, f"{folder_setting}={used}", cache_dir=tmp_path / "cache")
+    assert f"error: {used} {reason}; choose a new {folder_setting}=" in stderr and "Traceback" not in stderr, stderr
+    assert [p.name for p in used.iterdir()] == [earlier_output]  # no .hydra/, no log
+    assert (used / earlier_output).read_text() == "the earlier run's"
+
+
 def test_train_stops_before_fitting_on_a_used_folder_or_a_missing_test_image(trained_run, tmp_path,
                                                                            synthetic_manifest):
     out, cache, _ = trained_run
@@ -321,6 +338,7 @@ def test_calibrate_writes_a_new_checkpoint_and_never_overwrites(trained_run, tmp
     assert spec["calibration_fit"]["method"] == "temperature" and spec["logit_bias"] is None
     assert json.loads((tmp_path / "run" / "calibration.json").read_text())["temperature"] == spec["temperature"]
     assert file_sha256(best) == before
+    overrides[-1] = f"paths.output_dir={tmp_path / 'again'}"
     again = subprocess.run(command("cxr.calibrate", tuple(overrides), cache), cwd=PROJECT_ROOT, capture_output=True,
                            text=True, timeout=600)
     assert again.returncode != 0 and "exists; choose another output=" in again.stderr
