@@ -256,14 +256,14 @@ def test_explain_predicted_class(server, ckpt):
     assert image.format == "PNG" and image.size == (64, 64) and image.mode == "RGB"
 
 
-@pytest.mark.parametrize("encoding", ["json", "multipart"])
-def test_explain_requested_class(server, encoding):
+@pytest.mark.parametrize("encoding, requested", [("json", "pneumonia"), ("multipart", " Pneumonia ")])
+def test_explain_requested_class(server, encoding, requested):
     data = png(2)
     if encoding == "json":
-        response = post(server, "/predict/explain", json={"image": b64(data), "target_class": "pneumonia"})
+        response = post(server, "/predict/explain", json={"image": b64(data), "target_class": requested})
     else:
         response = post(server, "/predict/explain", files={"file": ("x.png", data, "image/png")},
-                        data={"target_class": "pneumonia"})
+                        data={"target_class": requested})
     assert response.status_code == 200, response.text
     assert response.json()["target_class"] == "pneumonia"
     heatmap(response.json())

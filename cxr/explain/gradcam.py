@@ -19,6 +19,7 @@ from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
+from cxr.data.index import canonical_label
 from cxr.models.ensemble import PredictionEnsemble
 
 
@@ -106,9 +107,10 @@ class GradCamExplainer:
             if not 0 <= index < len(names):
                 raise KeyError(f"class index {index} out of range 0..{len(names) - 1}")
             return index
-        if target not in names:
+        label = canonical_label(target)  # as data labels are read: any case, spaces around, aliases (TB)
+        if label not in names:
             raise KeyError(f"unknown class {target!r}; classes are {names}")
-        return names.index(target)
+        return names.index(label)
 
     def explain(self, gray: np.ndarray, target: str | int | None = None) -> Explanation:
         standardized = self.classifier.preprocessing.standardize(gray)
