@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import hmac
 import logging
+import signal
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -26,6 +27,12 @@ from serve.referral import Referral
 from serve.requests import DecodedImage, HealthProbe, decode_bytes, image_bytes, target_class
 
 log = logging.getLogger("serve.api")
+
+
+def ignore_ctrl_c() -> None:
+    """In an inference worker: Ctrl-C reaches every process of the terminal's group, but the server process stops
+    its workers itself (SIGTERM); a KeyboardInterrupt here only printed a traceback from LitServe's loop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 @dataclass
@@ -74,6 +81,7 @@ class CxrAPI(ls.LitAPI):
     def setup(self, device) -> None:
         from serve.backends import make_backend
 
+        ignore_ctrl_c()
         s = self.settings
         self.backend = make_backend(s.backend, s.ckpt_path, s.onnx_path, s.num_threads)
         self.backend_name = self.backend.name
@@ -201,6 +209,7 @@ class ExplainAPI(CxrAPI):
         from cxr.explain import GradCamExplainer
         from serve.backends import TorchBackend
 
+        ignore_ctrl_c()
         s = self.settings
         torch_backend = TorchBackend(s.ckpt_path, s.num_threads)
         self.backend_name = torch_backend.name  # whatever server.backend says: the audit names what answered

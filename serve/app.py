@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from pathlib import Path
 
@@ -146,6 +147,15 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def _leave_stopping_to_the_main_process() -> None:
+    """In a process forked from cxr-serve's (LitServe's HTTP server, its multiprocessing manager), which the main
+    process stops on its way out. Ctrl-C reaches every process of the terminal's group, so it is ignored here; and
+    SIGTERM gets its default action back: uvicorn re-raises the SIGTERM it shut down on, and the inherited
+    `_interrupt` turned that into a KeyboardInterrupt traceback."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="serve")
 @user_errors
 def main(cfg: DictConfig) -> None:
@@ -154,6 +164,7 @@ def main(cfg: DictConfig) -> None:
     server = build_server(cfg)
     # SIGTERM (docker stop, test teardown) takes LitServe's graceful path: workers are stopped too.
     signal.signal(signal.SIGTERM, _interrupt)
+    os.register_at_fork(after_in_child=_leave_stopping_to_the_main_process)
     server.run(host=str(cfg.server.host), port=int(cfg.server.port), num_api_servers=int(cfg.server.num_api_servers),
                log_level=str(cfg.server.log_level), generate_client_file=False)
 

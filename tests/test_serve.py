@@ -408,17 +408,22 @@ def test_audit_log_under_concurrent_load(server):
         assert not {"image", "pixels", "file"} & set(line)
 
 
-def inference_workers(session: int) -> list[int]:
-    """Pids of LitServe's inference worker processes (multiprocessing spawns) in the server's session."""
-    pids = []
+def session_processes(session: int) -> dict[int, bytes]:
+    """Pid -> command line of each running process in the server's session (an exited one not yet reaped has none)."""
+    processes = {}
     for entry in Path("/proc").iterdir():
         try:
-            if entry.name.isdigit() and os.getsid(int(entry.name)) == session and \
-                    b"spawn_main" in (entry / "cmdline").read_bytes():
-                pids.append(int(entry.name))
+            if entry.name.isdigit() and os.getsid(int(entry.name)) == session:
+                if cmdline := (entry / "cmdline").read_bytes():
+                    processes[int(entry.name)] = cmdline
         except (OSError, ProcessLookupError):
             continue
-    return sorted(pids)
+    return processes
+
+
+def inference_workers(session: int) -> list[int]:
+    """Pids of LitServe's inference worker processes (multiprocessing spawns) in the server's session."""
+    return sorted(pid for pid, cmdline in session_processes(session).items() if b"spawn_main" in cmdline)
 
 
 def test_a_worker_that_dies_is_restarted_and_the_server_keeps_serving(ckpt, tmp_path):
@@ -435,6 +440,24 @@ def test_a_worker_that_dies_is_restarted_and_the_server_keeps_serving(ckpt, tmp_
         answer = requests.post(server.url + "/predict", headers=AUTH, files={"file": ("a.png", png(), "image/png")},
                                timeout=30)
         assert answer.status_code == 200, answer.text
+
+
+@pytest.mark.parametrize("stop", ["kill -TERM", "Ctrl-C"])
+def test_a_stopped_server_exits_quietly_with_all_its_processes(ckpt, tmp_path, stop):
+    with start_server(ckpt, tmp_path) as server:
+        session = server.proc.pid
+        assert len(inference_workers(session)) == 3
+        if stop == "kill -TERM":  # docker stop, systemd: the server process only
+            server.proc.send_signal(signal.SIGTERM)
+        else:  # a terminal's Ctrl-C reaches every process of its foreground group
+            os.killpg(session, signal.SIGINT)
+        assert server.proc.wait(timeout=60) == 0, server.log()
+        deadline = time.monotonic() + 10
+        while session_processes(session) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert session_processes(session) == {}, server.log()
+        log = server.log()
+    assert "Traceback" not in log and "Shutting down LitServe" in log, log
 
 
 def test_a_multipart_body_with_an_epilogue_after_its_closing_boundary_is_served(server, reference):
