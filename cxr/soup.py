@@ -34,13 +34,19 @@ TRAINING_STATE_KEYS = ("optimizer_states", "lr_schedulers", "callbacks", "loops"
 
 
 def member_paths(members) -> list[Path]:
-    """A list of checkpoint paths, or one glob pattern (sorted)."""
-    if isinstance(members, (list, tuple, ListConfig)):
-        paths = [Path(str(m)).expanduser() for m in members]
-    else:
-        paths = [Path(p) for p in sorted(glob.glob(str(Path(str(members)).expanduser())))]
-        if not paths:
-            raise FileNotFoundError(f"no checkpoint matches members={members}")
+    """The checkpoints of `members` (a path or glob pattern, or a list of them) in the order given, each pattern's
+    files sorted. A pattern adds only files not listed before it; a path written out is always taken (written
+    twice, it weighs twice in a uniform soup)."""
+    paths = []
+    for member in members if isinstance(members, (list, tuple, ListConfig)) else [members]:
+        pattern = str(Path(str(member)).expanduser())
+        if glob.escape(pattern) == pattern:  # no wildcard
+            paths.append(Path(pattern))
+            continue
+        matches = sorted(glob.glob(pattern))
+        if not matches:
+            raise FileNotFoundError(f"members: {member} matched no file")
+        paths += [Path(m) for m in matches if Path(m) not in paths]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"checkpoints not found: {', '.join(missing)}")

@@ -1,5 +1,6 @@
 """Model soups: the average, the greedy selection, the refusals, and cxr-soup end to end."""
 import json
+import re
 
 import pytest
 import torch
@@ -66,6 +67,23 @@ def test_members_must_share_architecture_preprocessing_classes_and_data():
         check_soup_members([spec, {**spec, "data_summary": {"counts": {}}}], ["a.ckpt", "b.ckpt"])
     with pytest.raises(ValueError, match="at least two"):
         check_soup_members([spec], ["a.ckpt"])
+
+
+def test_member_paths_expand_each_pattern_of_a_list_in_the_order_given(tmp_path):
+    from cxr.soup import member_paths
+
+    files = {name: tmp_path / name / "best.ckpt" for name in ("sweep/1", "sweep/0", "other")}
+    for path in files.values():
+        path.parent.mkdir(parents=True)
+        path.write_text("x")
+    listed = member_paths([str(files["other"]), f"{tmp_path}/sweep/*/best.ckpt", f"{tmp_path}/*/0/best.ckpt",
+                           str(files["other"])])
+    assert listed == [files["other"], files["sweep/0"], files["sweep/1"], files["other"]]
+    assert member_paths(f"{tmp_path}/sweep/*/best.ckpt") == [files["sweep/0"], files["sweep/1"]]
+    with pytest.raises(FileNotFoundError, match=re.escape(f"members: {tmp_path}/runs/*/best.ckpt matched no file")):
+        member_paths([str(files["other"]), f"{tmp_path}/runs/*/best.ckpt"])
+    with pytest.raises(FileNotFoundError, match="^checkpoints not found: .*/missing.ckpt$"):
+        member_paths([f"{tmp_path}/sweep/*/best.ckpt", str(tmp_path / "missing.ckpt")])
 
 
 @pytest.fixture(scope="module")
