@@ -126,4 +126,3 @@ class ResumeCheckpoint(ModelCheckpoint):
         # again after training one more epoch.
         if any(c.stopping_reason != EarlyStoppingReason.NOT_STOPPED for c in trainer.early_stopping_callbacks):
             trainer.should_stop = True
-

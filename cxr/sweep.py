@@ -34,7 +34,8 @@ def sweep_folder(mode: RunMode, sweep_dir: str, run_folder: Path) -> Path | None
 
 def summary_row(config: DictConfig, job_return: JobReturn) -> dict:
     folder = Path(config.paths.output_dir)
-    row = {"job": config.hydra.job.num if config.hydra.mode == RunMode.MULTIRUN else folder.name, "overrides": " ".join(job_return.overrides or []), "folder": str(folder),
+    job = config.hydra.job.num if config.hydra.mode == RunMode.MULTIRUN else folder.name  # resumed: its folder
+    row = {"job": job, "overrides": " ".join(job_return.overrides or []), "folder": str(folder),
            "status": "completed" if job_return.status == JobStatus.COMPLETED else "failed"}
     if job_return.status != JobStatus.COMPLETED:
         error = job_return._return_value

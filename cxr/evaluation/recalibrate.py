@@ -24,7 +24,7 @@ def recalibrate_checkpoint(ckpt_path: str | Path, datamodule: ChestXrayDataModul
     check_compatible(classifier, datamodule, split)
     logits = predict_logits(classifier, datamodule, split)
     frame = datamodule.split_frame(split)
-    targets = torch.tensor(frame["target"].to_numpy(), dtype=torch.long)  # a copy: pandas may hand out a read-only array
+    targets = torch.tensor(frame["target"].to_numpy(), dtype=torch.long)  # a copy: pandas may give a read-only array
     calibration = fit_calibration(logits, targets, classifier.class_names, method, warn_few)
     record = {"method": method, "split": split, "n": len(targets),
               "sources": sorted(frame["source"].astype(str).unique().tolist())}
