@@ -239,4 +239,5 @@ class ExplainAPI(CxrAPI):
                              audit_extra={"target_class": explanation.target_class})
         result["target_class"] = explanation.target_class
         result["heatmap_png_base64"] = base64.b64encode(explanation.overlay_png).decode()
+        result["heatmap_region"] = explanation.region
         return JSONResponse(result)

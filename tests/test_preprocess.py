@@ -52,3 +52,14 @@ def test_checkpoint_carries_preprocessing(tiny_checkpoint):
     assert len(classifier.sha256) == 64
     probs = classifier.predict([np.zeros((80, 90), np.uint8), np.full((50, 50), 200, np.uint8)])
     assert probs.shape == (2, 3) and np.allclose(probs.sum(axis=1), 1, atol=1e-5)
+
+
+@pytest.mark.parametrize("crop_border", [0.0, 0.06, 0.24])
+@pytest.mark.parametrize("height, width", [(300, 200), (101, 97), (224, 224), (1024, 887)])
+def test_input_region_is_the_box_of_the_original_that_the_model_sees(crop_border, height, width):
+    preprocessing = Preprocessing(image_size=64, crop_border=crop_border)
+    image = np.arange(height * width, dtype=np.float32).reshape(height, width)
+    crop = preprocessing._standardize.transforms[0]  # the pipeline's own border crop, when it has one
+    cropped = crop(image=image)["image"] if crop_border else image
+    box = preprocessing.input_region(height, width)
+    assert np.array_equal(cropped, image[box["y"]:box["y"] + box["height"], box["x"]:box["x"] + box["width"]])

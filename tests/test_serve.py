@@ -254,6 +254,10 @@ def test_explain_predicted_class(server, ckpt):
     assert result["target_class"] == result["label"]
     image = heatmap(result)
     assert image.format == "PNG" and image.size == (64, 64) and image.mode == "RGB"
+    # where the overlay lies on the uploaded image: all of it here (the tiny model crops no border)
+    height, width = xray_like(2).shape
+    assert result["heatmap_region"] == load_classifier(ckpt).preprocessing.input_region(height, width)
+    assert result["heatmap_region"] == {"x": 0, "y": 0, "width": width, "height": height}
 
 
 @pytest.mark.parametrize("encoding, requested", [("json", "pneumonia"), ("multipart", " Pneumonia ")])

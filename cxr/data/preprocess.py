@@ -74,6 +74,13 @@ class Preprocessing:
         # Grey input is normalised per output channel after replication, so mean/std stay per channel.
         return A.Compose([A.Normalize(mean=self.mean, std=self.std, max_pixel_value=255.0), ToTensorV2()])
 
+    def input_region(self, height: int, width: int) -> dict:
+        """The box of a `height` x `width` image that the model's square input shows (after the border crop,
+        stretched to `image_size`), in that image's pixels: where a heatmap at the input size lies on the original.
+        The crop is A.CropAndPad's with a negative percent: int(crop_border * side) pixels off each side."""
+        top, left = int(self.crop_border * height), int(self.crop_border * width)
+        return {"x": left, "y": top, "width": width - 2 * left, "height": height - 2 * top}
+
     def standardize(self, gray: np.ndarray) -> np.ndarray:
         if gray.dtype != np.uint8 or gray.ndim != 2:
             raise ValueError(f"standardize expects an HxW uint8 array, got {gray.dtype} {gray.shape}")

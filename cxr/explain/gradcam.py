@@ -4,6 +4,7 @@
     result = explainer.explain(gray_uint8)            # predicted class
     result = explainer.explain(gray_uint8, "pneumonia")
     result.overlay_png  # PNG bytes: the heatmap over the image the model saw
+    result.region       # {x, y, width, height}: the box of gray_uint8 that the heatmap covers
 """
 from __future__ import annotations
 
@@ -87,6 +88,7 @@ class Explanation:
     probabilities: np.ndarray  # (C,) calibrated, from the same forward pass family as predict
     heatmap: np.ndarray  # (H, W) float in [0, 1] at the model's input size
     overlay_png: bytes
+    region: dict  # the box of the explained image that the heatmap covers (Preprocessing.input_region)
 
 
 class GradCamExplainer:
@@ -124,4 +126,5 @@ class GradCamExplainer:
         overlay = show_cam_on_image(rgb, heatmap, use_rgb=True, image_weight=1.0 - self.alpha)
         buffer = io.BytesIO()
         Image.fromarray(overlay).save(buffer, format="PNG")
-        return Explanation(index, self.classifier.class_names[index], probabilities, heatmap, buffer.getvalue())
+        return Explanation(index, self.classifier.class_names[index], probabilities, heatmap, buffer.getvalue(),
+                           self.classifier.preprocessing.input_region(*gray.shape))
