@@ -471,7 +471,6 @@ def test_a_multipart_body_with_an_epilogue_after_its_closing_boundary_is_served(
     assert answer.status_code == 200, answer.text
 
 
-
 def test_health_answers_503_when_the_probe_outlasts_server_health_timeout(ckpt, tmp_path):
     proc = start_server(ckpt, tmp_path, "server.health_timeout=0.000001")  # no probe comes back that fast
     try:
