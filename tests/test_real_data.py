@@ -3,6 +3,8 @@ import json
 
 import pandas as pd
 import pytest
+from sklearn.metrics import (accuracy_score, confusion_matrix, precision_recall_fscore_support,
+                             roc_auc_score)
 
 from tests.test_train_eval import run
 
@@ -29,6 +31,18 @@ def test_short_training_and_evaluation_on_real_images(shared_data, tmp_path):
     assert intervals["accuracy"][0] <= metrics["accuracy"] <= intervals["accuracy"][1]
     predictions = pd.read_csv(out / "eval" / "predictions.csv")
     assert sorted(predictions["path"]) == sorted(str((shared_data / p).resolve()) for p in test["path"])
+    # every headline number again, independently, from the written predictions (scikit-learn)
+    classes = metrics["classes"]
+    truth, called = predictions["label"], predictions["predicted"]
+    assert metrics["accuracy"] == pytest.approx(accuracy_score(truth, called), abs=1e-9)
+    assert metrics["confusion_matrix"] == confusion_matrix(truth, called, labels=classes).tolist()
+    precision, recall, f1, _ = precision_recall_fscore_support(truth, called, labels=classes, zero_division=0)
+    for c, name in enumerate(classes):
+        auroc = roc_auc_score(truth == name, predictions[f"p_{name}"])
+        assert metrics["per_class"][name]["auroc"] == pytest.approx(auroc, abs=1e-4)  # the CSV rounds probabilities
+        assert [metrics["per_class"][name][k] for k in ("precision", "recall", "f1")] == \
+            pytest.approx([precision[c], recall[c], f1[c]], abs=1e-9)
+    assert metrics["macro_auroc"] == pytest.approx(sum(metrics["per_class"][n]["auroc"] for n in classes) / 3, abs=1e-9)
     summary = json.loads((out / "results.json").read_text())
     assert summary["eval"]["n"] == len(test)
 
