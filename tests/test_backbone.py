@@ -5,14 +5,15 @@ import numpy as np
 import pytest
 import timm
 import torch
+from skimage import data as skimage_data
 
+from cxr.config import ConfigError
 from cxr.data.preprocess import Preprocessing
 from cxr.models.backbone import PretrainedWeightsError, _packaged_state_dict, create_backbone
 
 
 @pytest.mark.parametrize("backbone", ["tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2"])
 def test_packaged_weights_classify_a_cat_photo(backbone):
-    skimage_data = pytest.importorskip("skimage.data")
     cat = skimage_data.chelsea()  # a tabby cat photo shipped with scikit-image
     net = create_backbone(backbone, num_classes=1000, pretrained="packaged").eval()
     # Our loader trains its own head; put the package's ImageNet head back to read ImageNet classes.
@@ -47,7 +48,7 @@ def test_missing_weights_package_says_what_to_install(monkeypatch):
 
 
 def test_unknown_weights_never_fall_back_to_random():
-    with pytest.raises(PretrainedWeightsError, match="neither none / timm / packaged"):
+    with pytest.raises(PretrainedWeightsError, match="neither none / timm / packaged .* give the path of a state dict"):
         create_backbone("test_efficientnet", 3, pretrained="/no/such/weights.pth")
 
 
@@ -83,3 +84,10 @@ def test_inputs_normalised_unlike_the_pretrained_weights_are_named():
     assert input_mismatch("timm", resnet, *imagenet) is None
     assert "timm's weights were trained with mean (0.485" in input_mismatch("timm", resnet, (0.5,) * 3, (0.5,) * 3)
     assert input_mismatch("none", resnet, (0.5,) * 3, (0.5,) * 3) is None
+
+
+@pytest.mark.parametrize("pretrained", ["timm", "packaged", "none"])
+def test_an_unknown_backbone_is_named_as_such_not_as_a_failed_download(pretrained):
+    expected = r"model.backbone='efficientnetb0' is not a timm model; did you mean efficientnet_b0,"
+    with pytest.raises(ConfigError, match=expected):
+        create_backbone("efficientnetb0", 3, pretrained=pretrained)

@@ -10,6 +10,7 @@ Weights that cannot be had raise `PretrainedWeightsError`; nothing falls back to
 """
 from __future__ import annotations
 
+import difflib
 import importlib
 import logging
 from pathlib import Path
@@ -19,6 +20,8 @@ import numpy as np
 import timm
 import torch
 from torch import nn
+
+from cxr.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +109,12 @@ def create_backbone(backbone: str, num_classes: int, pretrained: str = "none", d
 
 def _create_with_weights(backbone: str, num_classes: int, pretrained: str, dropout: float, in_chans: int,
                          **kwargs) -> nn.Module:
+    # Else the hub branch would report an unknown name as a failed download. Prefixed names (hf-hub:, local-dir:)
+    # name a source, not the registry.
+    if ":" not in backbone and not timm.is_model(backbone):
+        close = difflib.get_close_matches(backbone, timm.list_models(), n=3)
+        raise ConfigError(f"model.backbone={backbone!r} is not a timm model"
+                          + (f"; did you mean {', '.join(close)}?" if close else " (timm.list_models() lists them)"))
     if pretrained == "timm":
         try:
             return timm.create_model(backbone, pretrained=True, num_classes=num_classes, drop_rate=dropout,
@@ -126,7 +135,9 @@ def _create_with_weights(backbone: str, num_classes: int, pretrained: str, dropo
         path = Path(pretrained).expanduser()
         if not path.is_file():
             raise PretrainedWeightsError(
-                f"model.pretrained={pretrained!r} is neither none / timm / packaged nor an existing weights file"
+                f"model.pretrained={pretrained!r} is neither none / timm / packaged nor an existing weights file (no "
+                f"file at {path.resolve()}): give the path of a state dict or Lightning checkpoint for {backbone}, or "
+                f"one of none, timm, packaged"
             )
         _load_file(model, path)
     return model
