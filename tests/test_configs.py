@@ -1,5 +1,6 @@
 """Every experiment and config group composes, and builds the objects it names."""
 import copy
+import inspect
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,11 @@ def test_experiment_composes_and_instantiates(experiment):
         assert callbacks["model_checkpoint"].monitor == "val/auroc_macro"
     assert instantiate(cfg.data, _partial_=True).func.__name__.startswith("from_")
     assert cfg.model.backbone
+    # A misspelt model argument or trainer setting fails here, not minutes into a run (building the network
+    # itself would fetch weights, so its arguments are only bound).
+    model = instantiate(cfg.model, _partial_=True)
+    inspect.signature(model.func).bind(*model.args, **model.keywords, class_names=["normal"], preprocessing=prep)
+    assert instantiate(cfg.trainer, logger=False).max_epochs == cfg.trainer.max_epochs
 
 
 def test_default_balances_classes_one_way():
