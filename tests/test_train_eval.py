@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from tests.conftest import PROJECT_ROOT
 
@@ -433,3 +434,21 @@ def test_a_sweep_summary_keeps_the_row_of_a_job_that_failed_without_a_message(tm
     assert (row["job"], row["status"], row["error"]) == (3, "failed", "MemoryError")
     failed = JobReturn(overrides=["seed=1"], status=JobStatus.FAILED, _return_value=KeyError("model"))
     assert summary_row(config, failed)["error"] == "KeyError: 'model'"
+
+
+def test_a_seed_makes_a_cpu_run_reproducible_and_another_seed_changes_it(tmp_path):
+    sweep = tmp_path / "sweep"
+    run("cxr.train", "-m", "seed=5,5,6", "debug=smoke", *TINY, "data.batch_size=8", "logger=none",
+        f"hydra.sweep.dir={sweep}", cache_dir=tmp_path / "cache")
+
+    def weights(job):
+        return torch.load(sweep / str(job) / "checkpoints" / "best.ckpt", map_location="cpu",
+                          weights_only=False)["state_dict"]
+
+    def test_metrics(job):
+        return json.loads((sweep / str(job) / "results.json").read_text())["test"]
+
+    first, again, other = weights(0), weights(1), weights(2)
+    assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
+    assert test_metrics(0) == test_metrics(1)
+    assert any(not torch.equal(first[k], other[k]) for k in first if first[k].is_floating_point())
