@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from cxr.data.datamodule import (ChestXrayDataModule, balanced_class_weights, balanced_sampler, seed_worker,
                                  split_fingerprint)
@@ -55,18 +55,35 @@ def test_split_fingerprint_follows_the_assignment_not_the_folder():
     assert split_fingerprint(swapped) != split_fingerprint(frame)
 
 
-def test_train_batches_are_balanced_and_weights_from_train_split(synthetic_manifest):
+def test_the_datamodule_balances_an_imbalanced_train_split_and_weights_classes_by_it(synthetic_manifest, tmp_path):
     index = pd.read_csv(synthetic_manifest)
-    dm = ChestXrayDataModule.from_manifest(str(synthetic_manifest), preprocessing=PREP, batch_size=8, seed=0,
-                                           use_class_weights=True)
-    dm.setup("fit")
-    train = dm.split_frame("train")
-    expected = balanced_class_weights(train["target"], 3)
-    assert torch.allclose(dm.class_weights(), expected)
-    assert len(index) == len(dm.build_index())
-    labels = torch.cat([y for _, y in dm.train_dataloader()])
-    assert len(set(labels.tolist())) == 3
-    assert dm.build_index().groupby("patient_id")["split"].nunique().max() == 1
+    layout = {"normal": ["train"] * 8 + ["val"] * 2 + ["test"] * 2,  # train 8 : 4 : 2
+              "pneumonia": ["train"] * 4 + ["val"] * 2 + ["test"] * 2,
+              "tuberculosis": ["train"] * 2 + ["val"] * 2 + ["test"] * 2}
+    kept = pd.concat([index[index["label"] == label].head(len(splits)).assign(split=splits)
+                      for label, splits in layout.items()])
+    kept["path"] = [str(synthetic_manifest.parent / path) for path in kept["path"]]
+    kept = kept.drop(columns="patient_id")  # the synthetic patients have several images: one split each here
+    kept.to_csv(tmp_path / "imbalanced.csv", index=False)
+
+    def datamodule(**kwargs):
+        dm = ChestXrayDataModule.from_manifest(str(tmp_path / "imbalanced.csv"), preprocessing=PREP, seed=0, **kwargs)
+        dm.setup("fit")
+        return dm
+
+    dm = datamodule(batch_size=8, use_class_weights=True)
+    assert torch.allclose(dm.class_weights(), torch.tensor([14 / (3 * 8), 14 / (3 * 4), 14 / (3 * 2)]))
+    sampler = dm.train_dataloader().sampler
+    assert isinstance(sampler, WeightedRandomSampler)
+    sampler.num_samples = 6000
+    drawn = Counter(dm.dataset("train").targets[i].item() for i in sampler)
+    for c in range(3):
+        assert abs(drawn[c] / 6000 - 1 / 3) < 0.03, drawn
+
+    unweighted = datamodule(batch_size=16, weighted_sampling=False)
+    labels = torch.cat([y for _, y in unweighted.train_dataloader()])
+    assert Counter(labels.tolist()) == {0: 8, 1: 4, 2: 2}  # one epoch: each training image once
+    assert unweighted.class_weights() is None
 
 
 def test_split_follows_split_seed_not_training_seed(synthetic_manifest):
