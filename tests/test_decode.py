@@ -27,6 +27,14 @@ def test_png_modes_decode_to_same_gray(mode):
     assert np.abs(out.astype(int) - gray).max() <= 3
 
 
+@pytest.mark.parametrize("mode", ["L", "RGB", "CMYK"])
+def test_jpeg_modes_decode_to_same_gray(mode):
+    gray = gradient()
+    out = decode_image(encode(Image.fromarray(gray).convert(mode), "JPEG", quality=95))
+    assert out.dtype == np.uint8 and out.shape == gray.shape
+    assert np.abs(out.astype(int) - gray).mean() <= 3
+
+
 def test_png_16bit_uses_full_range():
     values = np.tile(np.linspace(1000, 4000, 50), (10, 1)).astype(np.uint16)  # a 12-bit detector range
     out = decode_image(encode(Image.fromarray(values), "PNG"))

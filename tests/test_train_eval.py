@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from tests.conftest import PROJECT_ROOT
 
@@ -68,6 +69,8 @@ def test_eval_of_saved_checkpoint_matches_training_test_metrics(trained_run, tmp
     evaluated = json.loads((tmp_path / "metrics.json").read_text())
     trained = json.loads((out / "eval" / "metrics.json").read_text())
     assert evaluated["n"] == trained["n"] > 0
+    # fast_dev_run tests one batch: Lightning's test/* cover the whole split only while it fits in one
+    assert trained["n"] <= OmegaConf.load(out / ".hydra" / "config.yaml").data.eval_batch_size
     assert evaluated["accuracy"] == pytest.approx(results["test"]["test/acc"], abs=1e-6)
     assert evaluated["macro_auroc"] == pytest.approx(results["test"]["test/auroc_macro"], abs=1e-5)
     assert evaluated["confusion_matrix"] == trained["confusion_matrix"]
