@@ -27,6 +27,7 @@ from cxr.evaluation.recalibrate import recalibrate_checkpoint
 from cxr.inference import NET_PREFIX, Classifier, load_classifier
 from cxr.models.ensemble import PredictionEnsemble
 from cxr.models.soup import average_weights, check_soup_members, greedy_soup
+from cxr.tracking import code_version
 
 log = logging.getLogger("cxr.soup")
 # Lightning's training state belongs to one member's run, not to the average: a soup is not resumable.
@@ -130,7 +131,8 @@ def main(cfg: DictConfig) -> str:
     write_soup_checkpoint(paths[0], soup, best, record)
     log.info("soup of %s (of %d) -> %s", [paths[i].as_posix() for i in selection["kept"]], len(paths), best)
 
-    results = {"best_checkpoint": str(best), "soup": record, "soup_seconds": time.perf_counter() - start}
+    results = {"best_checkpoint": str(best), "soup": record, "soup_seconds": time.perf_counter() - start,
+               "code": code_version()}
     fits = run_fit_seconds(paths)
     results["run_fit_seconds"] = fits
     results["fit_seconds"] = sum(fits.values()) if all(f is not None for f in fits.values()) else None

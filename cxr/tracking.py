@@ -2,12 +2,15 @@
 and grouped after the run, and the numbers and figures a finished run or evaluation puts on the dashboard."""
 from __future__ import annotations
 
+import subprocess
 import sys
 from contextlib import contextmanager
 from pathlib import Path
 
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+
+from cxr.config import PROJECT_ROOT
 
 
 def instantiate_loggers(cfg: DictConfig, **overrides) -> list:
@@ -92,3 +95,21 @@ def _finish_wandb_run(exit_code: int) -> None:
     wandb = sys.modules.get("wandb")
     if wandb is not None and wandb.run is not None:
         wandb.finish(exit_code=exit_code)
+
+
+def code_version(root: Path = PROJECT_ROOT) -> dict | None:
+    """The git commit of the code that ran and whether tracked files differed from it, or None outside a git
+    checkout (an installed wheel). A seeded run replays exactly only at the same code: later changes to a
+    random stream (augmentation, sampling, initialisation) make the same seed a new draw."""
+    if not (root / ".git").exists():  # else git would answer for whatever repository encloses site-packages
+        return None
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30,
+                              check=True).stdout.strip()
+
+    try:
+        return {"commit": git("rev-parse", "HEAD"),
+                "modified": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    except (OSError, subprocess.SubprocessError):
+        return None

@@ -28,7 +28,8 @@ from cxr.inference import load_classifier
 from cxr.models.backbone import input_mismatch
 from cxr.models.unfreeze import ProgressiveUnfreezing
 from cxr.resume import RESUME_CHECKPOINT, RecordRunConfig, check_resume, keep_earlier_curves
-from cxr.tracking import headline, instantiate_loggers, log_config_to, log_results, run_summary, wandb_run_finished
+from cxr.tracking import (code_version, headline, instantiate_loggers, log_config_to, log_results, run_summary,
+                          wandb_run_finished)
 
 log = logging.getLogger("cxr.train")
 
@@ -102,7 +103,8 @@ def train(cfg: DictConfig) -> dict:
     images_per_epoch = min(len(datamodule.dataset("train")), trainer.num_training_batches * datamodule.batch_size)
     epochs_run = trainer.current_epoch - first_epoch
     results = {"best_checkpoint": str(best), "fit_seconds": fit_seconds, "epochs": trainer.current_epoch,
-               "train_images_per_second": images_per_epoch * epochs_run / fit_seconds if epochs_run else None}
+               "train_images_per_second": images_per_epoch * epochs_run / fit_seconds if epochs_run else None,
+               "code": code_version()}
     if resume_from:  # fit_seconds and the speed cover only the epochs this process ran
         results["resumed_after_epochs"] = first_epoch
     if checkpoint_cb is not None and checkpoint_cb.best_model_score is not None:

@@ -53,6 +53,14 @@ def wall_time(results: dict) -> str:
             f"train throughput {results['train_images_per_second']:.1f} images/s")
 
 
+def at_code(results: dict) -> str:
+    """Where a rerun of the command replays this run: the same seed at other code can be a new draw."""
+    code = results.get("code")
+    if not code:
+        return ""
+    return f" at commit `{code['commit'][:10]}`" + (" with uncommitted changes" if code["modified"] else "")
+
+
 def load(run: Path, eval_dir: str = "eval") -> tuple[dict, dict]:
     return json.loads((run / eval_dir / "metrics.json").read_text()), json.loads((run / "results.json").read_text())
 
@@ -79,7 +87,7 @@ def main() -> None:
              f"Accuracy **{percent(metrics['accuracy'])}**, macro AUROC **{number(metrics['macro_auroc'])}**, "
              f"tuberculosis recall **{percent(metrics['per_class']['tuberculosis']['recall'])}**, "
              f"pneumonia-vs-normal AUROC {number(metrics['pneumonia_vs_normal_auroc'])}.",
-             f"- Checkpoint SHA-256 `{metrics['checkpoint_sha256'][:16]}…` (not committed; rerun the command).",
+             f"- Checkpoint SHA-256 `{metrics['checkpoint_sha256'][:16]}…` (not committed; rerun the command{at_code(results)}).",
              *interval_lines(metrics), *operating_point_lines(metrics), "", args.notes, "", "## Test split, beside the reference report's Table 4", "",
              "The reference numbers are on the report's own 2,569-image test set, not on this data.", "",
              *side_by_side(metrics), "", "![confusion matrix](confusion_matrix.png) ![ROC curves](roc_curves.png)", "",

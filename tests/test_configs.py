@@ -1,6 +1,8 @@
-"""Every experiment and config group composes, and builds the objects it names."""
+"""Every experiment and config group composes and builds the objects it names; runs say what they are (W&B name
+and group, the code version)."""
 import copy
 import inspect
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import open_dict
 
 from cxr.config import CONFIG_DIR
+from cxr.tracking import code_version
 
 EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
 
@@ -139,3 +142,19 @@ def test_common_trainer_settings_are_overridden_as_typed_with_or_without_a_debug
         assert (cfg.trainer.limit_train_batches, cfg.trainer.gradient_clip_val) == (5, 1.0)
     trainer = instantiate(cfg.trainer)
     assert trainer.accumulate_grad_batches == 2 and trainer.gradient_clip_val == 1.0
+
+
+def test_code_version_names_the_commit_and_whether_tracked_files_differ(tmp_path):
+    def git(*args):
+        return subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@example.org",
+                               *args], capture_output=True, text=True, check=True).stdout.strip()
+
+    assert code_version(tmp_path) is None  # not a checkout (an installed package): nothing is claimed
+    git("init", "-q")
+    (tmp_path / "recipe.py").write_text("seed = 1\n")
+    git("add", "recipe.py")
+    git("commit", "-q", "-m", "first")
+    (tmp_path / "notes.txt").write_text("untracked files do not change the code that ran\n")
+    assert code_version(tmp_path) == {"commit": git("rev-parse", "HEAD"), "modified": False}
+    (tmp_path / "recipe.py").write_text("seed = 2\n")
+    assert code_version(tmp_path)["modified"] is True

@@ -169,6 +169,7 @@ def test_greedy_soup_writes_a_calibrated_checkpoint_and_its_record(members, tmp_
     assert results["run_fit_seconds"] == pytest.approx(fits)
     assert results["fit_seconds"] == pytest.approx(sum(fits.values()))
     assert results["eval"]["n"] == json.loads((tmp_path / "eval" / "metrics.json").read_text())["n"] > 0
+    assert results["code"] == json.loads((first.parent.parent / "results.json").read_text())["code"]  # one checkout
 
 
 def test_soup_refuses_other_data_than_the_members_and_an_existing_output(members, tmp_path):

@@ -61,6 +61,17 @@ def test_train_writes_the_test_report(trained_run):
     assert "| **Macro avg** |" in (out / "eval" / "report.md").read_text()
 
 
+def test_results_name_the_commit_the_run_trained_at(trained_run):
+    out, _, _ = trained_run
+    code = json.loads((out / "results.json").read_text())["code"]
+    if not (PROJECT_ROOT / ".git").exists():
+        assert code is None
+        return
+    head = subprocess.run(["git", "-C", str(PROJECT_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    assert code["commit"] == head and isinstance(code["modified"], bool)
+
+
 def test_eval_of_saved_checkpoint_matches_training_test_metrics(trained_run, tmp_path):
     out, cache, _ = trained_run
     results = json.loads((out / "results.json").read_text())
