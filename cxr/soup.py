@@ -113,6 +113,7 @@ def main(cfg: DictConfig) -> str:
         logits = predict_logits(Classifier(net=net, spec=spec), datamodule, select_split)
         return compute_metrics(torch.softmax(logits, dim=1).numpy(), targets, spec["class_names"])["macro_auroc"]
 
+    code = code_version()  # before the work: files may change while it runs
     start = time.perf_counter()
     nets = [m.net for m in members]
     if cfg.method == "greedy":
@@ -132,7 +133,7 @@ def main(cfg: DictConfig) -> str:
     log.info("soup of %s (of %d) -> %s", [paths[i].as_posix() for i in selection["kept"]], len(paths), best)
 
     results = {"best_checkpoint": str(best), "soup": record, "soup_seconds": time.perf_counter() - start,
-               "code": code_version()}
+               "code": code}
     fits = run_fit_seconds(paths)
     results["run_fit_seconds"] = fits
     results["fit_seconds"] = sum(fits.values()) if all(f is not None for f in fits.values()) else None

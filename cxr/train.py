@@ -87,6 +87,7 @@ def train(cfg: DictConfig) -> dict:
     log_config_to(loggers, cfg)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
+    code = code_version()  # before the fit: files may change while it runs
     start = time.perf_counter()
     trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from, weights_only=False)
     fit_seconds = time.perf_counter() - start
@@ -104,7 +105,7 @@ def train(cfg: DictConfig) -> dict:
     epochs_run = trainer.current_epoch - first_epoch
     results = {"best_checkpoint": str(best), "fit_seconds": fit_seconds, "epochs": trainer.current_epoch,
                "train_images_per_second": images_per_epoch * epochs_run / fit_seconds if epochs_run else None,
-               "code": code_version()}
+               "code": code}
     if resume_from:  # fit_seconds and the speed cover only the epochs this process ran
         results["resumed_after_epochs"] = first_epoch
     if checkpoint_cb is not None and checkpoint_cb.best_model_score is not None:
