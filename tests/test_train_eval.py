@@ -459,10 +459,10 @@ def test_a_seed_makes_a_cpu_run_reproducible_and_another_seed_changes_it(tmp_pat
         return torch.load(sweep / str(job) / "checkpoints" / "best.ckpt", map_location="cpu",
                           weights_only=False)["state_dict"]
 
-    def test_metrics(job):
+    def metrics_on_test(job):
         return json.loads((sweep / str(job) / "results.json").read_text())["test"]
 
     first, again, other = weights(0), weights(1), weights(2)
     assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
-    assert test_metrics(0) == test_metrics(1)
+    assert metrics_on_test(0) == metrics_on_test(1)
     assert any(not torch.equal(first[k], other[k]) for k in first if first[k].is_floating_point())
