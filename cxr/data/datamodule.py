@@ -77,7 +77,8 @@ def checked_class_names(names: Sequence[str]) -> list[str]:
 def classes_of(index: pd.DataFrame, candidates: Sequence[str]) -> list[str]:
     """The `candidates` the data has images of: a folder of NORMAL/ and PNEUMONIA/ trains a two-class model, not a
     three-class one whose tuberculosis output never saw an image."""
-    present = [name for name in candidates if name in set(index["label"])]
+    labels = set(index["label"])
+    present = [name for name in candidates if name in labels]
     if len(present) < 2:
         raise DataConfigError(f"the data has images of {present} only: a classifier needs two classes or more")
     if len(present) < len(candidates):
@@ -199,10 +200,10 @@ class ChestXrayDataModule(L.LightningDataModule):
                 index = assign_splits(index.assign(split=index["split"].replace("train", "")), self.val_fraction, 0.0,
                                       self.split_seed)
             index = assign_splits(index, self.val_fraction, self.test_fraction, self.split_seed)
-            if 0 < unsplit.sum() < len(index):  # the splits given grow: say by how much
+            if 0 < self.drawn_split_images < len(index):  # the splits given grow: say by how much
                 placed = index.loc[unsplit, "split"].value_counts().to_dict()
                 log.warning("%d image(s) have no split in the data and were placed: %s (with their patient's given "
-                            "split where it has one, else drawn with data.split_seed)", int(unsplit.sum()), placed)
+                            "split where it has one, else drawn with data.split_seed)", self.drawn_split_images, placed)
         check_patient_leakage(index)
         if self.holdout_sources:
             missing = set(self.holdout_sources) - set(index["source"])
