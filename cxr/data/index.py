@@ -206,8 +206,9 @@ def _resolved_path(manifest: Path, value: str) -> str:
 def _one_spelling(sources: pd.Series) -> pd.Series:
     """Source names that differ only in case (`kermany`, `Kermany`) as one source, spelled as most of its images are:
     apart, one hospital's images would count as two in the per-source report."""
-    spellings = sources.groupby(sources.str.casefold()).agg(lambda names: names.value_counts().index[0])
-    merged = sources.str.casefold().map(spellings)
+    folded = sources.str.casefold()
+    spellings = sources.groupby(folded).agg(lambda names: names.value_counts().index[0])
+    merged = folded.map(spellings)
     variants = sorted(set(sources[merged != sources]))
     if variants:
         log.warning("source name(s) %s read as %s: sources differing only in case are one source", variants,
