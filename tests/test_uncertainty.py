@@ -28,6 +28,25 @@ def test_weighted_auroc_matches_scikit_learn_with_ties_and_weights():
     assert np.isnan(weighted_auroc(scores, positive, weights * positive)).all()  # no negative drawn
 
 
+def test_weighted_auroc_memory_grows_with_images_not_their_square():
+    """An external set scored whole (data.split=all) can hold 100k images: an N x N matrix of them would need 80 GB."""
+    import tracemalloc
+
+    n = 20_000
+    rng = np.random.default_rng(2)
+    scores, positive = rng.random(n), rng.random(n) < 0.3
+    weights = rng.integers(0, 3, size=(3, n)).astype(float)
+    tracemalloc.start()
+    try:
+        got = weighted_auroc(scores, positive, weights)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * n * 8, f"{peak / 1e6:.0f} MB"  # an N x N float64 matrix would be 3200 MB
+    for row, value in zip(weights, got):
+        assert value == pytest.approx(roc_auc_score(positive, scores, sample_weight=row))
+
+
 def test_intervals_cover_the_estimate_and_narrow_with_more_patients():
     widths = []
     for n in (150, 1500):

@@ -88,18 +88,26 @@ def metrics_by_group(probs: np.ndarray, targets: np.ndarray, groups: Sequence[st
             for g in sorted(set(groups.tolist()))}
 
 
-def weighted_auroc(scores: np.ndarray, positive: np.ndarray, weights: np.ndarray) -> np.ndarray:
+def weighted_auroc(scores: np.ndarray, positive: np.ndarray, weights: np.ndarray,
+                   rows_at_a_time: int = 64) -> np.ndarray:
     """ROC AUC of `scores` for each row of `weights` (R, N): the weighted share of (positive, negative)
-    pairs ranked the right way round, ties counted half. NaN where a row weighs no positive or no negative."""
+    pairs ranked the right way round, ties counted half. NaN where a row weighs no positive or no negative.
+    Memory grows with R x N, not N x N: a bootstrap over a whole external set of 100k images must fit."""
     values, inverse = np.unique(scores, return_inverse=True)
-    by_value = np.zeros((len(scores), len(values)))
-    by_value[np.arange(len(scores)), inverse] = 1.0
-    pos = (weights * positive) @ by_value  # (R, distinct scores), ascending
-    neg = (weights * ~positive) @ by_value
-    below = np.cumsum(neg, axis=1) - neg
-    pairs = pos.sum(axis=1) * neg.sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(pairs > 0, (pos * (below + 0.5 * neg)).sum(axis=1) / pairs, np.nan)
+    order = np.argsort(inverse, kind="stable")
+    first_of_value = np.searchsorted(inverse[order], np.arange(len(values)))  # every distinct score occurs
+    positive = np.asarray(positive, dtype=bool)[order]
+    out = np.empty(len(weights))
+    for start in range(0, len(weights), rows_at_a_time):
+        rows = np.asarray(weights[start:start + rows_at_a_time], dtype=np.float64)[:, order]
+        pos = np.add.reduceat(rows * positive, first_of_value, axis=1)  # (rows, distinct scores), ascending
+        neg = np.add.reduceat(rows * ~positive, first_of_value, axis=1)
+        below = np.cumsum(neg, axis=1) - neg
+        pairs = pos.sum(axis=1) * neg.sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[start:start + len(rows)] = np.where(pairs > 0, (pos * (below + 0.5 * neg)).sum(axis=1) / pairs,
+                                                    np.nan)
+    return out
 
 
 def auroc_shortfall_by_source(probs: np.ndarray, targets: np.ndarray, sources: Sequence[str],
