@@ -180,6 +180,23 @@ def test_predict_formats(server, ckpt, reference, name):
     np.testing.assert_allclose(got, reference(data), atol=1e-5)
 
 
+def test_uploads_over_one_mib_are_served(server, ckpt, reference):
+    """Real X-rays are megabytes. Starlette spools an upload over 1 MiB to a file on disk, which cannot be pickled to
+    a worker; LitServe 0.2.19 lifts that spool limit for this reason (every other test sends a few kB)."""
+    noise = np.random.default_rng(0).integers(0, 256, (1100, 1100), dtype=np.uint8)  # PNG cannot compress it
+    data = encode(Image.fromarray(noise))
+    assert 1 << 20 < len(data) < MAX_PAYLOAD - 10_000
+    single = post(server, "/predict", files={"file": ("big.png", data, "image/png")})
+    assert single.status_code == 200, single.text
+    check_result(single.json(), ckpt)
+    np.testing.assert_allclose([single.json()["probabilities"][c] for c in CLASS_NAMES], reference(data), atol=1e-5)
+    batch = post(server, "/predict/batch", files=[("files", ("big.png", data, "image/png")),
+                                                  ("files", ("small.png", png(1), "image/png"))])
+    assert batch.status_code == 200, batch.text
+    for result, sent in zip(batch.json()["results"], (data, png(1)), strict=True):
+        np.testing.assert_allclose([result["probabilities"][c] for c in CLASS_NAMES], reference(sent), atol=1e-5)
+
+
 def test_mixed_case_media_type_and_wrapped_base64_are_accepted(server, reference):
     """Media types are case-insensitive, and line-wrapped base64 (the `base64` CLI, MIME) is still base64."""
     data = png(3)
