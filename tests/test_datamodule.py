@@ -151,6 +151,26 @@ def test_holdout_sources_train_without_and_test_on_all_of_them(tmp_path, synthet
         ChestXrayDataModule.from_manifest(str(manifest), preprocessing=PREP, holdout_sources=["hospital_c"]).build_index()
 
 
+def test_holdout_sources_keep_a_patient_of_both_sources_out_of_training(tmp_path, synthetic_manifest, caplog):
+    table = pd.read_csv(synthetic_manifest)
+    table["source"] = np.where(np.arange(len(table)) % 2 == 0, "hospital_a", "hospital_b")
+    table["patient_id"] = [f"p{i // 2}" for i in range(len(table))]  # each patient imaged at both hospitals
+    table["patient_id"] = table["patient_id"].where(np.arange(len(table)) < len(table) // 2, table["path"])
+    table["path"] = [str(synthetic_manifest.parent / p) for p in table["path"]]
+    manifest = tmp_path / "shared_patients.csv"
+    table.to_csv(manifest, index=False)
+    dm = ChestXrayDataModule.from_manifest(str(manifest), preprocessing=PREP, holdout_sources=["hospital_b"])
+    with caplog.at_level("WARNING"):
+        index = dm.build_index()
+    tested = set(index.loc[index["split"] == "test", "patient_id"])
+    trained = set(index.loc[index["split"].isin(["train", "val"]), "patient_id"])
+    assert trained and not tested & trained
+    crossing = len(table) // 4  # patients p0.. of the first half: one image at each hospital
+    assert (index.loc[index["patient_id"].isin(tested) & (index["source"] == "hospital_a"), "split"] == "unused").sum() \
+        == crossing
+    assert f"{crossing} image(s) of {crossing} patient(s) also imaged at a held-out source" in caplog.text
+
+
 def test_corrupt_files_reported_before_training(tmp_path, synthetic_manifest):
     table = pd.read_csv(synthetic_manifest)
     table["path"] = [str(synthetic_manifest.parent / p) for p in table["path"]]

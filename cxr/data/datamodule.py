@@ -211,10 +211,17 @@ class ChestXrayDataModule(L.LightningDataModule):
                 raise DataConfigError(f"holdout_sources {sorted(missing)} not in the data (sources: "
                                       f"{sorted(set(index['source']))})")
             held = index["source"].isin(self.holdout_sources)
+            # A patient imaged at a held-out source and at a kept one (a hospital network's shared ids) is tested
+            # there, so none of their images may train or validate.
+            held_patients = set(index.loc[held & (index["patient_id"] != ""), "patient_id"])
+            also_held = ~held & index["patient_id"].isin(held_patients)
+            if also_held.any():
+                log.warning("%d image(s) of %d patient(s) also imaged at a held-out source are left out of train and "
+                            "val", int(also_held.sum()), index.loc[also_held, "patient_id"].nunique())
             # Held-out sources never reach train/val; all of their images form the test set.
             index = index.copy()
             index.loc[held, "split"] = "test"
-            index.loc[~held & (index["split"] == "test"), "split"] = "unused"
+            index.loc[~held & ((index["split"] == "test") | also_held), "split"] = "unused"
         index = index.reset_index(drop=True)
         untrained = sorted(set(self.class_names) - set(index.loc[index["split"].isin(self.train_splits), "label"]))
         if untrained and self.split != ALL_IMAGES:  # data scored whole is not trained on
