@@ -4,6 +4,9 @@ import pytest
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from functools import partial
+
+from cxr.config import ConfigError
 from cxr.data.datamodule import ChestXrayDataModule
 from cxr.data.preprocess import Preprocessing
 from cxr.models.module import ChestXrayClassifier
@@ -132,6 +135,29 @@ def test_schedule_validation():
         ProgressiveUnfreezing(unfreeze_at=[3, 1], stages_per_step=[1, 1])
     with pytest.raises(ValueError):
         ProgressiveUnfreezing(unfreeze_at=[1], stages_per_step=[1, 2])
+
+
+@pytest.mark.parametrize("scheduler, refused", [
+    (partial(torch.optim.lr_scheduler.LambdaLR, lr_lambda=lambda epoch: 0.9 ** epoch), True),
+    (partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.5), False),
+])
+def test_a_scheduler_that_cannot_follow_added_groups_is_refused_before_training(synthetic_manifest, scheduler, refused):
+    """LambdaLR keeps one lambda per group from construction: it failed with a zip() error at the first step after
+    unfreezing added a group, an epoch into the run."""
+    dm = ChestXrayDataModule.from_manifest(str(synthetic_manifest), preprocessing=PREP, batch_size=8)
+    model = ChestXrayClassifier("test_efficientnet", dm.class_names, PREP, pretrained="none", scheduler=scheduler)
+    trainer = L.Trainer(max_epochs=2, limit_train_batches=1, limit_val_batches=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        callbacks=[ProgressiveUnfreezing(unfreeze_at=[1], stages_per_step=[-1])])
+    if refused:
+        with pytest.raises(ConfigError, match="LambdaLR cannot schedule"):
+            trainer.fit(model, datamodule=dm)
+        assert trainer.current_epoch == 0
+    else:
+        trainer.fit(model, datamodule=dm)
+        head, backbone = (group["lr"] for group in trainer.optimizers[0].param_groups)
+        assert head == pytest.approx(1e-3 * 0.5 ** 2)  # AdamW's default rate, halved after each of two epochs
+        assert backbone == pytest.approx(head * model.backbone_lr_factor)  # and the group added at epoch 1 with it
 
 
 def test_unfreezing_everything_at_epoch_zero_trains_the_whole_net_from_the_first_step(synthetic_manifest):

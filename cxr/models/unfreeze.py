@@ -16,10 +16,21 @@ import lightning as L
 from lightning.pytorch.callbacks import BaseFinetuning
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.optim import lr_scheduler
 
+from cxr.config import ConfigError
 from cxr.models.schedule import base_lr
 
 log = logging.getLogger(__name__)
+
+
+# Schedulers whose step scales every parameter group's current learning rate by one factor: a group added by
+# unfreezing then follows the schedule from its own rate. The others keep per-group state from construction
+# (LambdaLR, OneCycleLR, CyclicLR, warm restarts fail at the next step; LinearLR and ConstantLR move the new
+# group wrongly). callbacks.lr_decay, which reaches every group, is the way to schedule an unfreezing run.
+SCHEDULERS_FOLLOWING_ADDED_GROUPS = (lr_scheduler.StepLR, lr_scheduler.MultiStepLR, lr_scheduler.ExponentialLR,
+                                     lr_scheduler.CosineAnnealingLR, lr_scheduler.PolynomialLR,
+                                     lr_scheduler.ReduceLROnPlateau)
 
 
 def backbone_stages(net: nn.Module) -> list[nn.Module]:
@@ -68,6 +79,12 @@ class ProgressiveUnfreezing(BaseFinetuning):
         self.freeze(backbone_stages(pl_module.net), train_bn=False)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for config in trainer.lr_scheduler_configs:
+            if not isinstance(config.scheduler, SCHEDULERS_FOLLOWING_ADDED_GROUPS):
+                raise ConfigError(
+                    f"model.scheduler {type(config.scheduler).__name__} cannot schedule the parameter groups that "
+                    "progressive unfreezing adds; decay the learning rate with callbacks=cosine (callbacks.lr_decay) "
+                    f"or use one of {[s.__name__ for s in SCHEDULERS_FOLLOWING_ADDED_GROUPS]}")
         if self._restarting and self.n_unfrozen:
             # Resuming: freeze_before_training froze every stage again; the optimizer's groups for the stages
             # opened before the interruption come back below, their parameters must train again too.
