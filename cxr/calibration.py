@@ -52,7 +52,9 @@ class Calibration:
         return {"temperature": float(self.temperature), "logit_bias": bias}
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        scaled = logits.float() / self.temperature
+        # float64: in float32 a probability within 6e-8 of 1 rounds to 1.0, so confident images of two classes
+        # would tie and AUROC count them half right (logit gaps over about 17 after the temperature).
+        scaled = logits.double() / self.temperature
         if self.logit_bias is not None:
             scaled = scaled + torch.tensor(self.logit_bias, dtype=scaled.dtype, device=scaled.device)
         return torch.softmax(scaled, dim=1)

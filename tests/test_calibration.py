@@ -50,7 +50,7 @@ def test_a_perfectly_classified_split_keeps_the_temperature_finite(logits):
 
 def test_none_is_the_identity(logits):
     assert fit_calibration(logits, logits.argmax(1), NAMES, "none") == Calibration()
-    assert torch.allclose(Calibration().probabilities(logits), torch.softmax(logits, 1))
+    assert torch.allclose(Calibration().probabilities(logits), torch.softmax(logits.double(), 1))
 
 
 def test_refuses_what_cannot_be_fitted():
@@ -78,6 +78,12 @@ def test_warns_when_a_bias_would_be_fitted_on_few_images(caplog):
         logits = torch.randn(85, 3, generator=torch.Generator().manual_seed(0))
         fit_calibration(logits, torch.tensor([0] * 40 + [1] * 40 + [2] * 5), NAMES, "temperature_bias", warn_few=False)
     assert caplog.text == ""
+
+
+def test_confident_predictions_of_two_classes_do_not_tie():
+    """Logit gaps of 18 and 25: both round to probability 1.0 in float32, and AUROC would count the pair half right."""
+    probs = Calibration(1.0).probabilities(torch.tensor([[18.0, 0.0], [25.0, 0.0]]))
+    assert probs[0, 0] < probs[1, 0] < 1.0
 
 
 def test_spec_round_trip_is_keyed_by_class_name():
