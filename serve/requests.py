@@ -15,8 +15,9 @@ import numpy as np
 from cxr.data.decode import ImageDecodeError, decode_image
 from serve.errors import ServeError
 
-# ImageDecodeError code -> HTTP status. Oversized images are 413 (like oversized payloads).
-DECODE_STATUS = {"image_too_large": 413}
+# ImageDecodeError code -> HTTP status. Oversized images are 413 (like oversized payloads); a DICOM compression
+# this install has no decoder for is 415, a format the server does not support, not a broken file.
+DECODE_STATUS = {"image_too_large": 413, "unsupported_dicom_compression": 415}
 
 
 @dataclass

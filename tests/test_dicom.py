@@ -184,3 +184,58 @@ def test_deflated_dicom_is_decoded_and_its_inflated_size_bounded_before_pydicom_
     with pytest.raises(ImageDecodeError, match="inflates beyond") as info:
         decode_image(bomb, max_pixels=1000)  # allowed: 4 * 1000 + DICOM_HEADER_ALLOWANCE bytes
     assert info.value.code == "image_too_large"
+
+
+def compressed_by_gdcm(data: bytes, transfer_syntax: str, tmp_path) -> bytes:
+    """`data` re-encoded by GDCM (the toolkit PACS exports come from) in a compressed transfer syntax."""
+    import gdcm
+
+    source, target = tmp_path / "plain.dcm", tmp_path / f"{transfer_syntax}.dcm"
+    source.write_bytes(data)
+    reader = gdcm.ImageReader()
+    reader.SetFileName(str(source))
+    assert reader.Read()
+    change = gdcm.ImageChangeTransferSyntax()
+    change.SetTransferSyntax(gdcm.TransferSyntax(getattr(gdcm.TransferSyntax, transfer_syntax)))
+    change.SetInput(reader.GetImage())
+    assert change.Change()
+    writer = gdcm.ImageWriter()
+    writer.SetFileName(str(target))
+    writer.SetFile(reader.GetFile())
+    writer.SetImage(change.GetOutput())
+    assert writer.Write()
+    return target.read_bytes()
+
+
+@pytest.mark.parametrize("transfer_syntax, uid", [
+    ("JPEGLosslessProcess14_1", "1.2.840.10008.1.2.4.70"),  # the usual CR/DX export; no decoder before GDCM
+    ("JPEGLSLossless", "1.2.840.10008.1.2.4.80"),
+    ("JPEG2000Lossless", "1.2.840.10008.1.2.4.90"),
+    ("RLELossless", "1.2.840.10008.1.2.5"),
+])
+def test_losslessly_compressed_dicom_decodes_to_the_same_image(transfer_syntax, uid, tmp_path):
+    import pydicom
+
+    plain = make_dicom(gradient16(), "MONOCHROME1", window=(1500.0, 2000.0))
+    compressed = compressed_by_gdcm(plain, transfer_syntax, tmp_path)
+    assert pydicom.dcmread(io.BytesIO(compressed)).file_meta.TransferSyntaxUID == uid
+    np.testing.assert_array_equal(decode_image(compressed), decode_image(plain))
+
+
+def labelled_htj2k(data: bytes) -> bytes:
+    """`data` labelled High-Throughput JPEG 2000, a compression neither GDCM 3.2 nor Pillow decodes."""
+    from pydicom.encaps import encapsulate
+
+    def edit(ds):
+        ds.PixelData = encapsulate([ds.PixelData])
+        ds["PixelData"].is_undefined_length = True
+        ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.201"
+
+    return rewritten(data, edit)
+
+
+def test_a_compression_without_a_decoder_has_its_own_code():
+    """A valid file this install cannot decompress is not a broken image: the message names the compression."""
+    with pytest.raises(ImageDecodeError, match="High-Throughput JPEG 2000") as info:
+        decode_image(labelled_htj2k(make_dicom(gradient16())))
+    assert info.value.code == "unsupported_dicom_compression"

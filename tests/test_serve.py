@@ -26,7 +26,7 @@ from cxr.data.decode import decode_image, to_uint8
 from cxr.inference import file_sha256, load_classifier
 from cxr.checkpoint import CHECKPOINT_KEY
 from serve.testing import start_server
-from test_dicom import gradient16, make_dicom
+from test_dicom import gradient16, labelled_htj2k, make_dicom
 
 API_KEY = "test-key-123"
 AUTH = {"X-API-Key": API_KEY}
@@ -325,6 +325,8 @@ BAD_INPUTS = {
     # parseable, but too deep to be pickled to a worker (was a 500)
     "nested_json_metadata": (dict(json={"image": b64(png(1)), "meta": json.loads("[" * 600 + "]" * 600)}), 400,
                              "malformed_json"),
+    "dicom_compression_without_decoder": (dict(json={"image": b64(labelled_htj2k(make_dicom(gradient16())))}), 415,
+                                          "unsupported_dicom_compression"),
     "pixel_bomb": (dict(files={"file": ("bomb.png", png_bomb(), "image/png")}), 413, "image_too_large"),
     "payload_too_large": (dict(data=b"{" + b" " * (MAX_PAYLOAD + 10) + b"}",
                                headers={**AUTH, "Content-Type": "application/json"}), 413, "payload_too_large"),

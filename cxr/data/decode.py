@@ -86,6 +86,24 @@ def _check_deflated_size(data: bytes, max_pixels: int) -> None:
                                f"limit of {max_pixels} pixels needs", code="image_too_large")
 
 
+def _check_decoder_for(transfer_syntax) -> None:
+    """A file compressed in a way no installed pydicom plugin decodes is a valid image this install cannot read,
+    not a broken one: say which compression it is."""
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import UID
+
+    if not transfer_syntax:  # no file meta: pydicom guesses an uncompressed encoding
+        return
+    try:
+        available = get_decoder(transfer_syntax).is_available
+    except NotImplementedError:  # no decoder at all for this transfer syntax
+        available = False
+    if not available:
+        raise ImageDecodeError(f"DICOM pixel data compressed as {UID(transfer_syntax).name!r} ({transfer_syntax}) "
+                               "cannot be decoded by this install: send it uncompressed, or as PNG",
+                               code="unsupported_dicom_compression")
+
+
 def _decode_dicom(data: bytes, max_pixels: int) -> np.ndarray:
     import pydicom
     from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
@@ -102,6 +120,7 @@ def _decode_dicom(data: bytes, max_pixels: int) -> np.ndarray:
     except Exception as exc:
         raise ImageDecodeError(f"unreadable DICOM Rows/Columns: {type(exc).__name__}: {exc}") from exc
     _check_pixels(columns, rows, max_pixels)
+    _check_decoder_for(ds.file_meta.get("TransferSyntaxUID"))
     # Only the first frame is decoded: the pixel limit then bounds the work whatever NumberOfFrames says.
     try:
         pixels = pixel_array(ds, index=0)
