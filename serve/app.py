@@ -57,7 +57,8 @@ def model_info(spec: dict, settings: Settings, server_cfg) -> dict:
         "cxr_version": spec.get("cxr_version"),
         "package_version": __version__,
         "limits": {"max_images_per_request": settings.max_images_per_request,
-                   "max_payload_bytes": int(server_cfg.max_payload_bytes), "max_pixels": settings.max_pixels},
+                   "max_payload_bytes": int(server_cfg.max_payload_bytes), "max_pixels": settings.max_pixels,
+                   "max_in_flight_per_api_server": int(server_cfg.max_in_flight)},
     }
 
 
@@ -71,6 +72,8 @@ def build_server(cfg: DictConfig) -> ls.LitServer:
         onnx_path = str(ensure_onnx(cfg.ckpt_path, s.onnx_path, cfg.paths.cache_dir))
     elif s.backend != "torch":
         raise ConfigError(f"server.backend must be 'torch' or 'onnx', got {s.backend!r}")
+    if int(s.max_in_flight) < 1:
+        raise ConfigError(f"server.max_in_flight must be 1 or more, got {s.max_in_flight!r}")
     if float(s.health_timeout) <= 0:
         raise ConfigError(f"server.health_timeout must be a positive number of seconds, got {s.health_timeout!r}")
     settings = Settings(ckpt_path=str(Path(cfg.ckpt_path).resolve()), backend=s.backend, onnx_path=onnx_path,
@@ -85,7 +88,8 @@ def build_server(cfg: DictConfig) -> ls.LitServer:
     predict = PredictAPI(settings, max_batch_size=int(s.max_batch_size), batch_timeout=float(s.batch_timeout))
     apis = [predict, BatchAPI(settings), ExplainAPI(settings)]
     middlewares = [(RequestGuard, {"paths": [api.api_path for api in apis],
-                                   "max_bytes": int(s.max_payload_bytes), "api_key": settings.api_key})]
+                                   "max_bytes": int(s.max_payload_bytes), "api_key": settings.api_key,
+                                   "max_in_flight": int(s.max_in_flight)})]
     if s.cors_origins:
         middlewares.append((CORSMiddleware, {"allow_origins": list(s.cors_origins), "allow_methods": ["GET", "POST"],
                                              "allow_headers": ["Content-Type", "X-API-Key"]}))

@@ -21,22 +21,34 @@ MAX_JSON_DEPTH = 32  # a request is {"image": ...} or {"images": [...]}; 32 leav
 
 
 class RequestGuard:
-    def __init__(self, app, paths: list[str], max_bytes: int, api_key: str | None = None):
+    def __init__(self, app, paths: list[str], max_bytes: int, api_key: str | None = None, max_in_flight: int = 32):
         self.app = app
         self.paths = set(paths)
         self.max_bytes = int(max_bytes)
         self.api_key = api_key or None
+        # Each request in flight holds its body (up to max_bytes) several times over until a worker answers: without
+        # a cap, a burst of large uploads grows the API process without bound instead of being told to retry.
+        self.max_in_flight = int(max_in_flight)
+        self.in_flight = 0
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in self.paths:
             return await self.app(scope, receive, send)
-        reply = await self._check(scope, receive)
-        if isinstance(reply, tuple):
-            status, code, message = reply
-            # Close the connection when the body was not read, so the client stops sending it.
-            headers = {"Connection": "close"} if status == 413 else None
-            return await error_response(status, code, message, headers)(scope, receive, send)
-        return await self.app(_lowercase_media_type(scope), _replay(reply, receive), send)
+        if self.in_flight >= self.max_in_flight:
+            return await error_response(503, "overloaded", f"{self.in_flight} requests are in progress, this server "
+                                        "process's limit (server.max_in_flight): retry shortly",
+                                        {"Retry-After": "1", "Connection": "close"})(scope, receive, send)
+        self.in_flight += 1
+        try:
+            reply = await self._check(scope, receive)
+            if isinstance(reply, tuple):
+                status, code, message = reply
+                # Close the connection when the body was not read, so the client stops sending it.
+                headers = {"Connection": "close"} if status == 413 else None
+                return await error_response(status, code, message, headers)(scope, receive, send)
+            return await self.app(_lowercase_media_type(scope), _replay(reply, receive), send)
+        finally:
+            self.in_flight -= 1
 
     async def _check(self, scope, receive):
         headers = Headers(scope=scope)

@@ -151,6 +151,7 @@ def test_model_info(server, ckpt):
     assert info["checkpoint_sha256"] == file_sha256(ckpt)
     assert info["training_data"] == {"counts": {"train": {"synthetic": {"normal": 1}}}}
     assert info["package_version"] and info["limits"]["max_images_per_request"] == 10
+    assert info["limits"]["max_in_flight_per_api_server"] == 32
     # LitServe's own /info (no auth) is not exposed.
     assert requests.get(server.url + "/info", timeout=10).status_code == 404
 
@@ -516,6 +517,7 @@ def test_health_answers_503_when_the_probe_outlasts_server_health_timeout(ckpt, 
 @pytest.mark.parametrize("setting, message", [
     ("server.health_timeout=0", "error: server.health_timeout must be a positive number of seconds, got 0"),
     ("server.backend=tensorrt", "error: server.backend must be 'torch' or 'onnx', got 'tensorrt'"),
+    ("server.max_in_flight=0", "error: server.max_in_flight must be 1 or more, got 0"),
 ])
 def test_a_bad_server_setting_is_one_message_before_the_server_starts(setting, message, ckpt, tmp_path):
     proc = start_server(ckpt, tmp_path, setting)

@@ -163,7 +163,7 @@ def test_model_info_keeps_training_image_fingerprints_private(tiny_checkpoint):
 
     spec = read_spec(tiny_checkpoint)
     spec["data_summary"] = {**spec["data_summary"], "train_image_sha256": ["0123456789abcdef"]}
-    info = model_info(spec, Settings(ckpt_path=str(tiny_checkpoint)), SimpleNamespace(max_payload_bytes=1000))
+    info = model_info(spec, Settings(ckpt_path=str(tiny_checkpoint)), SimpleNamespace(max_payload_bytes=1000, max_in_flight=32))
     assert info["training_data"] == {k: v for k, v in spec["data_summary"].items() if k != "train_image_sha256"}
     assert "0123456789abcdef" not in json.dumps(info)
 
@@ -203,3 +203,45 @@ def test_a_request_that_fails_to_decode_unexpectedly_fails_alone():
     job = api.decode_request({"image": "unused"})
     assert job.error is not None and job.error.status_code == 500
     assert api.encode_response((job, None)).status_code == 500
+
+
+def test_the_guard_answers_503_beyond_max_in_flight_and_admits_again_once_one_ends():
+    import asyncio
+
+    from serve.middleware import RequestGuard
+
+    async def scenario():
+        release = asyncio.Event()
+
+        async def model_app(scope, receive, send):  # stands for LitServe: holds the request until released
+            await release.wait()
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"{}"})
+
+        guard = RequestGuard(model_app, paths=["/predict"], max_bytes=1000, max_in_flight=1)
+
+        async def request() -> tuple[int, dict, bytes]:
+            scope = {"type": "http", "method": "POST", "path": "/predict",
+                     "headers": [(b"content-type", b"application/json")]}
+            sent = []
+
+            async def receive():
+                return {"type": "http.request", "body": b'{"image": "x"}', "more_body": False}
+
+            async def send(message):
+                sent.append(message)
+
+            await guard(scope, receive, send)
+            headers = {k.decode(): v.decode() for k, v in sent[0].get("headers", [])}
+            return sent[0]["status"], headers, b"".join(m.get("body", b"") for m in sent[1:])
+
+        first = asyncio.create_task(request())
+        await asyncio.sleep(0.05)
+        status, headers, body = await request()
+        assert (status, headers["retry-after"]) == (503, "1") and json.loads(body)["error"]["code"] == "overloaded"
+        release.set()
+        assert (await first)[0] == 200
+        assert (await request())[0] == 200  # the finished request freed its place
+        assert guard.in_flight == 0
+
+    asyncio.run(scenario())
