@@ -128,14 +128,20 @@ def install_routes(server: ls.LitServer, predict: PredictAPI, info: dict, health
     replaced = {server.healthcheck_path, server.info_path}
     app.router.routes = [r for r in app.router.routes if getattr(r, "path", None) not in replaced]
     handler = RegularRequestHandler(predict, server)
+    # One probe at a time: a probe that outlasts health_timeout is left to finish, not cancelled (LitServe would
+    # keep its answer's slot forever), and later /health calls wait on it instead of queueing more behind it.
+    probe: asyncio.Task | None = None
 
     @app.get(server.healthcheck_path)
     async def health() -> Response:
+        nonlocal probe
         status = getattr(server, "workers_setup_status", None) or {}
         if not status or not all(v == ls.server.WorkerSetupStatus.READY for v in status.values()):
             return error_response(503, "not_ready", "model workers are still starting")
+        if probe is None or probe.done():
+            probe = asyncio.ensure_future(handler.handle_request(HealthProbe(), HealthProbe))
         try:
-            answer = await asyncio.wait_for(handler.handle_request(HealthProbe(), HealthProbe), health_timeout)
+            answer = await asyncio.wait_for(asyncio.shield(probe), health_timeout)
         except Exception as exc:  # timeout or worker error
             return error_response(503, "not_answering", f"model did not answer a probe: {type(exc).__name__}")
         if getattr(answer, "status_code", 500) != 200:
