@@ -61,6 +61,18 @@ def test_rgba_transparency_reads_as_black():
     assert out.max() == 0
 
 
+def test_palette_png_with_a_transparent_index_reads_it_as_black():
+    """An opaque palette image is read straight to grey; one with a transparent entry still goes through RGBA."""
+    gray = gradient()
+    image = Image.fromarray(gray).convert("P")
+    opaque = decode_image(encode(image, "PNG"))
+    brightest = int(np.asarray(image)[0, -1])
+    see_through = decode_image(encode(image, "PNG", transparency=brightest))
+    hidden = np.asarray(image) == brightest
+    assert see_through[hidden].max() == 0 and opaque[hidden].min() > 0
+    np.testing.assert_array_equal(see_through[~hidden], opaque[~hidden])
+
+
 @pytest.mark.parametrize("payload, code", [
     (b"", "empty_image"),
     (b"this is not an image at all", "invalid_image"),
