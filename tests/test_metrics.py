@@ -180,6 +180,21 @@ def test_auroc_and_accuracy_keep_float64_precision():
     assert compute_metrics(near_tie, np.array([1, 1]), ["normal", "pneumonia", "tuberculosis"])["accuracy"] == 0.5
 
 
+def test_a_ranking_without_one_error_has_auroc_exactly_one():
+    """torchmetrics' binary_auroc gave 0.99999994 here (a float32 curve); a report then read 99.99999%."""
+    from cxr.evaluation.metrics import compute_metrics
+
+    rng = np.random.default_rng(3)
+    positive = rng.random(500) < 0.2
+    score = np.where(positive, 0.9 + 0.1 * rng.random(500), 0.9 * rng.random(500))
+    probs = np.stack([1 - score, score / 2, score / 2], axis=1)
+    metrics = compute_metrics(probs, np.where(positive, 1, 0), ["normal", "pneumonia", "tuberculosis"])
+    assert metrics["per_class"]["pneumonia"]["auroc"] == 1.0 and metrics["per_class"]["normal"]["auroc"] == 1.0
+    noisy = np.where(rng.random(500) < 0.1, ~positive, positive)
+    assert compute_metrics(probs, np.where(noisy, 1, 0), ["normal", "pneumonia", "tuberculosis"])["per_class"][
+        "pneumonia"]["auroc"] == pytest.approx(roc_auc_score(noisy, score), abs=1e-12)
+
+
 def test_a_split_of_one_image_and_a_diverged_network_are_logged_without_a_crash():
     import torch
 

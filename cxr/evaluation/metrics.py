@@ -6,14 +6,17 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from torchmetrics.functional.classification import binary_auroc, multiclass_confusion_matrix
+from torchmetrics.functional.classification import multiclass_confusion_matrix
 
 
 def _auroc(scores: np.ndarray, positive: np.ndarray) -> float | None:
-    """ROC AUC, or None when only one of the two classes is present (it is undefined then)."""
+    """ROC AUC, or None when only one of the two classes is present (it is undefined then). Counted pair by pair
+    (weighted_auroc, the bootstrap's own): torchmetrics' binary_auroc builds its curve in float32 whatever the input,
+    and gave 0.99999994 for a ranking without one error, which a report prints as 99.99999%."""
     if positive.all() or not positive.any():
         return None
-    return float(binary_auroc(torch.as_tensor(scores, dtype=torch.float64), torch.as_tensor(positive, dtype=torch.long)))
+    return float(weighted_auroc(np.asarray(scores, dtype=np.float64), np.asarray(positive, dtype=bool),
+                                np.ones((1, len(scores))))[0])
 
 
 def pneumonia_vs_normal_scores(probs: np.ndarray, targets: np.ndarray, class_names: Sequence[str]):
