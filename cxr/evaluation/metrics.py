@@ -15,8 +15,7 @@ def _auroc(scores: np.ndarray, positive: np.ndarray) -> float | None:
     and gave 0.99999994 for a ranking without one error, which a report prints as 99.99999%."""
     if positive.all() or not positive.any():
         return None
-    return float(weighted_auroc(np.asarray(scores, dtype=np.float64), np.asarray(positive, dtype=bool),
-                                np.ones((1, len(scores))))[0])
+    return float(weighted_auroc(scores, positive, np.ones((1, len(scores))))[0])
 
 
 def pneumonia_vs_normal_scores(probs: np.ndarray, targets: np.ndarray, class_names: Sequence[str]):
