@@ -59,10 +59,13 @@ def public_data_summary(spec: dict) -> dict:
     return {k: v for k, v in (spec.get("data_summary") or {}).items() if k != TRAIN_FINGERPRINTS}
 
 
-def write_checkpoint_with_spec(ckpt_path: str | Path, out_path: str | Path, **spec_updates) -> Path:
-    """Write `ckpt_path` to `out_path` with its spec updated. The file appears whole or not at all, so
-    updating a checkpoint in place never leaves a truncated one behind."""
+def write_checkpoint_with_spec(ckpt_path: str | Path, out_path: str | Path, entries: dict | None = None,
+                               **spec_updates) -> Path:
+    """Write `ckpt_path` to `out_path` with its spec updated (and top-level `entries` set: tensors, which the JSON
+    spec cannot hold). The file appears whole or not at all, so updating a checkpoint in place never leaves a
+    truncated one behind."""
     checkpoint, spec = read_checkpoint(ckpt_path)
+    checkpoint.update(entries or {})
     checkpoint[CHECKPOINT_KEY] = {**spec, **spec_updates}
     return save_checkpoint(checkpoint, out_path)
 

@@ -1,4 +1,5 @@
-"""cxr-export: write a checkpoint as ONNX (logits, dynamic batch) with its inference spec.
+"""cxr-export: write a checkpoint as ONNX (logits, and the feature distance where one is fitted; dynamic batch)
+with its inference spec.
 
     cxr-export ckpt_path=PATH [output=model.onnx] [opset=17]
 
@@ -24,6 +25,7 @@ log = logging.getLogger("cxr.export")
 METADATA_KEY = "cxr_spec"
 INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
+DISTANCE_NAME = "feature_distance"  # the second output, present when the checkpoint has a feature distance fitted
 
 
 def onnx_metadata(classifier: Classifier) -> dict:
@@ -39,9 +41,11 @@ def export_onnx(classifier: Classifier, output: str | Path, opset: int = 17) -> 
     size = classifier.preprocessing.image_size
     dummy = torch.zeros(1, classifier.preprocessing.in_chans, size, size)
     tmp = output.with_name(output.name + ".tmp")
+    network, outputs = ((classifier.net, [OUTPUT_NAME]) if classifier.scored is None
+                        else (classifier.scored, [OUTPUT_NAME, DISTANCE_NAME]))
     with torch.no_grad():
-        torch.onnx.export(classifier.net, (dummy,), str(tmp), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, opset_version=opset,
+        torch.onnx.export(network, (dummy,), str(tmp), input_names=[INPUT_NAME], output_names=outputs,
+                          dynamic_axes={name: {0: "batch"} for name in [INPUT_NAME, *outputs]}, opset_version=opset,
                           dynamo=False)
     model = onnx.load(str(tmp))
     meta = model.metadata_props.add()
@@ -65,14 +69,24 @@ def read_onnx_spec(path: str | Path) -> dict:
 
 
 def max_probability_difference(classifier: Classifier, onnx_path: str | Path, images: list[np.ndarray]) -> float:
+    return onnx_differences(classifier, onnx_path, images)["probability"]
+
+
+def onnx_differences(classifier: Classifier, onnx_path: str | Path, images: list[np.ndarray]) -> dict:
+    """Largest |p_torch - p_onnx| over `images`, and the largest relative difference of their feature distances
+    (None without a feature distance)."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     batch = torch.stack([classifier.preprocess(image) for image in images])
-    expected = classifier.probabilities(batch).numpy()
-    logits = session.run([OUTPUT_NAME], {INPUT_NAME: batch.numpy()})[0]
-    got = classifier.calibration.probabilities(torch.from_numpy(logits)).numpy()
-    return float(np.abs(expected - got).max())
+    logits, distance = classifier.logits_and_distance(batch)
+    outputs = session.run(None, {INPUT_NAME: batch.numpy()})
+    got = classifier.calibration.probabilities(torch.from_numpy(outputs[0])).numpy()
+    out = {"probability": float(np.abs(classifier.calibration.probabilities(logits).numpy() - got).max()),
+           "feature_distance": None}
+    if distance is not None:
+        out["feature_distance"] = float((np.abs(distance.numpy() - outputs[1]) / distance.numpy()).max())
+    return out
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="export")
@@ -85,8 +99,9 @@ def main(cfg: DictConfig) -> None:
     export_onnx(classifier, output, opset=int(cfg.opset))
     rng = np.random.default_rng(0)
     check = [rng.integers(0, 256, (300, 280), dtype=np.uint8) for _ in range(2)]
-    diff = max_probability_difference(classifier, output, check)
-    log.info("exported %s (max |p_torch - p_onnx| on random images: %.2e)", output, diff)
+    diff = onnx_differences(classifier, output, check)
+    log.info("exported %s (on random images: max |p_torch - p_onnx| %.2e, feature distance relative difference %s)",
+             output, diff["probability"], diff["feature_distance"])
     print(output)
 
 

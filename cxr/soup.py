@@ -26,6 +26,8 @@ from cxr.evaluation.metrics import compute_metrics
 from cxr.evaluation.recalibrate import recalibrate_checkpoint
 from cxr.inference import NET_PREFIX, Classifier, load_classifier
 from cxr.models.ensemble import PredictionEnsemble
+from cxr.models.feature_distance import SPEC_KEY as FEATURE_DISTANCE_SPEC
+from cxr.models.feature_distance import TENSORS_KEY as FEATURE_DISTANCE_TENSORS
 from cxr.models.soup import average_weights, check_soup_members, greedy_soup
 from cxr.tracking import code_version
 
@@ -76,7 +78,8 @@ def write_soup_checkpoint(template: Path, net: torch.nn.Module, out_path: Path, 
     state = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(NET_PREFIX)}
     state.update({NET_PREFIX + k: v for k, v in net.state_dict().items()})
     checkpoint["state_dict"] = state
-    spec = {k: v for k, v in spec.items() if k != "calibration_fit"}
+    checkpoint.pop(FEATURE_DISTANCE_TENSORS, None)  # fitted to the template's features, not the soup's
+    spec = {k: v for k, v in spec.items() if k not in ("calibration_fit", FEATURE_DISTANCE_SPEC)}
     if isinstance(net, PredictionEnsemble):
         spec["ensemble_size"] = len(net.members)
     checkpoint[CHECKPOINT_KEY] = {**spec, **Calibration().to_spec(spec["class_names"]), "soup": soup_record}

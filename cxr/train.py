@@ -23,6 +23,7 @@ from cxr.checkpoint import TRAIN_FINGERPRINTS
 from cxr.config import (CONFIG_DIR, ConfigError, configure_threads, instantiate_datamodule, log_config,
                         used_run_folder, user_errors)
 from cxr.evaluation.evaluate import evaluate
+from cxr.evaluation.fit_feature_distance import check_feature_distance_config, fit_feature_distance_checkpoint
 from cxr.evaluation.recalibrate import recalibrate_checkpoint
 from cxr.inference import load_classifier
 from cxr.models.backbone import input_mismatch
@@ -66,6 +67,9 @@ def train(cfg: DictConfig) -> dict:
     if calibration["method"] != "none":  # warn about (or refuse) few calibration images now, not after the fit
         check_calibration_targets(datamodule.split_frame(calibration["split"])["target"].tolist(),
                                   datamodule.class_names, calibration["method"])
+    feature_distance = cfg.get("feature_distance")
+    if feature_distance:
+        check_feature_distance_config(datamodule, feature_distance.split, float(feature_distance.pass_rate))
     weights = datamodule.class_weights()
     model = instantiate(cfg.model, _partial_=True)(class_names=datamodule.class_names, preprocessing=preprocessing,
                                                    class_weights=None if weights is None else weights.tolist())
@@ -114,6 +118,9 @@ def train(cfg: DictConfig) -> dict:
     if calibration["method"] != "none":
         results["calibration"] = recalibrate_checkpoint(best, datamodule, calibration["split"], calibration["method"],
                                                         out_path=best, warn_few=False)
+    if feature_distance:
+        results["feature_distance"] = fit_feature_distance_checkpoint(best, datamodule, feature_distance.split,
+                                                                      float(feature_distance.pass_rate), out_path=best)
     if test_after_fit:
         trainer.test(model, datamodule=datamodule, ckpt_path=str(best), weights_only=False)
         results["test"] = {k: finite_or_none(v) for k, v in trainer.callback_metrics.items()

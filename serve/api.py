@@ -61,6 +61,11 @@ class Job:
     extra: dict = field(default_factory=dict)
 
 
+def per_image(probabilities: np.ndarray, distances: np.ndarray | None) -> list[tuple[np.ndarray, float | None]]:
+    """A backend's (N, C) probabilities and (N,) feature distances (or None) as one (probabilities, distance) per image."""
+    return list(zip(probabilities, [None] * len(probabilities) if distances is None else distances))
+
+
 def _new_job() -> Job:
     return Job(request_id=uuid.uuid4().hex, started=time.perf_counter())
 
@@ -96,18 +101,21 @@ class CxrAPI(ls.LitAPI):
         job.image = decode_bytes(data, self.settings.max_pixels)
         return job
 
-    def result(self, job: Job, probabilities: np.ndarray, endpoint: str, index: int | None = None,
+    def result(self, job: Job, scored: tuple[np.ndarray, float | None], endpoint: str, index: int | None = None,
                audit_extra: dict | None = None) -> dict:
-        label, confidence, needs_review, reason = self.referral.decide(probabilities)
+        """`scored`: the image's calibrated probabilities and its feature distance (None without one fitted)."""
+        probabilities, distance = scored
+        distance = None if distance is None else float(distance)
+        label, confidence, needs_review, reason = self.referral.decide(probabilities, distance)
         probs = {name: float(p) for name, p in zip(self.class_names, probabilities)}
         latency_ms = (time.perf_counter() - job.started) * 1000.0
         result = {"label": label, "probabilities": probs, "confidence": confidence, "needs_review": needs_review,
-                  "review_reason": reason, "model_sha256": self.settings.model_sha256,
+                  "review_reason": reason, "feature_distance": distance, "model_sha256": self.settings.model_sha256,
                   "request_id": job.request_id, "latency_ms": round(latency_ms, 3)}
         audit = {"request_id": job.request_id, "endpoint": endpoint, "image_sha256": job.image.sha256,
                  "model_sha256": self.settings.model_sha256, "backend": self.backend_name,
                  "probabilities": probs, "label": label, "needs_review": needs_review, "review_reason": reason,
-                 "latency_ms": result["latency_ms"]}
+                 "feature_distance": distance, "latency_ms": result["latency_ms"]}
         if index is not None:
             audit["index"] = index
         self.audit.write({**audit, **(audit_extra or {})})
@@ -143,13 +151,14 @@ class PredictAPI(CxrAPI):
         jobs = x if isinstance(x, list) else [x]
         ok = [job for job in jobs if job.error is None]
         try:
-            by_id = dict(zip(map(id, ok), self.backend.predict([job.image.gray for job in ok]))) if ok else {}
+            by_id = dict(zip(map(id, ok), per_image(*self.backend.predict_scored([job.image.gray for job in ok])))) \
+                if ok else {}
         except Exception:  # an image the model cannot take fails its own request, not the batch it joined
             log.exception("a batch of %d failed; predicting its images one by one", len(ok))
             by_id = {}
             for job in ok:
                 try:
-                    by_id[id(job)] = self.backend.predict([job.image.gray])[0]
+                    by_id[id(job)] = per_image(*self.backend.predict_scored([job.image.gray]))[0]
                 except Exception:
                     log.exception("the model failed on request %s", job.request_id)
                     job.error = ServeError(500, "internal_error", "the model failed on this image")
@@ -160,12 +169,12 @@ class PredictAPI(CxrAPI):
         return list(output)
 
     def encode_response(self, output) -> Response:
-        job, probabilities = output
+        job, scored = output
         if job.error is not None:
             return error_response(job.error.status_code, job.error.detail["code"], job.error.detail["message"])
         if job.probe:
             return JSONResponse({"status": "ok"})
-        return JSONResponse(self.result(job, probabilities, self.endpoint))
+        return JSONResponse(self.result(job, scored, self.endpoint))
 
 
 class BatchAPI(CxrAPI):
@@ -192,11 +201,11 @@ class BatchAPI(CxrAPI):
         return jobs
 
     def predict(self, jobs):
-        return jobs, self.backend.predict([job.image.gray for job in jobs])
+        return jobs, per_image(*self.backend.predict_scored([job.image.gray for job in jobs]))
 
     def encode_response(self, output) -> Response:
-        jobs, probabilities = output
-        results = [self.result(job, p, self.endpoint, index=i) for i, (job, p) in enumerate(zip(jobs, probabilities))]
+        jobs, scored = output
+        results = [self.result(job, s, self.endpoint, index=i) for i, (job, s) in enumerate(zip(jobs, scored))]
         return JSONResponse({"results": results})
 
 
@@ -235,7 +244,7 @@ class ExplainAPI(CxrAPI):
 
     def encode_response(self, output) -> Response:
         job, explanation = output
-        result = self.result(job, explanation.probabilities, self.endpoint,
+        result = self.result(job, (explanation.probabilities, explanation.feature_distance), self.endpoint,
                              audit_extra={"target_class": explanation.target_class})
         result["target_class"] = explanation.target_class
         result["heatmap_png_base64"] = base64.b64encode(explanation.overlay_png).decode()

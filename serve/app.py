@@ -49,6 +49,7 @@ def model_info(spec: dict, settings: Settings, server_cfg) -> dict:
         "logit_bias": spec.get("logit_bias"),
         "calibration_fit": spec.get("calibration_fit"),
         "thresholds": referral.thresholds or None,
+        "feature_distance": spec.get("feature_distance"),
         "review_confidence": referral.review_confidence,
         "referral_rule": referral.describe(),
         "checkpoint_sha256": settings.model_sha256,

@@ -1,7 +1,8 @@
 """Inference backends: the PyTorch checkpoint, or its ONNX export under ONNX Runtime (CPU).
 
 Both take greyscale uint8 images, apply the checkpoint's own preprocessing, and return calibrated
-probabilities (the checkpoint's Calibration) as an (N, C) array from one forward pass.
+probabilities (the checkpoint's Calibration) as an (N, C) array from one forward pass; `predict_scored` also
+returns the (N,) feature distances of a checkpoint that has one fitted (else None).
 """
 from __future__ import annotations
 
@@ -35,6 +36,9 @@ class TorchBackend:
     def predict(self, images: Sequence[np.ndarray]) -> np.ndarray:
         return self.classifier.predict(images)
 
+    def predict_scored(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
+        return self.classifier.predict_scored(images)
+
 
 class OnnxBackend:
     name = "onnx"
@@ -42,7 +46,8 @@ class OnnxBackend:
     def __init__(self, onnx_path: str | Path, num_threads: int | None = None):
         import onnxruntime as ort
 
-        from cxr.export import INPUT_NAME, OUTPUT_NAME, read_onnx_spec
+        from cxr.export import DISTANCE_NAME, INPUT_NAME, OUTPUT_NAME, read_onnx_spec
+        from cxr.models.feature_distance import SPEC_KEY
 
         self.spec = read_onnx_spec(onnx_path)
         self.preprocessing = Preprocessing.from_dict(self.spec["preprocessing"])
@@ -52,12 +57,16 @@ class OnnxBackend:
             options.intra_op_num_threads = int(num_threads)
         options.inter_op_num_threads = 1
         self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-        self._input, self._output = INPUT_NAME, OUTPUT_NAME
+        self._input = INPUT_NAME
+        self._outputs = [OUTPUT_NAME, DISTANCE_NAME] if self.spec.get(SPEC_KEY) else [OUTPUT_NAME]
 
     def predict(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        return self.predict_scored(images)[0]
+
+    def predict_scored(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
         batch = np.stack([self.preprocessing(image).numpy() for image in images]).astype(np.float32)
-        logits = self.session.run([self._output], {self._input: batch})[0]
-        return self.calibration.probabilities(torch.from_numpy(logits)).numpy()
+        logits, *distance = self.session.run(self._outputs, {self._input: batch})
+        return self.calibration.probabilities(torch.from_numpy(logits)).numpy(), distance[0] if distance else None
 
 
 def onnx_cache_path(cache_dir: str | Path, sha256: str) -> Path:

@@ -4,7 +4,9 @@ A prediction needs review when
   1. its confidence (the top calibrated probability) is below `review_confidence`, or
   2. per-class thresholds are known (checkpoint spec key "thresholds": {class: t}) and the threshold
      decision disagrees with the argmax: the argmax class has a threshold it does not reach, or
-     another class reaches its own threshold.
+     another class reaches its own threshold, or
+  3. the checkpoint has a feature distance fitted (spec key "feature_distance") and the image lies beyond
+     its threshold: it is unlike the training images, whatever the probabilities say.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ class Referral:
     class_names: list[str]
     review_confidence: float
     thresholds: dict[str, float] = field(default_factory=dict)
+    feature_distance: dict | None = None  # spec["feature_distance"]: threshold, pass_rate, split
 
     def __post_init__(self) -> None:
         unknown = set(self.thresholds) - set(self.class_names)
@@ -27,16 +30,22 @@ class Referral:
     @classmethod
     def from_spec(cls, spec: dict, review_confidence: float) -> "Referral":
         thresholds = {str(k): float(v) for k, v in (spec.get("thresholds") or {}).items()}
-        return cls(list(spec["class_names"]), float(review_confidence), thresholds)
+        return cls(list(spec["class_names"]), float(review_confidence), thresholds, spec.get("feature_distance"))
 
     def describe(self) -> str:
         rule = f"needs_review when confidence < {self.review_confidence}"
         if self.thresholds:
             rule += " or when the per-class threshold decision (p >= threshold) disagrees with the argmax"
+        if self.feature_distance:
+            fit = self.feature_distance
+            rule += (f" or when the image's feature distance to the training images exceeds {fit['threshold']:.1f}, "
+                     f"which {fit['pass_rate']:.0%} of the {fit['split']} split stays under (unlike_training_data)")
         return rule
 
-    def decide(self, probabilities: np.ndarray) -> tuple[str, float, bool, str | None]:
-        """-> (label, confidence, needs_review, review_reason)."""
+    def decide(self, probabilities: np.ndarray, feature_distance: float | None = None
+               ) -> tuple[str, float, bool, str | None]:
+        """-> (label, confidence, needs_review, review_reason); `feature_distance` is the image's, when the model
+        computes one."""
         index = int(np.argmax(probabilities))
         label, confidence = self.class_names[index], float(probabilities[index])
         reasons = []
@@ -50,4 +59,7 @@ class Referral:
             if others:
                 reasons.append("threshold_disagreement: " + ", ".join(
                     f"{c} {p[c]:.3f} >= threshold {self.thresholds[c]}" for c in others))
+        if self.feature_distance and feature_distance is not None and feature_distance > self.feature_distance["threshold"]:
+            reasons.append(f"unlike_training_data: feature distance {feature_distance:.1f} > "
+                           f"{self.feature_distance['threshold']:.1f}")
         return label, confidence, bool(reasons), "; ".join(reasons) or None

@@ -173,10 +173,10 @@ def test_an_image_the_model_fails_on_fails_alone_in_a_dynamic_batch():
     from serve.requests import DecodedImage
 
     class PickyBackend:  # stands in for a model that raises on one odd input
-        def predict(self, images):
+        def predict_scored(self, images):
             if any(image.shape == (3, 3) for image in images):
                 raise RuntimeError("cannot take a 3x3 image")
-            return np.full((len(images), 3), 1 / 3)
+            return np.full((len(images), 3), 1 / 3), np.full(len(images), 7.0)
 
     api = PredictAPI(Settings(ckpt_path="unused.ckpt"))
     api.backend = PickyBackend()
@@ -185,8 +185,9 @@ def test_an_image_the_model_fails_on_fails_alone_in_a_dynamic_batch():
     outputs = api.predict(jobs)
     assert [job.error is None for job, _ in outputs] == [True, False, True]
     assert outputs[1][0].error.status_code == 500 and outputs[1][1] is None
-    np.testing.assert_allclose(outputs[0][1], 1 / 3)
-    np.testing.assert_allclose(outputs[2][1], 1 / 3)
+    for _, (probabilities, distance) in (outputs[0], outputs[2]):
+        np.testing.assert_allclose(probabilities, 1 / 3)
+        assert distance == 7.0
     assert api.encode_response(outputs[1]).status_code == 500
 
 

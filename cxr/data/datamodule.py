@@ -89,7 +89,7 @@ def classes_of(index: pd.DataFrame, candidates: Sequence[str]) -> list[str]:
 
 def prediction_columns(class_names: Sequence[str]) -> list[str]:
     """The columns an evaluation's predictions.csv adds beside the images' own."""
-    return [*(f"p_{name}" for name in class_names), "predicted"]
+    return [*(f"p_{name}" for name in class_names), "predicted", "feature_distance", "unlike_training"]
 
 
 def warn_classes_missing_from_evaluation(index: pd.DataFrame) -> None:

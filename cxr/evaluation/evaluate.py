@@ -11,6 +11,7 @@ from cxr.data.datamodule import ChestXrayDataModule
 from cxr.evaluation.metrics import compute_metrics
 from cxr.evaluation.report import write_report
 from cxr.inference import Classifier
+from cxr.models.feature_distance import SPEC_KEY
 
 
 def check_compatible(classifier: Classifier, datamodule: ChestXrayDataModule, split: str) -> None:
@@ -28,12 +29,22 @@ def predict_logits(classifier: Classifier, datamodule: ChestXrayDataModule, spli
     return torch.cat([classifier.logits(x) for x, _ in loader])
 
 
+def predict_logits_and_distances(classifier: Classifier, datamodule: ChestXrayDataModule,
+                                 split: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """predict_logits, and the (N,) feature distances when the checkpoint has a feature distance fitted."""
+    if classifier.feature_distance is None:
+        return predict_logits(classifier, datamodule, split), None
+    loader = torch.utils.data.DataLoader(datamodule.dataset(split), batch_size=datamodule.eval_batch_size, shuffle=False)
+    logits, distances = zip(*(classifier.logits_and_distance(x) for x, _ in loader))
+    return torch.cat(logits), torch.cat(distances)
+
+
 def evaluate(classifier: Classifier, datamodule: ChestXrayDataModule, split: str, out_dir: str | Path,
              title: str | None = None) -> dict:
     check_compatible(classifier, datamodule, split)
     frame = datamodule.split_frame(split)
     start = time.perf_counter()
-    logits = predict_logits(classifier, datamodule, split)
+    logits, distances = predict_logits_and_distances(classifier, datamodule, split)
     seconds = time.perf_counter() - start
     probs = classifier.calibration.probabilities(logits).numpy()
     extra = {
@@ -50,5 +61,6 @@ def evaluate(classifier: Classifier, datamodule: ChestXrayDataModule, split: str
         raw = compute_metrics(torch.softmax(logits, dim=1).numpy(), frame["target"].to_numpy(), classifier.class_names)
         extra["uncalibrated"] = {"accuracy": raw["accuracy"], "macro_auroc": raw["macro_auroc"],
                                  "recall": {name: raw["per_class"][name]["recall"] for name in classifier.class_names}}
+    unlike = None if distances is None else (distances.numpy(), classifier.spec[SPEC_KEY])
     return write_report(out_dir, probs, frame, classifier.class_names, title or f"{split} split", extra,
-                        subgroups=datamodule.subgroups)
+                        subgroups=datamodule.subgroups, feature_distances=unlike)

@@ -140,6 +140,43 @@ def costliest_image_lines(metrics: dict) -> list[str]:
     return lines
 
 
+def unlike_training_summary(distances: np.ndarray, fit: dict, correct: np.ndarray, sources: np.ndarray) -> dict:
+    """The share of images beyond the checkpoint's feature-distance threshold, overall and per source, and how
+    often the model is right on those images and on the rest."""
+    flagged = distances > fit["threshold"]
+
+    def share(rows: np.ndarray) -> dict:
+        right_flagged, right_rest = correct[rows & flagged], correct[rows & ~flagged]
+        return {"n": int(rows.sum()), "flagged": float(flagged[rows].mean()),
+                "accuracy_flagged": float(right_flagged.mean()) if right_flagged.size else None,
+                "accuracy_not_flagged": float(right_rest.mean()) if right_rest.size else None}
+    return {"threshold": fit["threshold"], "pass_rate": fit["pass_rate"], "fit_split": fit["split"],
+            **share(np.ones(len(distances), bool)),
+            "by_source": {str(source): share(sources == source) for source in np.unique(sources)}}
+
+
+def unlike_training_lines(metrics: dict) -> list[str]:
+    """The "Unlike the training data" section, for a checkpoint with a feature distance fitted."""
+    unlike = metrics.get("unlike_training")
+    if not unlike:
+        return []
+    expected = 1 - unlike["pass_rate"]
+    same = (" This is that split: the share is about that by construction."
+            if unlike["fit_split"] == metrics.get("split") else "")
+    lines = ["", "## Unlike the training data", "",
+             f"Flagged: images whose features lie farther from the training images' than {percent(unlike['pass_rate'])} of "
+             f"the {unlike['fit_split']} split's do (Mahalanobis feature distance > {unlike['threshold']:.1f}). About "
+             f"{percent(expected)} of images like the {unlike['fit_split']} split's are flagged.{same} A much larger share "
+             "means these images differ from what the model was trained on (another hospital, scanner, population): "
+             "its numbers may not hold on them. cxr-serve marks flagged images needs_review (unlike_training_data).", "",
+             "| Source | n | Flagged | Accuracy, flagged | Accuracy, not flagged |", "|---|---|---|---|---|"]
+    for source, s in [*unlike["by_source"].items(), ("**all**", unlike)]:
+        cell_name = str(source).replace("|", "\\|")
+        lines.append(f"| {cell_name} | {s['n']} | {percent(s['flagged'])} | "
+                     f"{percent(s['accuracy_flagged'])} | {percent(s['accuracy_not_flagged'])} |")
+    return lines
+
+
 def markdown_report(metrics: dict, title: str) -> str:
     lines = [f"# {title}", "", f"n = {metrics['n']} images; accuracy {percent(metrics['accuracy'])}; "
              f"macro AUROC {number(metrics['macro_auroc'])}; pneumonia-vs-normal AUROC {number(metrics['pneumonia_vs_normal_auroc'])}", "",
@@ -160,6 +197,7 @@ def markdown_report(metrics: dict, title: str) -> str:
         lines.append(f"| {name} | " + " | ".join(str(v) for v in row) + " |")
     if metrics.get("per_source"):
         lines += group_table_lines("Per source", "Source", metrics["per_source"], metrics["classes"])
+    lines += unlike_training_lines(metrics)
     lines += subgroup_lines(metrics)
     lines += shortfall_lines(metrics)
     lines += costliest_image_lines(metrics)
@@ -182,10 +220,12 @@ def metrics_by_group_with_intervals(probs: np.ndarray, targets: np.ndarray, grou
 
 
 def write_report(out_dir: str | Path, probs: np.ndarray, frame: pd.DataFrame, class_names: list[str],
-                 title: str = "Evaluation", extra: dict | None = None, subgroups: Sequence[str] = ()) -> dict:
+                 title: str = "Evaluation", extra: dict | None = None, subgroups: Sequence[str] = (),
+                 feature_distances: tuple[np.ndarray, dict] | None = None) -> dict:
     """`frame` has one row per image (columns path, label, source, patient_id, target, and the `subgroups`
     columns) in the order of `probs`; images without a patient id count as their own patient in the
-    confidence intervals."""
+    confidence intervals. `feature_distances`: each image's feature distance and the checkpoint's record of
+    its fit (spec["feature_distance"]), for the share of images unlike the training data."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     targets = frame["target"].to_numpy()
@@ -200,6 +240,9 @@ def write_report(out_dir: str | Path, probs: np.ndarray, frame: pd.DataFrame, cl
     metrics["costliest_images"] = costliest_images(probs, targets, frame["path"].astype(str).to_numpy(), sources,
                                                    class_names)
     metrics["confidence_intervals"] = bootstrap_intervals(probs, targets, patients, class_names)
+    if feature_distances is not None:
+        metrics["unlike_training"] = unlike_training_summary(feature_distances[0], feature_distances[1],
+                                                             probs.argmax(axis=1) == targets, sources)
     metrics.update(extra or {})
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (out_dir / "report.md").write_text(markdown_report(metrics, title))
@@ -207,6 +250,9 @@ def write_report(out_dir: str | Path, probs: np.ndarray, frame: pd.DataFrame, cl
     for c, name in enumerate(class_names):
         predictions[f"p_{name}"] = probs[:, c]
     predictions["predicted"] = [class_names[i] for i in probs.argmax(axis=1)]
+    if feature_distances is not None:
+        predictions["feature_distance"] = feature_distances[0]
+        predictions["unlike_training"] = feature_distances[0] > feature_distances[1]["threshold"]
     predictions.to_csv(out_dir / "predictions.csv", index=False)
     plot_confusion_matrix(metrics["confusion_matrix"], class_names, out_dir / "confusion_matrix.png", f"{title}: confusion matrix")
     plot_roc_curves(probs, targets, class_names, {n: metrics["per_class"][n]["auroc"] for n in class_names},

@@ -86,6 +86,7 @@ class Explanation:
     target_index: int
     target_class: str
     probabilities: np.ndarray  # (C,) calibrated, from the same forward pass family as predict
+    feature_distance: float | None  # the image's, for a classifier with a feature distance fitted
     heatmap: np.ndarray  # (H, W) float in [0, 1] at the model's input size
     overlay_png: bytes
     region: dict  # the box of the explained image that the heatmap covers (Preprocessing.input_region)
@@ -117,7 +118,8 @@ class GradCamExplainer:
     def explain(self, gray: np.ndarray, target: str | int | None = None) -> Explanation:
         standardized = self.classifier.preprocessing.standardize(gray)
         tensor = self.classifier.preprocessing.to_tensor(standardized)[None]
-        probabilities = self.classifier.probabilities(tensor)[0].numpy()
+        logits, distance = self.classifier.logits_and_distance(tensor)
+        probabilities = self.classifier.calibration.probabilities(logits)[0].numpy()
         index = self.class_index(target, probabilities)
         with torch.enable_grad():
             heatmap = self.cam(input_tensor=tensor, targets=[ClassifierOutputTarget(index)])[0]
@@ -126,5 +128,6 @@ class GradCamExplainer:
         overlay = show_cam_on_image(rgb, heatmap, use_rgb=True, image_weight=1.0 - self.alpha)
         buffer = io.BytesIO()
         Image.fromarray(overlay).save(buffer, format="PNG")
-        return Explanation(index, self.classifier.class_names[index], probabilities, heatmap, buffer.getvalue(),
+        return Explanation(index, self.classifier.class_names[index], probabilities,
+                           None if distance is None else float(distance[0]), heatmap, buffer.getvalue(),
                            self.classifier.preprocessing.input_region(*gray.shape))
