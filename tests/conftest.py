@@ -34,6 +34,23 @@ def make_tiny_checkpoint(path: Path, preprocessing: Preprocessing = TINY_PREPROC
     return path
 
 
+def add_feature_distance(path: Path, fit_images: list, threshold: float | None = None) -> Path:
+    """Fit `path`'s feature distance on `fit_images` (greyscale uint8, classes taken in turn) and store it in place,
+    as cxr-train does, with `threshold` (default: the largest distance among the fit images, so they all pass)."""
+    from cxr.checkpoint import write_checkpoint_with_spec
+    from cxr.inference import load_classifier
+    from cxr.models.feature_distance import SPEC_KEY, TENSORS_KEY, FeatureDistance, pooled_features_and_logits
+
+    classifier = load_classifier(path)
+    with torch.no_grad():
+        pooled, _ = pooled_features_and_logits(classifier.net, torch.stack([classifier.preprocess(i) for i in fit_images]))
+    fitted = FeatureDistance.fit(pooled.double().numpy(), [i % len(CLASS_NAMES) for i in range(len(fit_images))])
+    if threshold is None:
+        threshold = float(fitted(pooled).max())
+    record = {"threshold": threshold, "pass_rate": 0.95, "split": "val", "n": len(fit_images)}
+    return write_checkpoint_with_spec(path, path, entries={TENSORS_KEY: fitted.state()}, **{SPEC_KEY: record})
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.ckpt")

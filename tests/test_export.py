@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CLASS_NAMES, make_tiny_checkpoint
+from conftest import CLASS_NAMES, add_feature_distance, make_tiny_checkpoint
 from cxr.calibration import Calibration
 from cxr.checkpoint import CHECKPOINT_KEY
 from cxr.data.preprocess import Preprocessing
@@ -86,13 +86,16 @@ def production_like_checkpoint(path: Path) -> Path:
 def test_onnx_parity_on_real_images(shared_data, tmp_path):
     images = real_images(shared_data)
     assert len(images) >= 6
-    ckpt = production_like_checkpoint(tmp_path / "lite0.ckpt")
+    # With a feature distance (1280 features): float32 in both runtimes must agree on real X-rays too.
+    ckpt = add_feature_distance(production_like_checkpoint(tmp_path / "lite0.ckpt"), images[: len(images) // 2])
     onnx_path = export_onnx(load_classifier(ckpt), tmp_path / "lite0.onnx")
-    torch_probs = TorchBackend(ckpt).predict(images)
-    onnx_probs = OnnxBackend(onnx_path).predict(images)
+    torch_probs, torch_distances = TorchBackend(ckpt).predict_scored(images)
+    onnx_probs, onnx_distances = OnnxBackend(onnx_path).predict_scored(images)
     assert torch_probs.max() > 0.6  # the comparison is not between near-uniform vectors
     assert np.abs(torch_probs - onnx_probs).max() <= 1e-4
     assert max_probability_difference(load_classifier(ckpt), onnx_path, images) <= 1e-4
+    assert torch_distances.max() > 100 * torch_distances.min()  # images like the fit's and unlike it
+    np.testing.assert_allclose(onnx_distances, torch_distances, rtol=1e-4, atol=1e-5 * torch_distances.max())
 
 
 def test_ensure_onnx_caches_by_checkpoint_hash(sharp_checkpoint, tmp_path):

@@ -20,11 +20,12 @@ import requests
 import torch
 from PIL import Image
 
-from conftest import CLASS_NAMES, make_tiny_checkpoint
+from conftest import CLASS_NAMES, add_feature_distance, make_tiny_checkpoint
 from cxr.calibration import Calibration
 from cxr.data.decode import decode_image, to_uint8
 from cxr.inference import file_sha256, load_classifier
-from cxr.checkpoint import CHECKPOINT_KEY
+from cxr.checkpoint import CHECKPOINT_KEY, read_spec
+from cxr.models.feature_distance import SPEC_KEY as FEATURE_DISTANCE
 from serve.testing import start_server
 from test_dicom import gradient16, labelled_htj2k, make_dicom
 
@@ -90,7 +91,8 @@ def ckpt(tmp_path_factory):
     checkpoint = torch.load(path, weights_only=False)
     checkpoint[CHECKPOINT_KEY]["thresholds"] = THRESHOLDS
     torch.save(checkpoint, path)
-    return path
+    # "Training" images: the x-ray-like test images of seeds 0-11, each within the threshold; noise lies beyond it.
+    return add_feature_distance(path, [xray_like(seed) for seed in range(12)])
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +115,12 @@ def reference(ckpt):
     return lambda data: classifier.predict([decode_image(data)])[0]
 
 
+@pytest.fixture(scope="module")
+def reference_distance(ckpt):
+    classifier = load_classifier(ckpt)
+    return lambda data: float(classifier.predict_scored([decode_image(data)])[1][0])
+
+
 def post(server, path, headers=AUTH, **kwargs) -> requests.Response:
     return requests.post(server.url + path, headers=headers, timeout=60, **kwargs)
 
@@ -129,6 +137,8 @@ def check_result(result: dict, ckpt) -> None:
     assert len(result["request_id"]) >= 16 and result["latency_ms"] > 0
     # Thresholds of 0.99 are never reached, so the threshold decision always disagrees with the argmax.
     assert result["needs_review"] is True and "threshold_disagreement" in result["review_reason"]
+    beyond = result["feature_distance"] > read_spec(ckpt)[FEATURE_DISTANCE]["threshold"]
+    assert ("unlike_training_data" in result["review_reason"]) == beyond
 
 
 # ---------------------------------------------------------------- health and info
@@ -147,7 +157,8 @@ def test_model_info(server, ckpt):
     assert info["temperature"] == pytest.approx(0.05)
     assert info["logit_bias"] == pytest.approx({"normal": 0.0, "pneumonia": 0.2, "tuberculosis": 0.1})
     assert info["thresholds"] == THRESHOLDS and info["review_confidence"] == 0.5
-    assert "confidence < 0.5" in info["referral_rule"]
+    assert "confidence < 0.5" in info["referral_rule"] and "unlike_training_data" in info["referral_rule"]
+    assert info["feature_distance"] == read_spec(ckpt)[FEATURE_DISTANCE]
     assert info["checkpoint_sha256"] == file_sha256(ckpt)
     assert info["training_data"] == {"counts": {"train": {"synthetic": {"normal": 1}}}}
     assert info["package_version"] and info["limits"]["max_images_per_request"] == 10
@@ -234,6 +245,24 @@ def test_batch_multipart_and_json_in_order(server, ckpt, reference):
         for result, data in zip(results, images):
             check_result(result, ckpt)
             np.testing.assert_allclose([result["probabilities"][c] for c in CLASS_NAMES], reference(data), atol=1e-5)
+
+
+def test_an_image_unlike_the_training_data_needs_review_on_every_endpoint(server, ckpt, reference_distance):
+    like = png(1)  # one of the images the distance was fitted on
+    unlike = encode(Image.fromarray(np.random.default_rng(0).integers(0, 256, (96, 80), dtype=np.uint8)))
+    threshold = read_spec(ckpt)[FEATURE_DISTANCE]["threshold"]
+    assert reference_distance(like) <= threshold < reference_distance(unlike)
+    single = post(server, "/predict", files={"file": ("x.png", unlike, "image/png")}).json()
+    explained = post(server, "/predict/explain", json={"image": b64(unlike)}).json()
+    batch = post(server, "/predict/batch", json={"images": [b64(like), b64(unlike)]}).json()["results"]
+    for result in (single, explained, batch[1]):
+        assert result["feature_distance"] == pytest.approx(reference_distance(unlike), rel=1e-4)
+        assert f"unlike_training_data: feature distance {result['feature_distance']:.1f} > {threshold:.1f}" in \
+            result["review_reason"]
+    assert batch[0]["feature_distance"] == pytest.approx(reference_distance(like), rel=1e-4)
+    assert "unlike_training_data" not in batch[0]["review_reason"]
+    audited = [line for line in audit_lines(server) if line["request_id"] == single["request_id"]]
+    assert audited[0]["feature_distance"] == single["feature_distance"]
 
 
 def test_batch_limit(server):

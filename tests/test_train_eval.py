@@ -61,6 +61,17 @@ def test_train_writes_the_test_report(trained_run):
     assert "| **Macro avg** |" in (out / "eval" / "report.md").read_text()
 
 
+def test_train_fits_the_feature_distance_and_the_report_uses_it(trained_run):
+    out, _, _ = trained_run
+    fit = json.loads((out / "results.json").read_text())["feature_distance"]
+    assert fit["split"] == "val" and fit["pass_rate"] == 0.95 and fit["fit_images"] > 0 and fit["threshold"] > 0
+    spec = torch.load(out / "checkpoints" / "best.ckpt", weights_only=False, map_location="cpu")["cxr"]
+    assert spec["feature_distance"] == fit
+    unlike = json.loads((out / "eval" / "metrics.json").read_text())["unlike_training"]
+    assert unlike["threshold"] == fit["threshold"] and unlike["n"] > 0 and 0 <= unlike["flagged"] <= 1
+    assert "## Unlike the training data" in (out / "eval" / "report.md").read_text()
+
+
 def test_results_name_the_commit_the_run_trained_at(trained_run):
     out, _, _ = trained_run
     code = json.loads((out / "results.json").read_text())["code"]
@@ -85,6 +96,7 @@ def test_eval_of_saved_checkpoint_matches_training_test_metrics(trained_run, tmp
     assert evaluated["accuracy"] == pytest.approx(results["test"]["test/acc"], abs=1e-6)
     assert evaluated["macro_auroc"] == pytest.approx(results["test"]["test/auroc_macro"], abs=1e-5)
     assert evaluated["confusion_matrix"] == trained["confusion_matrix"]
+    assert evaluated["unlike_training"] == trained["unlike_training"]
     for name in evaluated["classes"]:
         assert evaluated["per_class"][name]["recall"] == pytest.approx(results["test"][f"test/recall_{name}"], abs=1e-6)
 
