@@ -22,6 +22,7 @@ from cxr.calibration import Calibration
 from cxr.checkpoint import CHECKPOINT_KEY, TRAIN_FINGERPRINTS, read_checkpoint, save_checkpoint
 from cxr.config import CONFIG_DIR, configure_threads, instantiate_checkpoint_datamodule, log_config, user_errors
 from cxr.evaluation.evaluate import evaluate, predict_logits
+from cxr.evaluation.fit_feature_distance import check_feature_distance_config, fit_feature_distance_checkpoint
 from cxr.evaluation.metrics import compute_metrics
 from cxr.evaluation.recalibrate import recalibrate_checkpoint
 from cxr.inference import NET_PREFIX, Classifier, load_classifier
@@ -110,6 +111,9 @@ def main(cfg: DictConfig) -> str:
         raise ValueError(f"select_split={select_split} is the evaluation split: choose the members on another one")
     if cfg.method == "greedy":
         datamodule.check_unseen(select_split, spec["data_summary"], whose="the members")
+    feature_distance = cfg.get("feature_distance")
+    if feature_distance:
+        check_feature_distance_config(datamodule, feature_distance.split, float(feature_distance.pass_rate))
     targets = datamodule.split_frame(select_split)["target"].to_numpy()
 
     def score(net: torch.nn.Module) -> float:
@@ -144,6 +148,9 @@ def main(cfg: DictConfig) -> str:
     if calibration["method"] != "none":
         results["calibration"] = recalibrate_checkpoint(best, datamodule, calibration["split"], calibration["method"],
                                                         out_path=best)
+    if feature_distance:  # the template's was fitted to its own features (write_soup_checkpoint drops it)
+        results["feature_distance"] = fit_feature_distance_checkpoint(
+            best, datamodule, feature_distance.split, float(feature_distance.pass_rate), out_path=best)
     metrics = evaluate(load_classifier(best), datamodule, datamodule.split, out_dir / "eval",
                        title=f"{cfg.task_name}: {datamodule.describe_split(datamodule.split)}")
     results["eval"] = {k: metrics[k] for k in ("n", "accuracy", "macro_auroc", "pneumonia_vs_normal_auroc")}

@@ -116,6 +116,9 @@ def test_soup_of_one_checkpoint_twice_is_that_checkpoint(members, tmp_path):
     trained = json.loads((first.parent.parent / "eval" / "metrics.json").read_text())
     assert evaluated["confusion_matrix"] == trained["confusion_matrix"]
     assert evaluated["macro_auroc"] == pytest.approx(trained["macro_auroc"], abs=1e-6)
+    # Its feature distance is fitted again, to the soup's own features: here the member's.
+    assert evaluated["unlike_training"]["threshold"] == pytest.approx(trained["unlike_training"]["threshold"], rel=1e-4)
+    assert evaluated["unlike_training"]["by_source"] == trained["unlike_training"]["by_source"]
 
 
 def test_ensemble_of_one_checkpoint_twice_predicts_what_that_checkpoint_does(members, tmp_path):
@@ -126,7 +129,9 @@ def test_ensemble_of_one_checkpoint_twice_predicts_what_that_checkpoint_does(mem
         cache_dir=cache)
     _, spec = read_checkpoint(tmp_path / "checkpoints" / "best.ckpt")
     assert spec["ensemble_size"] == 2 and spec["soup"]["method"] == "ensemble" and spec["soup"]["kept"] == [0, 1]
+    assert "feature_distance" not in spec  # members' features differ: no single distance
     evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert "unlike_training" not in evaluated
     trained = json.loads((first.parent.parent / "eval" / "metrics.json").read_text())
     # log-mean-probability differs from the member's logits by a per-image constant: same calibration, same calls
     assert evaluated["confusion_matrix"] == trained["confusion_matrix"]
