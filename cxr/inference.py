@@ -29,6 +29,7 @@ class Classifier:
     feature_distance: FeatureDistance | None = None
     preprocessing: Preprocessing = field(init=False)
     calibration: Calibration = field(init=False)
+    scored: ScoredNetwork | None = field(init=False)  # the network with the distance as its second output
 
     def __post_init__(self) -> None:
         self.net = self.net.eval().to(memory_format=torch.channels_last)
