@@ -328,8 +328,13 @@ def test_a_sweep_job_resumed_on_its_own_adds_its_row_to_the_sweep_summary(tmp_pa
 def test_a_refit_may_not_choose_on_val(tmp_path):
     """Training on val too, a checkpoint chosen (or a run stopped) by val scores would be chosen in-sample."""
     stderr = failing_run("cxr.train", "debug=fast_dev_run", *TINY, "data.train_splits=[train,val]",
-                         "calibration.method=none", f"paths.output_dir={tmp_path}", cache_dir=tmp_path / "cache")
+                         "calibration.method=none", "feature_distance=null", f"paths.output_dir={tmp_path}",
+                         cache_dir=tmp_path / "cache")
     assert "would choose on images the model trains on" in stderr and "ModelCheckpoint" in stderr, stderr[-2000:]
+    # Nor may the feature distance's threshold be set on val.
+    stderr = failing_run("cxr.train", "debug=fast_dev_run", *TINY, "data.train_splits=[train,val]",
+                         "calibration.method=none", f"paths.output_dir={tmp_path / 'fd'}", cache_dir=tmp_path / "cache")
+    assert "feature_distance.split=val is trained on" in stderr, stderr[-2000:]
 
 
 def test_train_fits_the_operating_point_on_val_and_evaluation_applies_it(trained_run):

@@ -34,7 +34,7 @@ def check_feature_distance_config(datamodule: ChestXrayDataModule, split: str, p
         raise ConfigError(f"feature_distance.pass_rate must be between 0 and 1, got {pass_rate}")
     if split == "train" or split in datamodule.train_splits:
         raise ConfigError(f"feature_distance.split={split} is trained on: its distances are not those of new images; "
-                          "choose a held-out split (val), or feature_distance=null")
+                          "choose a split the model does not train on, or feature_distance=null")
     datamodule.split_frame(split)
 
 
