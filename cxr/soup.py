@@ -113,7 +113,8 @@ def main(cfg: DictConfig) -> str:
         datamodule.check_unseen(select_split, spec["data_summary"], whose="the members")
     feature_distance = cfg.get("feature_distance")
     if feature_distance:
-        check_feature_distance_config(datamodule, feature_distance.split, float(feature_distance.pass_rate))
+        check_feature_distance_config(datamodule, feature_distance.split, float(feature_distance.pass_rate),
+                                      datamodule.split)
     targets = datamodule.split_frame(select_split)["target"].to_numpy()
 
     def score(net: torch.nn.Module) -> float:

@@ -69,7 +69,8 @@ def train(cfg: DictConfig) -> dict:
                                   datamodule.class_names, calibration["method"])
     feature_distance = cfg.get("feature_distance")
     if feature_distance:
-        check_feature_distance_config(datamodule, feature_distance.split, float(feature_distance.pass_rate))
+        check_feature_distance_config(datamodule, feature_distance.split, float(feature_distance.pass_rate),
+                                      datamodule.split if test_after_fit else None)
     weights = datamodule.class_weights()
     model = instantiate(cfg.model, _partial_=True)(class_names=datamodule.class_names, preprocessing=preprocessing,
                                                    class_weights=None if weights is None else weights.tolist())

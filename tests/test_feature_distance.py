@@ -102,13 +102,15 @@ def test_fit_on_a_data_module_stores_a_threshold_that_passes_the_asked_share_of_
     assert train_distances.mean() < distances.mean()
 
 
-def test_the_threshold_split_must_be_held_out_and_the_pass_rate_a_share(synthetic_manifest):
+def test_the_threshold_split_must_be_held_out_and_not_tested_on_and_the_pass_rate_a_share(synthetic_manifest):
     refit = ChestXrayDataModule.from_manifest(str(synthetic_manifest), preprocessing=TINY_PREPROCESSING,
                                               train_splits=["train", "val"])
     with pytest.raises(ConfigError, match="is trained on"):
         check_feature_distance_config(refit, "val", 0.95)
     plain = ChestXrayDataModule.from_manifest(str(synthetic_manifest), preprocessing=TINY_PREPROCESSING)
-    check_feature_distance_config(plain, "val", 0.95)
+    check_feature_distance_config(plain, "val", 0.95, evaluated_split="test")
+    with pytest.raises(ConfigError, match="is the split the run is tested on"):
+        check_feature_distance_config(plain, "test", 0.95, evaluated_split="test")
     for rate in (0.0, 1.0, 95):
         with pytest.raises(ConfigError, match="pass_rate"):
             check_feature_distance_config(plain, "val", rate)

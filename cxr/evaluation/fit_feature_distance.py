@@ -28,13 +28,18 @@ METHOD = "Mahalanobis distance of pooled features to the nearest training-class 
          "Ledoit-Wolf shared covariance"
 
 
-def check_feature_distance_config(datamodule: ChestXrayDataModule, split: str, pass_rate: float) -> None:
-    """Before training: the threshold split must be held out from training and exist."""
+def check_feature_distance_config(datamodule: ChestXrayDataModule, split: str, pass_rate: float,
+                                  evaluated_split: str | None = None) -> None:
+    """Before training: the threshold split must exist, be held out from training and not be `evaluated_split`
+    (the split the run reports on, where the flagged share would be 1 - pass_rate by construction)."""
     if not 0 < pass_rate < 1:
         raise ConfigError(f"feature_distance.pass_rate must be between 0 and 1, got {pass_rate}")
     if split == "train" or split in datamodule.train_splits:
         raise ConfigError(f"feature_distance.split={split} is trained on: its distances are not those of new images; "
                           "choose a split the model does not train on, or feature_distance=null")
+    if split == evaluated_split:
+        raise ConfigError(f"feature_distance.split={split} is the split the run is tested on: its threshold would be "
+                          "set on the test images; fit it on val (the default)")
     datamodule.split_frame(split)
 
 
