@@ -23,20 +23,17 @@ def check_compatible(classifier: Classifier, datamodule: ChestXrayDataModule, sp
     datamodule.check_unseen(split, classifier.spec.get("data_summary", {}))
 
 
-def predict_logits(classifier: Classifier, datamodule: ChestXrayDataModule, split: str) -> torch.Tensor:
-    """(N, C) logits in the order of `datamodule.split_frame(split)`."""
-    loader = torch.utils.data.DataLoader(datamodule.dataset(split), batch_size=datamodule.eval_batch_size, shuffle=False)
-    return torch.cat([classifier.logits(x) for x, _ in loader])
-
-
 def predict_logits_and_distances(classifier: Classifier, datamodule: ChestXrayDataModule,
                                  split: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """predict_logits, and the (N,) feature distances when the checkpoint has a feature distance fitted."""
-    if classifier.feature_distance is None:
-        return predict_logits(classifier, datamodule, split), None
+    """(N, C) logits in the order of `datamodule.split_frame(split)`, and the (N,) feature distances (None when
+    the checkpoint has no feature distance fitted), in one pass over the split."""
     loader = torch.utils.data.DataLoader(datamodule.dataset(split), batch_size=datamodule.eval_batch_size, shuffle=False)
     logits, distances = zip(*(classifier.logits_and_distance(x) for x, _ in loader))
-    return torch.cat(logits), torch.cat(distances)
+    return torch.cat(logits), None if classifier.scored is None else torch.cat(distances)
+
+
+def predict_logits(classifier: Classifier, datamodule: ChestXrayDataModule, split: str) -> torch.Tensor:
+    return predict_logits_and_distances(classifier, datamodule, split)[0]
 
 
 def evaluate(classifier: Classifier, datamodule: ChestXrayDataModule, split: str, out_dir: str | Path,
