@@ -68,14 +68,19 @@ def run_summary(results: dict, split: str) -> dict:
     return {k: v for k, v in summary.items() if v is not None}
 
 
+EVAL_FIGURES = (("confusion_matrix", "rows = true class"), ("roc_curves", "one-vs-rest"),
+                ("feature_distance", "per source, against the unlike-the-training-data threshold"))
+
+
 def log_results(loggers: list, summary: dict, eval_dir: Path | None, split: str) -> None:
     """`summary` to every logger, and the evaluation's figures in `eval_dir` to those that take images (W&B),
     one key each (W&B shows one image size per key); then close them."""
     for logger in loggers:
         logger.log_metrics(summary)
         if eval_dir is not None and hasattr(logger, "log_image"):
-            for name, caption in (("confusion_matrix", "rows = true class"), ("roc_curves", "one-vs-rest")):
-                logger.log_image(f"eval/{name}", [str(eval_dir / f"{name}.png")], caption=[f"{caption} ({split} split)"])
+            for name, caption in EVAL_FIGURES:
+                if (eval_dir / f"{name}.png").is_file():  # feature_distance only where the checkpoint has one fitted
+                    logger.log_image(f"eval/{name}", [str(eval_dir / f"{name}.png")], caption=[f"{caption} ({split} split)"])
         logger.finalize("success")
 
 

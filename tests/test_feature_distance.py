@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 from sklearn.covariance import LedoitWolf
 
 from conftest import CLASS_NAMES, TINY_PREPROCESSING, add_feature_distance, make_tiny_checkpoint
@@ -134,9 +135,12 @@ def test_report_gives_the_flagged_share_per_source(tmp_path):
     assert "## Unlike the training data" in report and "| a | 4 | 25.0% | 0.0% | 100.0% |" in report
     predictions = pd.read_csv(tmp_path / "predictions.csv")
     assert predictions["unlike_training"].tolist() == [False, True, False, False, True, True]
+    with Image.open(tmp_path / "feature_distance.png") as figure:
+        assert figure.format == "PNG" and len(figure.convert("L").getcolors(maxcolors=100_000)) > 10
     no_fit = write_report(tmp_path / "plain", probs, frame, CLASS_NAMES)
     assert "unlike_training" not in no_fit
     assert "Unlike the training data" not in (tmp_path / "plain" / "report.md").read_text()
+    assert not (tmp_path / "plain" / "feature_distance.png").exists()
 
 
 def test_referral_flags_images_beyond_the_threshold():

@@ -229,7 +229,7 @@ def test_a_checkpoint_that_validation_cannot_choose_is_refused_before_the_fit(tm
 def test_wandb_run_gets_the_test_figures_and_the_dashboard_the_selection_score(tmp_path):
     run("cxr.train", "debug=smoke", *TINY, "data.batch_size=8", "logger=wandb", f"paths.output_dir={tmp_path}",
         cache_dir=tmp_path / "cache")
-    for name in ("confusion_matrix", "roc_curves"):  # one key each: W&B shows one size per key
+    for name in ("confusion_matrix", "roc_curves", "feature_distance"):  # one key each: W&B shows one size per key
         images = list(tmp_path.glob(f"wandb/offline-run-*/files/media/images/eval/{name}_*.png"))
         assert len(images) == 1, sorted(str(p) for p in tmp_path.glob("wandb/offline-run-*/files/**/*"))
     results = json.loads((tmp_path / "results.json").read_text())

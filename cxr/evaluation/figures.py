@@ -1,4 +1,5 @@
-"""Figures for the evaluation report: row-normalised confusion matrix and one-vs-rest ROC curves."""
+"""Figures for the evaluation report: row-normalised confusion matrix, one-vs-rest ROC curves and the feature
+distances per source against the unlike-the-training-data threshold."""
 from __future__ import annotations
 
 import textwrap
@@ -57,6 +58,29 @@ def plot_roc_curves(probs: np.ndarray, targets: np.ndarray, class_names: Sequenc
     ax.set_ylabel("true positive rate")
     set_title(ax, title or "One-vs-rest ROC")
     ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_feature_distances(distances: np.ndarray, sources: np.ndarray, threshold: float, path: Path,
+                           title: str = "") -> None:
+    """One histogram per source, each scaled to its own image count, so a small source's shift stays visible; on
+    a log axis, since a new hospital's distances run to tens of times the threshold."""
+    fig, ax = plt.subplots(figsize=(5.6, 3.8))
+    span = np.append(distances, threshold)
+    low = max(span[span > 0].min(initial=threshold), threshold * 1e-3)
+    bins = np.geomspace(low, max(span.max(), low * 1.01), 41)
+    for source in np.unique(sources):
+        values = distances[sources == source]
+        ax.hist(np.clip(values, bins[0], bins[-1]), bins=bins, weights=np.full(len(values), 1 / len(values)), histtype="step", linewidth=1.4,
+                label=f"{source} (n = {len(values)}, {np.mean(values > threshold):.0%} beyond)")
+    ax.axvline(threshold, color="k", linestyle="--", linewidth=1, label=f"threshold {threshold:.1f}")
+    ax.set_xscale("log")
+    ax.set_xlabel("feature distance to the nearest training class (Mahalanobis)")
+    ax.set_ylabel("share of the source's images")
+    set_title(ax, title or "Feature distance per source")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

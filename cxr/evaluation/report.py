@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from cxr.data.index import blank_missing
-from cxr.evaluation.figures import plot_confusion_matrix, plot_roc_curves
+from cxr.evaluation.figures import plot_confusion_matrix, plot_feature_distances, plot_roc_curves
 from cxr.evaluation.metrics import auroc_shortfall_by_source, compute_metrics, costliest_images, metrics_by_group
 from cxr.evaluation.formatting import number, percent
 from cxr.evaluation.uncertainty import bootstrap_intervals
@@ -168,7 +168,8 @@ def unlike_training_lines(metrics: dict) -> list[str]:
              f"the {unlike['fit_split']} split's do (Mahalanobis feature distance > {unlike['threshold']:.1f}). About "
              f"{percent(expected)} of images like the {unlike['fit_split']} split's are flagged.{same} A much larger share "
              "means these images differ from what the model was trained on (another hospital, scanner, population): "
-             "its numbers may not hold on them. cxr-serve marks flagged images needs_review (unlike_training_data).", "",
+             "its numbers may not hold on them. cxr-serve marks flagged images needs_review (unlike_training_data). "
+             "feature_distance.png shows each source's distances against the threshold.", "",
              "| Source | n | Flagged | Accuracy, flagged | Accuracy, not flagged |", "|---|---|---|---|---|"]
     for source, s in [*unlike["by_source"].items(), ("**all**", unlike)]:
         cell_name = str(source).replace("|", "\\|")
@@ -253,6 +254,8 @@ def write_report(out_dir: str | Path, probs: np.ndarray, frame: pd.DataFrame, cl
     if feature_distances is not None:
         predictions["feature_distance"] = feature_distances[0]
         predictions["unlike_training"] = feature_distances[0] > feature_distances[1]["threshold"]
+        plot_feature_distances(feature_distances[0], sources, feature_distances[1]["threshold"],
+                               out_dir / "feature_distance.png", f"{title}: feature distance per source")
     predictions.to_csv(out_dir / "predictions.csv", index=False)
     plot_confusion_matrix(metrics["confusion_matrix"], class_names, out_dir / "confusion_matrix.png", f"{title}: confusion matrix")
     plot_roc_curves(probs, targets, class_names, {n: metrics["per_class"][n]["auroc"] for n in class_names},
