@@ -46,6 +46,13 @@ def read_checkpoint(ckpt_path: str | Path) -> tuple[dict, dict]:
     spec = checkpoint.get(CHECKPOINT_KEY) if isinstance(checkpoint, dict) else None
     if not spec:
         raise CheckpointError(f"{path} is not a cxr checkpoint (no '{CHECKPOINT_KEY}' record)")
+    from cxr.models.feature_distance import SPEC_KEY, TENSORS_KEY
+
+    if bool(spec.get(SPEC_KEY)) != (checkpoint.get(TENSORS_KEY) is not None):
+        # Half a fit would serve no distances while /model/info and the referral rule advertise its threshold.
+        raise CheckpointError(f"{path} has the feature distance's {'record' if spec.get(SPEC_KEY) else 'tensors'} "
+                              f"without its {'tensors' if spec.get(SPEC_KEY) else 'record'} ('{TENSORS_KEY}' and "
+                              f"the spec's '{SPEC_KEY}' go together): was it edited by hand? Remove both, or retrain")
     return checkpoint, spec
 
 

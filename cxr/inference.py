@@ -14,13 +14,13 @@ from cxr.calibration import Calibration
 from cxr.checkpoint import file_sha256, read_checkpoint
 from cxr.data.preprocess import Preprocessing
 from cxr.models.ensemble import PredictionEnsemble
-from cxr.models.feature_distance import SPEC_KEY, TENSORS_KEY, FeatureDistance, ScoredNetwork
+from cxr.models.feature_distance import TENSORS_KEY, FeatureDistance, ScoredNetwork
 
 
 @dataclass
 class Classifier:
     """A checkpoint ready for inference. `spec` is the checkpoint's inference record; `feature_distance`, when the
-    checkpoint has one fitted, scores how unlike the training images an image is (spec[SPEC_KEY] has its threshold)."""
+    checkpoint has one fitted, scores how unlike the training images an image is (spec["feature_distance"] has its threshold)."""
 
     net: nn.Module
     spec: dict
@@ -87,6 +87,6 @@ def load_classifier(ckpt_path: str | Path) -> Classifier:
     net = build_net(spec)
     net.load_state_dict({k.removeprefix(NET_PREFIX): v for k, v in checkpoint["state_dict"].items()
                          if k.startswith(NET_PREFIX)})
-    fitted = checkpoint.get(TENSORS_KEY) if spec.get(SPEC_KEY) else None
+    fitted = checkpoint.get(TENSORS_KEY)  # read_checkpoint refuses it without its record, and the reverse
     return Classifier(net=net, spec=spec, sha256=file_sha256(path), path=path,
                       feature_distance=None if fitted is None else FeatureDistance.from_state(fitted))

@@ -12,10 +12,11 @@ from PIL import Image
 from sklearn.covariance import LedoitWolf
 
 from conftest import CLASS_NAMES, TINY_PREPROCESSING, add_feature_distance, make_tiny_checkpoint
-from cxr.checkpoint import read_checkpoint
+from cxr.checkpoint import CheckpointError, read_checkpoint
 from cxr.config import ConfigError
 from cxr.data.datamodule import ChestXrayDataModule
 from cxr.evaluation.fit_feature_distance import check_feature_distance_config, fit_feature_distance_checkpoint
+from cxr.evaluation.figures import legend_label
 from cxr.evaluation.report import write_report
 from cxr.inference import load_classifier
 from cxr.models.feature_distance import SPEC_KEY, TENSORS_KEY, FeatureDistance
@@ -80,6 +81,26 @@ def test_the_distance_comes_from_the_same_forward_pass_and_leaves_the_logits_alo
     assert unfitted.feature_distance is None and unfitted.predict_scored(noise_images(2))[1] is None
 
 
+@pytest.mark.parametrize("features, targets", [(np.eye(3, 8), np.arange(3)), (np.ones((5, 8)), np.zeros(5, int))],
+                         ids=["one image per class", "identical images"])
+def test_features_that_do_not_vary_are_refused_not_turned_into_nan_distances(features, targets):
+    with pytest.raises(ValueError, match="do not vary around their class means"):
+        FeatureDistance.fit(features, targets)
+
+
+def test_a_checkpoint_with_half_a_fit_is_refused(fitted_checkpoint, tmp_path):
+    checkpoint = torch.load(fitted_checkpoint, weights_only=False, map_location="cpu")
+    no_tensors = {k: v for k, v in checkpoint.items() if k != TENSORS_KEY}
+    torch.save(no_tensors, tmp_path / "no_tensors.ckpt")
+    no_record = {**checkpoint, "cxr": {k: v for k, v in checkpoint["cxr"].items() if k != SPEC_KEY}}
+    torch.save(no_record, tmp_path / "no_record.ckpt")
+    with pytest.raises(CheckpointError, match="record without its tensors"):
+        load_classifier(tmp_path / "no_tensors.ckpt")
+    with pytest.raises(CheckpointError, match="tensors without its record"):
+        read_checkpoint(tmp_path / "no_record.ckpt")
+    assert load_classifier(fitted_checkpoint).feature_distance is not None
+
+
 def test_fit_on_a_data_module_stores_a_threshold_that_passes_the_asked_share_of_val(synthetic_manifest, tmp_path):
     datamodule = ChestXrayDataModule.from_manifest(str(synthetic_manifest), preprocessing=TINY_PREPROCESSING,
                                                    class_names=CLASS_NAMES, val_fraction=0.3)
@@ -101,6 +122,20 @@ def test_fit_on_a_data_module_stores_a_threshold_that_passes_the_asked_share_of_
     train_distances = torch.cat([classifier.logits_and_distance(torch.stack([train.preprocessing.to_tensor(im)
                                                                               for im in train.images]))[1]])
     assert train_distances.mean() < distances.mean()
+
+
+def test_a_fit_that_cannot_be_made_leaves_the_checkpoint_as_it_was_and_says_why(synthetic_manifest, tmp_path,
+                                                                                  monkeypatch, caplog):
+    datamodule = ChestXrayDataModule.from_manifest(str(synthetic_manifest), preprocessing=TINY_PREPROCESSING,
+                                                   class_names=CLASS_NAMES, val_fraction=0.3)
+    ckpt = make_tiny_checkpoint(tmp_path / "tiny.ckpt", seed=2)
+    before = ckpt.read_bytes()
+    # As if every training image were the same picture: features that do not vary.
+    monkeypatch.setattr("cxr.evaluation.fit_feature_distance.pooled_features",
+                        lambda classifier, dataset, batch_size: np.ones((len(dataset), 8)))
+    assert fit_feature_distance_checkpoint(ckpt, datamodule, "val", 0.95, ckpt) is None
+    assert ckpt.read_bytes() == before
+    assert "no feature distance fitted" in caplog.text and "do not vary" in caplog.text
 
 
 def test_the_threshold_split_must_be_held_out_and_not_tested_on_and_the_pass_rate_a_share(synthetic_manifest):
@@ -137,6 +172,10 @@ def test_report_gives_the_flagged_share_per_source(tmp_path):
     assert predictions["unlike_training"].tolist() == [False, True, False, False, True, True]
     with Image.open(tmp_path / "feature_distance.png") as figure:
         assert figure.format == "PNG" and len(figure.convert("L").getcolors(maxcolors=100_000)) > 10
+    odd_names = write_report(tmp_path / "odd", probs, frame.assign(source=["_site"] * 3 + ["a$^$b"] * 3), CLASS_NAMES,
+                             feature_distances=(distances, fit))  # hidden by, and a parse error in, matplotlib
+    assert set(odd_names["unlike_training"]["by_source"]) == {"_site", "a$^$b"}
+    assert legend_label("_site (n = 3)") == " _site (n = 3)" and legend_label("a$^$b") == r"a\$^\$b"
     no_fit = write_report(tmp_path / "plain", probs, frame, CLASS_NAMES)
     assert "unlike_training" not in no_fit
     assert "Unlike the training data" not in (tmp_path / "plain" / "report.md").read_text()

@@ -63,6 +63,13 @@ def plot_roc_curves(probs: np.ndarray, targets: np.ndarray, class_names: Sequenc
     plt.close(fig)
 
 
+def legend_label(text: str) -> str:
+    """A data name as a literal legend entry: matplotlib hides a label that starts with "_" and reads "$...$" as
+    mathematics (an unbalanced "$" raises)."""
+    text = text.replace("$", r"\$")
+    return " " + text if text.startswith("_") else text
+
+
 def plot_feature_distances(distances: np.ndarray, sources: np.ndarray, threshold: float, path: Path,
                            title: str = "") -> None:
     """One histogram per source, each scaled to its own image count, so a small source's shift stays visible; on
@@ -74,7 +81,7 @@ def plot_feature_distances(distances: np.ndarray, sources: np.ndarray, threshold
     for source in np.unique(sources):
         values = distances[sources == source]
         ax.hist(np.clip(values, bins[0], bins[-1]), bins=bins, weights=np.full(len(values), 1 / len(values)), histtype="step", linewidth=1.4,
-                label=f"{source} (n = {len(values)}, {np.mean(values > threshold):.0%} beyond)")
+                label=legend_label(f"{source} (n = {len(values)}, {np.mean(values > threshold):.0%} beyond)"))
     ax.axvline(threshold, color="k", linestyle="--", linewidth=1, label=f"threshold {threshold:.1f}")
     ax.set_xscale("log")
     ax.set_xlabel("feature distance to the nearest training class (Mahalanobis)")

@@ -69,8 +69,12 @@ def fit_feature_distance_checkpoint(ckpt_path: str | Path, datamodule: ChestXray
     check_compatible(classifier, datamodule, split)
     train = datamodule.dataset("train")
     unaugmented = StandardizedImageDataset(train.images, train.targets.tolist(), train.preprocessing, None)
-    fitted = FeatureDistance.fit(pooled_features(classifier, unaugmented, datamodule.eval_batch_size),
-                                 train.targets.numpy())
+    try:
+        fitted = FeatureDistance.fit(pooled_features(classifier, unaugmented, datamodule.eval_batch_size),
+                                     train.targets.numpy())
+    except ValueError as exc:  # the trained checkpoint stays usable: say why it has no distance, and go on
+        log.warning("no feature distance fitted, so nothing will flag images unlike the training data: %s", exc)
+        return None
     with torch.inference_mode():
         held_out = fitted(torch.from_numpy(pooled_features(classifier, datamodule.dataset(split),
                                                            datamodule.eval_batch_size))).numpy()

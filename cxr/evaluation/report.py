@@ -161,7 +161,8 @@ def unlike_training_lines(metrics: dict) -> list[str]:
     if not unlike:
         return []
     expected = 1 - unlike["pass_rate"]
-    same = (" This is that split: the share is about that by construction."
+    same = (" That is the name of the split evaluated here: if these are the same images, the share is about that "
+            "by construction."
             if unlike["fit_split"] == metrics.get("split") else "")
     lines = ["", "## Unlike the training data", "",
              f"Flagged: images whose features lie farther from the training images' than {percent(unlike['pass_rate'])} of "

@@ -40,6 +40,9 @@ class FeatureDistance(nn.Module):
         means = np.stack([features[rows_class == c].mean(axis=0) for c in range(len(classes))])
         covariance = LedoitWolf().fit(features - means[rows_class]).covariance_
         eigenvalues, eigenvectors = np.linalg.eigh(covariance)
+        if not (np.isfinite(eigenvalues).all() and eigenvalues.max() > 0):
+            raise ValueError(f"the {len(features)} training images' features do not vary around their class means "
+                             "(one image per class, or identical images): no feature distance can be fitted")
         floor = eigenvalues.max() * 1e-9  # shrinkage keeps them positive; the floor guards rounding only
         whitening = (eigenvectors / np.sqrt(np.maximum(eigenvalues, floor))).T
         return cls(torch.from_numpy(whitening), torch.from_numpy(means @ whitening.T))
