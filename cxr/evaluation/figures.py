@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torchmetrics.functional.classification import binary_roc  # noqa: E402
@@ -84,6 +85,11 @@ def plot_feature_distances(distances: np.ndarray, sources: np.ndarray, threshold
                 label=legend_label(f"{source} (n = {len(values)}, {np.mean(values > threshold):.0%} beyond)"))
     ax.axvline(threshold, color="k", linestyle="--", linewidth=1, label=f"threshold {threshold:.1f}")
     ax.set_xscale("log")
+    # Labels at 1, 2, 5 x 10^k (1 x 10^k over a wide range) in plain numbers: the default labels every minor tick
+    # in 10^k notation when the data span under a decade, and they run into each other.
+    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0) if bins[-1] / bins[0] < 100 else (1.0,)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("feature distance to the nearest training class (Mahalanobis)")
     ax.set_ylabel("share of the source's images")
     set_title(ax, title or "Feature distance per source")
