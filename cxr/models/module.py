@@ -71,7 +71,6 @@ class ChestXrayClassifier(L.LightningModule):
         auc_loss_weight: float = 0.0,
         auc_margin: float = 1.0,
         mixup: Callable | None = None,
-        compile: bool = False,
     ):
         super().__init__()
         self.class_names = list(class_names)
@@ -84,8 +83,6 @@ class ChestXrayClassifier(L.LightningModule):
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         self.head_names = set(head_parameter_names(self.net))
-        if compile:  # in place: the state dict keeps its keys, so checkpoints do not depend on this setting
-            self.net.compile()
         weights = None if class_weights is None else torch.as_tensor(list(class_weights), dtype=torch.float32)
         self.register_buffer("class_weights", weights, persistent=False)
         self.label_smoothing = label_smoothing
