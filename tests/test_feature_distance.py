@@ -117,6 +117,7 @@ def test_fit_on_a_data_module_stores_a_threshold_that_passes_the_asked_share_of_
     val = datamodule.dataset("val")
     distances = torch.cat([classifier.logits_and_distance(x)[1] for x, _ in torch.utils.data.DataLoader(val, 64)])
     assert record["threshold"] == pytest.approx(float(np.quantile(distances.numpy(), 0.8)), rel=1e-5)
+    np.testing.assert_allclose(record["split_percentiles"], np.percentile(distances.numpy(), np.arange(101)), rtol=1e-5)
     # The training images (unaugmented) sit closer to their own class means than held-out images on average.
     train = datamodule.dataset("train")
     train_distances = torch.cat([classifier.logits_and_distance(torch.stack([train.preprocessing.to_tensor(im)
@@ -159,7 +160,7 @@ def test_report_gives_the_flagged_share_per_source(tmp_path):
     probs = np.array([[0.9, 0.05, 0.05], [0.8, 0.1, 0.1], [0.9, 0.05, 0.05], [0.1, 0.8, 0.1],
                       [0.2, 0.7, 0.1], [0.1, 0.8, 0.1]])  # right, wrong, right, right, wrong, right
     distances = np.array([1.0, 9.0, 2.0, 3.0, 8.0, 7.0])
-    fit = {"threshold": 5.0, "pass_rate": 0.95, "split": "val"}
+    fit = {"threshold": 5.0, "pass_rate": 0.95, "split": "val", "n": 40, "split_percentiles": np.linspace(0.5, 6, 101).tolist()}
     metrics = write_report(tmp_path, probs, frame, CLASS_NAMES, feature_distances=(distances, fit))
     unlike = metrics["unlike_training"]
     assert unlike["flagged"] == pytest.approx(0.5) and unlike["n"] == 6

@@ -72,13 +72,17 @@ def legend_label(text: str) -> str:
 
 
 def plot_feature_distances(distances: np.ndarray, sources: np.ndarray, threshold: float, path: Path,
-                           title: str = "") -> None:
+                           title: str = "", reference: tuple[str, Sequence[float]] | None = None) -> None:
     """One histogram per source, each scaled to its own image count, so a small source's shift stays visible; on
-    a log axis, since a new hospital's distances run to tens of times the threshold."""
+    a log axis, since a new hospital's distances run to tens of times the threshold. `reference`: (label,
+    percentiles 0..100) of the images the threshold was set on, drawn shaded behind them."""
     fig, ax = plt.subplots(figsize=(5.6, 3.8))
-    span = np.append(distances, threshold)
+    span = np.concatenate([distances, [threshold], [] if reference is None else reference[1]])
     low = max(span[span > 0].min(initial=threshold), threshold * 1e-3)
     bins = np.geomspace(low, max(span.max(), low * 1.01), 41)
+    if reference is not None:  # each bin's share, read off the percentiles' cumulative distribution
+        shares = np.diff(np.interp(bins, reference[1], np.linspace(0, 1, len(reference[1]))))
+        ax.stairs(shares, bins, fill=True, color="0.85", label=legend_label(reference[0]))
     for source in np.unique(sources):
         values = distances[sources == source]
         ax.hist(np.clip(values, bins[0], bins[-1]), bins=bins, weights=np.full(len(values), 1 / len(values)),

@@ -83,6 +83,8 @@ def fit_feature_distance_checkpoint(ckpt_path: str | Path, datamodule: ChestXray
         log.warning("the feature-distance threshold rests on only %d %s images: the share it flags will be noisy",
                     len(held_out), split)
     record = {"method": METHOD, "threshold": threshold, "pass_rate": pass_rate, "split": split, "n": len(held_out),
+              # Percentiles 0..100 of the held-out distances: reports draw new images against them.
+              "split_percentiles": np.percentile(held_out, np.arange(101)).tolist(),
               "fit_images": len(unaugmented), "feature_dim": fitted.feature_dim,
               "sources": sorted(datamodule.split_frame(split)["source"].astype(str).unique().tolist())}
     write_checkpoint_with_spec(ckpt_path, out_path, entries={TENSORS_KEY: fitted.state()}, **{SPEC_KEY: record})
