@@ -76,7 +76,7 @@ def plot_feature_distances(distances: np.ndarray, sources: np.ndarray, threshold
     """One histogram per source, each scaled to its own image count, so a small source's shift stays visible; on
     a log axis, since a new hospital's distances run to tens of times the threshold. `reference`: (label,
     percentiles 0..100) of the images the threshold was set on, drawn shaded behind them."""
-    fig, ax = plt.subplots(figsize=(5.6, 3.8))
+    fig, ax = plt.subplots(figsize=(8.0, 3.8))
     span = np.concatenate([distances, [threshold], [] if reference is None else reference[1]])
     low = max(span[span > 0].min(initial=threshold), threshold * 1e-3)
     bins = np.geomspace(low, max(span.max(), low * 1.01), 41)
@@ -97,7 +97,7 @@ def plot_feature_distances(distances: np.ndarray, sources: np.ndarray, threshold
     ax.set_xlabel("feature distance to the nearest training class (Mahalanobis)")
     ax.set_ylabel("share of the source's images")
     set_title(ax, title or "Feature distance per source")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the plot: the curves fill it
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
