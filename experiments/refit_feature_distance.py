@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from cxr.checkpoint import read_spec
 from cxr.config import instantiate_checkpoint_datamodule
-from cxr.evaluation.fit_feature_distance import fit_feature_distance_checkpoint
+from cxr.evaluation.fit_feature_distance import check_feature_distance_config, fit_feature_distance_checkpoint
 
 
 def main(run_dir: str, out_path: str) -> None:
@@ -22,6 +22,7 @@ def main(run_dir: str, out_path: str) -> None:
     spec = read_spec(ckpt)
     settings = cfg.get("feature_distance") or {"split": "val", "pass_rate": 0.95}
     datamodule = instantiate_checkpoint_datamodule(cfg, spec)
+    check_feature_distance_config(datamodule, settings["split"], float(settings["pass_rate"]), datamodule.split)
     before = spec.get("feature_distance") or {}
     after = fit_feature_distance_checkpoint(ckpt, datamodule, settings["split"], float(settings["pass_rate"]),
                                             out_path)
