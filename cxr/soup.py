@@ -115,6 +115,14 @@ def main(cfg: DictConfig) -> str:
     if feature_distance:
         check_feature_distance_config(datamodule, feature_distance.split, float(feature_distance.pass_rate),
                                       datamodule.split)
+    calibration = cfg.get("calibration") or {"method": "none"}
+    # Members refitted on train + val: refuse now what the operating point or the distance fit would refuse
+    # once the soup is made (an ensemble gets no distance).
+    fitted_on = [calibration["split"]] if calibration["method"] != "none" else []
+    if feature_distance and cfg.method != "ensemble":
+        fitted_on.append(feature_distance.split)
+    for split in dict.fromkeys(fitted_on):
+        datamodule.check_unseen(split, spec["data_summary"], whose="the members")
     targets = datamodule.split_frame(select_split)["target"].to_numpy()
 
     def score(net: torch.nn.Module) -> float:
@@ -145,7 +153,6 @@ def main(cfg: DictConfig) -> str:
     fits = run_fit_seconds(paths)
     results["run_fit_seconds"] = fits
     results["fit_seconds"] = sum(fits.values()) if all(f is not None for f in fits.values()) else None
-    calibration = cfg.get("calibration") or {"method": "none"}
     if calibration["method"] != "none":
         results["calibration"] = recalibrate_checkpoint(best, datamodule, calibration["split"], calibration["method"],
                                                         out_path=best)

@@ -415,6 +415,14 @@ def test_refit_on_train_and_val_keeps_val_out_of_every_later_choice(tmp_path_fac
                               text=True, timeout=600)
         assert proc.returncode != 0 and "trained on the 'val' split" in proc.stderr, proc.stderr[-2000:]
     assert not (out / "again" / "checkpoints").exists()  # refused before any fitting
+    ckpt = out / "checkpoints" / "best.ckpt"
+    for i, overrides in enumerate((["calibration.method=none"], ["feature_distance=null"])):  # the other fit remains
+        proc = subprocess.run(command("cxr.soup", (f"members=[{ckpt},{ckpt}]", "method=uniform", "data=synthetic",
+                                                   "data.n_per_class=20", "data.size=96", *overrides,
+                                                   f"paths.output_dir={out}/soup{i}"), cache),
+                              cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
+        assert proc.returncode != 0 and "trained on the 'val' split" in proc.stderr, proc.stderr[-2000:]
+        assert not (out / f"soup{i}" / "checkpoints").exists()  # refused before the soup was made
 
 
 def test_an_experiment_of_ones_own_outside_the_repository_needs_the_global_package_line(tmp_path):
