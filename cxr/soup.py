@@ -109,19 +109,19 @@ def main(cfg: DictConfig) -> str:
     select_split = cfg.select_split
     if select_split == datamodule.split:
         raise ValueError(f"select_split={select_split} is the evaluation split: choose the members on another one")
-    if cfg.method == "greedy":
-        datamodule.check_unseen(select_split, spec["data_summary"], whose="the members")
     feature_distance = cfg.get("feature_distance")
     if feature_distance:
         check_feature_distance_config(datamodule, feature_distance.split, float(feature_distance.pass_rate),
                                       datamodule.split)
     calibration = cfg.get("calibration") or {"method": "none"}
-    # Members refitted on train + val: refuse now what the operating point or the distance fit would refuse
-    # once the soup is made (an ensemble gets no distance).
-    fitted_on = [calibration["split"]] if calibration["method"] != "none" else []
+    # Every split something is chosen or fitted on, each checked once, before the soup is made: members refitted
+    # on train + val must not be selected, calibrated or given a threshold there (an ensemble gets no distance).
+    chosen_on = [select_split] if cfg.method == "greedy" else []
+    if calibration["method"] != "none":
+        chosen_on.append(calibration["split"])
     if feature_distance and cfg.method != "ensemble":
-        fitted_on.append(feature_distance.split)
-    for split in dict.fromkeys(fitted_on):
+        chosen_on.append(feature_distance.split)
+    for split in dict.fromkeys(chosen_on):
         datamodule.check_unseen(split, spec["data_summary"], whose="the members")
     targets = datamodule.split_frame(select_split)["target"].to_numpy()
 
