@@ -48,11 +48,12 @@ def read_checkpoint(ckpt_path: str | Path) -> tuple[dict, dict]:
         raise CheckpointError(f"{path} is not a cxr checkpoint (no '{CHECKPOINT_KEY}' record)")
     from cxr.models.feature_distance import SPEC_KEY, TENSORS_KEY
 
-    if bool(spec.get(SPEC_KEY)) != (checkpoint.get(TENSORS_KEY) is not None):
+    has_record = bool(spec.get(SPEC_KEY))
+    if has_record != (checkpoint.get(TENSORS_KEY) is not None):
         # Half a fit would serve no distances while /model/info and the referral rule advertise its threshold.
-        raise CheckpointError(f"{path} has the feature distance's {'record' if spec.get(SPEC_KEY) else 'tensors'} "
-                              f"without its {'tensors' if spec.get(SPEC_KEY) else 'record'} ('{TENSORS_KEY}' and "
-                              f"the spec's '{SPEC_KEY}' go together): was it edited by hand? Remove both, or retrain")
+        present, missing = ("record", "tensors") if has_record else ("tensors", "record")
+        raise CheckpointError(f"{path} has the feature distance's {present} without its {missing} ('{TENSORS_KEY}' "
+                              f"and the spec's '{SPEC_KEY}' go together): was it edited by hand? Remove both, or retrain")
     return checkpoint, spec
 
 

@@ -20,7 +20,8 @@ from cxr.models.feature_distance import TENSORS_KEY, FeatureDistance, ScoredNetw
 @dataclass
 class Classifier:
     """A checkpoint ready for inference. `spec` is the checkpoint's inference record; `feature_distance`, when the
-    checkpoint has one fitted, scores how unlike the training images an image is (spec["feature_distance"] has its threshold)."""
+    checkpoint has one fitted, scores how unlike the training images an image is (spec["feature_distance"] has
+    its threshold)."""
 
     net: nn.Module
     spec: dict

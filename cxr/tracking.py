@@ -79,8 +79,9 @@ def log_results(loggers: list, summary: dict, eval_dir: Path | None, split: str)
         logger.log_metrics(summary)
         if eval_dir is not None and hasattr(logger, "log_image"):
             for name, caption in EVAL_FIGURES:
-                if (eval_dir / f"{name}.png").is_file():  # feature_distance only where the checkpoint has one fitted
-                    logger.log_image(f"eval/{name}", [str(eval_dir / f"{name}.png")], caption=[f"{caption} ({split} split)"])
+                figure = eval_dir / f"{name}.png"
+                if figure.is_file():  # feature_distance only where the checkpoint has one fitted
+                    logger.log_image(f"eval/{name}", [str(figure)], caption=[f"{caption} ({split} split)"])
         logger.finalize("success")
 
 

@@ -86,7 +86,8 @@ def plot_feature_distances(distances: np.ndarray, sources: np.ndarray, threshold
     for source in np.unique(sources):
         values = distances[sources == source]
         ax.hist(np.clip(values, bins[0], bins[-1]), bins=bins, weights=np.full(len(values), 1 / len(values)),
-                histtype="step", linewidth=1.4, label=legend_label(f"{source} (n = {len(values)}, {np.mean(values > threshold):.0%} beyond)"))
+                histtype="step", linewidth=1.4,
+                label=legend_label(f"{source} (n = {len(values)}, {np.mean(values > threshold):.0%} beyond)"))
     ax.axvline(threshold, color="k", linestyle="--", linewidth=1, label=f"threshold {threshold:.1f}")
     ax.set_xscale("log")
     # Labels at 1, 2, 5 x 10^k (1 x 10^k over a wide range) in plain numbers: the default labels every minor tick

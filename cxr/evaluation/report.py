@@ -253,12 +253,12 @@ def write_report(out_dir: str | Path, probs: np.ndarray, frame: pd.DataFrame, cl
         predictions[f"p_{name}"] = probs[:, c]
     predictions["predicted"] = [class_names[i] for i in probs.argmax(axis=1)]
     if feature_distances is not None:
-        predictions["feature_distance"] = feature_distances[0]
-        predictions["unlike_training"] = feature_distances[0] > feature_distances[1]["threshold"]
-        fit = feature_distances[1]
+        distances, fit = feature_distances
+        predictions["feature_distance"] = distances
+        predictions["unlike_training"] = distances > fit["threshold"]
         reference = ((f"{fit['split']} split, where the threshold was set (n = {fit['n']})", fit["split_percentiles"])
                      if fit.get("split_percentiles") is not None else None)  # older fits did not record them
-        plot_feature_distances(feature_distances[0], sources, fit["threshold"], out_dir / "feature_distance.png",
+        plot_feature_distances(distances, sources, fit["threshold"], out_dir / "feature_distance.png",
                                f"{title}: feature distance per source", reference)
     predictions.to_csv(out_dir / "predictions.csv", index=False)
     plot_confusion_matrix(metrics["confusion_matrix"], class_names, out_dir / "confusion_matrix.png", f"{title}: confusion matrix")
