@@ -120,8 +120,10 @@ def train(cfg: DictConfig) -> dict:
         results["calibration"] = recalibrate_checkpoint(best, datamodule, calibration["split"], calibration["method"],
                                                         out_path=best, warn_few=False)
     if feature_distance:
-        results["feature_distance"] = fit_feature_distance_checkpoint(best, datamodule, feature_distance.split,
-                                                                      float(feature_distance.pass_rate), out_path=best)
+        fitted = fit_feature_distance_checkpoint(best, datamodule, feature_distance.split,
+                                                 float(feature_distance.pass_rate), out_path=best)
+        # The split's 101 distance percentiles stay in the checkpoint, where reports and /model/info read them.
+        results["feature_distance"] = fitted and {k: v for k, v in fitted.items() if k != "split_percentiles"}
     if test_after_fit:
         trainer.test(model, datamodule=datamodule, ckpt_path=str(best), weights_only=False)
         results["test"] = {k: finite_or_none(v) for k, v in trainer.callback_metrics.items()

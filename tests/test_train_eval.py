@@ -66,7 +66,7 @@ def test_train_fits_the_feature_distance_and_the_report_uses_it(trained_run):
     fit = json.loads((out / "results.json").read_text())["feature_distance"]
     assert fit["split"] == "val" and fit["pass_rate"] == 0.95 and fit["fit_images"] > 0 and fit["threshold"] > 0
     spec = torch.load(out / "checkpoints" / "best.ckpt", weights_only=False, map_location="cpu")["cxr"]
-    assert spec["feature_distance"] == fit
+    assert len(spec["feature_distance"].pop("split_percentiles")) == 101 and spec["feature_distance"] == fit
     unlike = json.loads((out / "eval" / "metrics.json").read_text())["unlike_training"]
     assert unlike["threshold"] == fit["threshold"] and unlike["n"] > 0 and 0 <= unlike["flagged"] <= 1
     assert "## Unlike the training data" in (out / "eval" / "report.md").read_text()
