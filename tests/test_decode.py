@@ -1,5 +1,7 @@
 """Every supported format decodes to the same greyscale picture; broken input fails clearly."""
 import io
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -40,6 +42,41 @@ def test_png_16bit_uses_full_range():
     out = decode_image(encode(Image.fromarray(values), "PNG"))
     assert out.dtype == np.uint8 and out.min() == 0 and out.max() == 255
     assert np.all(np.diff(out[0].astype(int)) >= 0)
+
+
+def png_16_bit(channels: list[np.ndarray], exif: bytes | None = None) -> bytes:
+    """A 16-bit PNG written chunk by chunk: grey+alpha (2 channels), RGB (3) or RGBA (4), as detector software
+    exports them; Pillow cannot write these."""
+    pixels = np.dstack(channels).astype(">u2")
+    height, width, depth = pixels.shape
+    colour_type = {2: 4, 3: 2, 4: 6}[depth]
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    rows = b"".join(b"\x00" + pixels[y].tobytes() for y in range(height))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0))
+            + (chunk(b"eXIf", exif) if exif else b"") + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("channels", [2, 3, 4], ids=["grey+alpha", "RGB", "RGBA"])
+def test_16_bit_colour_pngs_keep_all_16_bits(channels):
+    values = np.tile(np.linspace(1000, 4000, 50), (10, 1)).astype(np.uint16)  # Pillow alone would give 3..15
+    opaque = np.full_like(values, 65535)
+    layers = {2: [values, opaque], 3: [values] * 3, 4: [values] * 3 + [opaque]}[channels]
+    expected = decode_image(encode(Image.fromarray(values), "PNG"))
+    assert np.abs(decode_image(png_16_bit(layers)).astype(int) - expected).max() <= 1
+
+
+def test_16_bit_colour_png_alpha_and_exif_orientation():
+    values = np.full((30, 50), 4000, np.uint16)
+    alpha = np.full_like(values, 65535)
+    alpha[:, 10:] = 0  # transparent right of a stripe: reads as black, as for 8-bit images
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise for display
+    out = decode_image(png_16_bit([values, values, values, alpha], exif=exif.tobytes()[6:]))  # eXIf: no "Exif" prefix
+    assert out.shape == (50, 30)
+    assert out[:10].min() == 255 and out[10:].max() == 0  # the opaque stripe is now on top
 
 
 def test_jpeg_and_exif_orientation():

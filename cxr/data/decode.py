@@ -13,6 +13,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 # Refuse decompression bombs by the size the header declares, before any pixel is decoded.
 DEFAULT_MAX_PIXELS = 50_000_000
 DICOM_MAGIC_OFFSET = 128
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 DEFLATED_TRANSFER_SYNTAX = "1.2.840.10008.1.2.1.99"
 # Bytes a DICOM data set may hold besides its pixels (tags, overlays, a thumbnail), when its inflated size is bounded.
 DICOM_HEADER_ALLOWANCE = 4 << 20
@@ -146,6 +147,8 @@ def _decode_raster(data: bytes, max_pixels: int) -> np.ndarray:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
             _check_pixels(*image.size, max_pixels)
+            if is_16_bit_colour_png(data):
+                return _decode_16_bit_colour_png(data, image)
             image.load()
     except ImageDecodeError:
         raise
@@ -161,6 +164,31 @@ def _decode_raster(data: bytes, max_pixels: int) -> np.ndarray:
         raise
     except Exception as exc:
         raise ImageDecodeError(f"cannot convert the image to greyscale ({type(exc).__name__}: {exc})") from exc
+
+
+def is_16_bit_colour_png(data: bytes) -> bool:
+    """A 16-bit PNG of colour type grey+alpha, RGB or RGBA (from its IHDR chunk): Pillow reads those as 8-bit,
+    keeping each sample's high byte, so a 12-bit detector image would come out in 0..15."""
+    return data[:8] == PNG_SIGNATURE and data[12:16] == b"IHDR" and len(data) > 25 and data[24] == 16 \
+        and data[25] in (2, 4, 6)
+
+
+def _decode_16_bit_colour_png(data: bytes, header: Image.Image) -> np.ndarray:
+    """OpenCV keeps all 16 bits (as BGR or BGRA; grey+alpha comes as BGRA too). The grey is Pillow's L weighting,
+    alpha composited over black as for 8-bit images, then scaled over its range like a 16-bit grey PNG; the EXIF
+    orientation of `header` (the same file opened by Pillow) is applied last."""
+    import cv2
+
+    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if pixels is None or pixels.ndim != 3 or pixels.shape[2] not in (3, 4):
+        raise ImageDecodeError("not a decodable 16-bit PNG")
+    gray = pixels[..., 2] * np.float32(0.299) + pixels[..., 1] * np.float32(0.587) + pixels[..., 0] * np.float32(0.114)
+    if pixels.shape[2] == 4:
+        gray *= pixels[..., 3] / np.float32(65535)
+    oriented = Image.fromarray(to_uint8(gray))
+    if "exif" in header.info:
+        oriented.info["exif"] = header.info["exif"]
+    return np.asarray(ImageOps.exif_transpose(oriented))
 
 
 def _to_gray(image: Image.Image) -> np.ndarray:
