@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from cxr.data.datamodule import (ChestXrayDataModule, balanced_class_weights, balanced_sampler, seed_worker,
                                  split_fingerprint)
+from cxr.data import dataset as dataset_module
 from cxr.data.dataset import DataCheckError, StandardizedImageDataset, load_standardized
 from cxr.data.index import CLASS_NAMES, DataConfigError, LeakageError
 from cxr.data.preprocess import Preprocessing
@@ -320,6 +321,35 @@ def test_disk_cache_sees_files_swapped_with_their_size_and_mtime(tmp_path):
     b.rename(a)
     (tmp_path / "t.bmp").rename(b)
     assert load_standardized(paths, prep, tmp_path / "cache")[:, 0, 0].tolist() == [200, 10]
+
+
+def test_disk_cache_is_not_reused_by_a_decoder_that_decodes_differently(tmp_path, monkeypatch):
+    path = tmp_path / "a.bmp"
+    Image.fromarray(np.full((32, 32), 10, np.uint8)).save(path)
+    prep = Preprocessing(image_size=8)
+    assert load_standardized([str(path)], prep, tmp_path / "cache")[0, 0, 0] == 10
+    monkeypatch.setattr(dataset_module, "decode_image", lambda p: np.full((32, 32), 99, np.uint8))
+    assert load_standardized([str(path)], prep, tmp_path / "cache")[0, 0, 0] == 10  # the same decoder: cached
+    monkeypatch.setattr(dataset_module, "DECODER_VERSION", dataset_module.DECODER_VERSION + 1)
+    assert load_standardized([str(path)], prep, tmp_path / "cache")[0, 0, 0] == 99
+
+
+def test_an_unforeseen_decoder_failure_still_names_its_file_beside_the_others(tmp_path, monkeypatch):
+    paths = []
+    for name in ("fine", "odd", "broken"):
+        paths.append(str(tmp_path / f"{name}.png"))
+        Image.fromarray(np.full((16, 16), 50, np.uint8)).save(paths[-1])
+    Path(paths[2]).write_bytes(b"not an image")
+    real_decode = dataset_module.decode_image
+
+    def decode(path):
+        if path.endswith("odd.png"):
+            raise NotImplementedError("a case no decoder foresaw")
+        return real_decode(path)
+
+    monkeypatch.setattr(dataset_module, "decode_image", decode)
+    with pytest.raises(DataCheckError, match=r"(?s)2 of 3 image\(s\).*broken\.png: .*odd\.png: NotImplementedError: a case"):
+        load_standardized(paths, Preprocessing(image_size=8))
 
 
 def test_data_without_a_split_is_scored_whole_with_split_all_and_warned_about_otherwise(tmp_path, synthetic_manifest,

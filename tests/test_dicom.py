@@ -11,7 +11,9 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
+from cxr.data.dataset import DataCheckError, load_standardized
 from cxr.data.decode import ImageDecodeError, decode_image, to_uint8
+from cxr.data.preprocess import Preprocessing
 
 
 def make_dicom(pixels: np.ndarray | None, photometric: str = "MONOCHROME2", slope: float | None = None,
@@ -159,6 +161,19 @@ def test_unreadable_rows_or_columns_are_a_decode_error_not_a_crash(edit):
     with pytest.raises(ImageDecodeError, match="Rows/Columns") as info:
         decode_image(rewritten(make_dicom(gradient16(64, 64)), edit))
     assert info.value.code == "invalid_image"
+
+
+def test_a_damaged_file_meta_element_is_a_decode_error_naming_the_file(tmp_path):
+    data = bytearray(make_dicom(gradient16(8, 8)))
+    tag = data.index(b"\x02\x00\x10\x00UI")  # (0002,0010) TransferSyntaxUID, explicit VR "UI"
+    data[tag + 4:tag + 6] = b"\x55\xdf"  # two flipped bytes: a value representation pydicom does not know
+    with pytest.raises(ImageDecodeError, match="file meta information"):
+        decode_image(bytes(data))
+    good, damaged = tmp_path / "good.dcm", tmp_path / "damaged.dcm"
+    good.write_bytes(make_dicom(gradient16(8, 8)))
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(DataCheckError, match=r"1 of 2 image\(s\) cannot be decoded:\n  .*damaged\.dcm: unreadable"):
+        load_standardized([str(good), str(damaged)], Preprocessing(image_size=8))
 
 
 def test_a_rescale_that_leaves_one_value_is_refused():

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from cxr.data.decode import ImageDecodeError, decode_image
+from cxr.data.decode import DECODER_VERSION, ImageDecodeError, decode_image
 from cxr.data.preprocess import Preprocessing
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ def _check_files_exist(paths: Sequence[str]) -> None:
 
 
 def _cache_key(paths: Sequence[str], preprocessing: Preprocessing) -> str:
-    digest = hashlib.sha1(json.dumps(preprocessing.to_dict(), sort_keys=True).encode())
+    digest = hashlib.sha1(json.dumps([preprocessing.to_dict(), DECODER_VERSION], sort_keys=True).encode())
     for path in paths:
         stat = Path(path).stat()
         # The inode and ctime tell apart files swapped or replaced under the same name, size and (kept) mtime.
@@ -52,7 +52,7 @@ def load_standardized(paths: Sequence[str], preprocessing: Preprocessing, cache_
 
     This is also the data check: every missing or undecodable file is collected and reported together,
     with its path, before any training starts. With `cache_dir` the stack is kept on disk
-    (keyed by paths, file sizes/mtimes/inodes/ctimes and preprocessing) and reused by later runs.
+    (keyed by paths, file sizes/mtimes/inodes/ctimes, preprocessing and the decoder's version) and reused by later runs.
     """
     _check_files_exist(paths)
     cache_file = None
@@ -77,6 +77,8 @@ def load_standardized(paths: Sequence[str], preprocessing: Preprocessing, cache_
             stack[i] = preprocessing.standardize(decode_image(paths[i]))
         except ImageDecodeError as exc:
             errors.append(str(exc))
+        except Exception as exc:  # a decoder's unforeseen failure still names its file, beside the others
+            errors.append(f"{paths[i]}: {type(exc).__name__}: {exc}")
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         list(pool.map(work, range(len(paths))))

@@ -10,6 +10,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+# Bumped whenever a change to decoding changes the pixels any file decodes to: image caches are keyed by it, so
+# none serves pixels an older decoder made. 2: 16-bit colour PNGs keep all 16 bits.
+DECODER_VERSION = 2
 # Refuse decompression bombs by the size the header declares, before any pixel is decoded.
 DEFAULT_MAX_PIXELS = 50_000_000
 DICOM_MAGIC_OFFSET = 128
@@ -73,9 +76,10 @@ def _check_deflated_size(data: bytes, max_pixels: int) -> None:
     try:
         read_preamble(stream, False)
         meta = _read_file_meta_info(stream)
+        transfer_syntax = meta.get("TransferSyntaxUID")  # elements are parsed lazily: a damaged one raises here
     except Exception as exc:
         raise ImageDecodeError(f"unreadable DICOM file meta information: {exc}") from exc
-    if meta.get("TransferSyntaxUID") != DEFLATED_TRANSFER_SYNTAX:
+    if transfer_syntax != DEFLATED_TRANSFER_SYNTAX:
         return
     limit = 4 * max_pixels + DICOM_HEADER_ALLOWANCE  # up to 32-bit (or 8-bit RGB) pixels; one frame
     try:
