@@ -192,11 +192,13 @@ class ChestXrayDataModule(L.LightningDataModule):
         check_subgroup_columns(index, self.subgroups, reserved=prediction_columns(self.class_names))
         unsplit = (index["split"] == "").to_numpy()
         self.drawn_split_images = int(unsplit.sum())
-        given = set(index["split"])
+        given = set(index["split"]) - {""}
         if self.split != ALL_IMAGES:  # scoring every image as one set needs no split drawn
-            if "" not in given and "train" in given and "val" not in given:
-                # train/ and test/ only, a common layout: val is drawn from train, patient-grouped and seeded.
-                log.warning("no val split given: drawing %.0f%% of the train images as val", 100 * self.val_fraction)
+            if "train" in given and "val" not in given:
+                # train/ and test/ only, a common layout: val is drawn from train (and from any images without a
+                # split, which the given test split then does not grow by), patient-grouped and seeded.
+                log.warning("no val split given: drawing %.0f%% of the train images%s as val", 100 * self.val_fraction,
+                            f" and of the {self.drawn_split_images} without a split" if self.drawn_split_images else "")
                 index = assign_splits(index.assign(split=index["split"].replace("train", "")), self.val_fraction, 0.0,
                                       self.split_seed)
             index = assign_splits(index, self.val_fraction, self.test_fraction, self.split_seed)
