@@ -50,7 +50,7 @@ def test_manifest_paths_relative_to_csv_and_bad_label(tmp_path):
     assert index["path"].tolist() == [str(tmp_path / "imgs/a.png"), str(tmp_path / "imgs/b.png")]
     assert index["label"].tolist() == ["normal", "tuberculosis"]
     (tmp_path / "bad.csv").write_text("path,label\na.png,covid\n")
-    with pytest.raises(ValueError, match="row 2.*covid"):
+    with pytest.raises(ValueError, match="line 2.*covid"):
         index_manifest(tmp_path / "bad.csv")
 
 
@@ -114,7 +114,15 @@ def test_manifest_split_aliases_and_padded_patient_ids(tmp_path):
     ("file,label\na.png,normal\n", r"missing column\(s\) \['path'\]"),
     # Excel's plain "CSV" on Windows writes cp1252: ñ is the byte 0xf1
     ("path,label\nespa\u00f1a.png,normal\n".encode("cp1252"), "not UTF-8 text .*0xf1.*CSV UTF-8"),
-    ("path,label\na.png,normal\na.png,pneumonia\n", r"listed more than once with different labels or splits"),
+    ("path,label\na.png,normal\na.png,pneumonia\n", r"listed more than once with different labels, splits, patients or sources"),
+    # one image under two patients: keeping either row could hide P7 in both train and test
+    ("path,label,split,patient_id\na.png,normal,train,P1\nb.png,normal,test,P7\na.png,normal,train,P7\n",
+     "listed more than once with different labels, splits, patients or sources"),
+    ("path,label,note\na.png,normal,ok\nb.png,normal,fine, really\n", r"1 row\(s\) have more values than the 3 columns, "
+     r"e.g. line\(s\) \[3\]: put values that contain ',' in double quotes"),
+    ("path,label\na.png,normal\n\n\nb.png,covid\n", "line 5: unknown label 'covid'"),  # line numbers count blank lines
+    ("path,label\na.png,normal\n,tb\n", r"1 row\(s\) have no path, e.g. line\(s\) \[3\]"),
+    ("path,label\na.png,normal\n\"b.png,tb\n", "line 3: not readable as CSV .*check its quotes"),
 ])
 def test_bad_manifest_is_a_data_config_error_printed_without_traceback(tmp_path, capsys, csv, message):
     (tmp_path / "m.csv").write_bytes(csv if isinstance(csv, bytes) else csv.encode())
@@ -123,6 +131,13 @@ def test_bad_manifest_is_a_data_config_error_printed_without_traceback(tmp_path,
     with pytest.raises(SystemExit) as exit_info:
         user_errors(lambda cfg: index_manifest(tmp_path / "m.csv"))(None)
     assert exit_info.value.code == 1 and capsys.readouterr().err.startswith("error: ")
+
+
+def test_a_spreadsheet_s_trailing_separators_are_not_values(tmp_path):
+    (tmp_path / "m.csv").write_text("path,label\na.png,normal,\n,,\nb.png,TB,,\n")
+    index = index_manifest(tmp_path / "m.csv")
+    assert index[["path", "label"]].values.tolist() == [[str(tmp_path / "a.png"), "normal"],
+                                                        [str(tmp_path / "b.png"), "tuberculosis"]]
 
 
 def test_manifest_column_names_ignore_case_and_spaces(tmp_path):

@@ -217,19 +217,48 @@ def _one_spelling(sources: pd.Series) -> pd.Series:
 
 
 def _without_repeated_rows(frame: pd.DataFrame, manifest: Path) -> pd.DataFrame:
-    """One row per image: a path listed twice with the same label and split is kept once (it would count twice in
-    every metric); listed with different labels or splits, it is refused."""
+    """One row per image: a path listed twice alike is kept once (it would count twice in every metric); listed
+    with different labels, splits, patients or sources, it is refused (keeping either row could hide a patient
+    in two splits)."""
     repeated = frame[frame.duplicated("path", keep=False)]
     if repeated.empty:
         return frame
-    conflicting = repeated.groupby("path")[["label", "split"]].nunique().max(axis=1) > 1
+    conflicting = repeated.groupby("path")[["label", "split", "patient_id", "source"]].nunique().max(axis=1) > 1
     if conflicting.any():
         paths = conflicting.index[conflicting].tolist()
-        raise DataConfigError(f"{manifest}: {len(paths)} image(s) are listed more than once with different labels or "
-                              f"splits, e.g. {paths[:3]}: keep one row per image")
+        raise DataConfigError(f"{manifest}: {len(paths)} image(s) are listed more than once with different labels, "
+                              f"splits, patients or sources, e.g. {paths[:3]}: keep one row per image")
     log.warning("%s: %d row(s) repeat an image listed before (e.g. %s): each image is used once", manifest,
                 int(frame.duplicated("path").sum()), repeated["path"].iloc[0])
     return frame.drop_duplicates("path").reset_index(drop=True)
+
+
+def _read_manifest_rows(manifest: Path, separator: str) -> tuple[list[str], list[list[str]], list[int]]:
+    """The column names (stripped, lower case), each row's values padded or cut to one per column, and the line
+    each row starts on (blank lines are empty rows). A row with more values than there are columns is refused:
+    a value with an unquoted separator would shift every value after it. Empty cells past the last column (a
+    spreadsheet's trailing separators) are not values."""
+    rows, lines, overlong = [], [], []
+    with manifest.open(newline="", encoding="utf-8-sig") as handle:
+        reader = csv.reader(handle, delimiter=separator, skipinitialspace=True, strict=True)
+        try:
+            header = [name.strip().lower() for name in next(reader, [])]
+            start = reader.line_num + 1
+            for values in reader:
+                if any(value.strip() for value in values[len(header):]):
+                    overlong.append(start)
+                rows.append((values + [""] * len(header))[:len(header)])
+                lines.append(start)
+                start = reader.line_num + 1
+        except UnicodeDecodeError as exc:
+            raise not_utf8(manifest, exc) from None
+        except csv.Error as exc:  # e.g. a quote left open
+            raise DataConfigError(f"{manifest} line {reader.line_num}: not readable as CSV ({exc}): check its "
+                                  "quotes") from None
+    if overlong:
+        raise DataConfigError(f"{manifest}: {len(overlong)} row(s) have more values than the {len(header)} columns, "
+                              f"e.g. line(s) {overlong[:5]}: put values that contain {separator!r} in double quotes")
+    return header, rows, lines
 
 
 def index_manifest(manifest: str | Path) -> pd.DataFrame:
@@ -240,18 +269,12 @@ def index_manifest(manifest: str | Path) -> pd.DataFrame:
     if not manifest.is_file():
         raise FileNotFoundError(f"manifest {manifest} does not exist")
     separator = _manifest_separator(manifest)
-    with manifest.open(newline="", encoding="utf-8-sig") as handle:  # as written: pandas renames a repeat to name.1
-        header = [name.strip().lower() for name in next(csv.reader(handle, delimiter=separator), [])]
+    header, values, lines = _read_manifest_rows(manifest, separator)
     repeated = sorted({name for name in header if header.count(name) > 1})
     if repeated:
         raise DataConfigError(f"{manifest}: column name(s) {repeated} appear more than once (case is ignored); "
                               "rename them")
-    try:
-        table = pd.read_csv(manifest, dtype=str, keep_default_na=False, sep=separator, skipinitialspace=True,
-                            encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise not_utf8(manifest, exc) from None
-    table.columns = [str(name).strip().lower() for name in table.columns]
+    table = pd.DataFrame(values, columns=header, dtype=str)
     missing = {"path", "label"} - set(table.columns)
     if missing:
         raise DataConfigError(f"{manifest}: missing column(s) {sorted(missing)} (found {list(table.columns)}); the "
@@ -260,11 +283,14 @@ def index_manifest(manifest: str | Path) -> pd.DataFrame:
     empty = (table == "").all(axis=1)
     if empty.any():  # the rows a spreadsheet leaves below its data (",,,")
         log.info("%s: skipped %d empty row(s)", manifest, int(empty.sum()))
-    rows = [i + 2 for i in np.flatnonzero(~empty.to_numpy())]  # the file's line numbers, for messages
+    rows = [lines[i] for i in np.flatnonzero(~empty.to_numpy())]  # the file's line numbers, for messages
     table = table[~empty].reset_index(drop=True)
+    if (pathless := [row for row, value in zip(rows, table["path"]) if not value]):
+        raise DataConfigError(f"{manifest}: {len(pathless)} row(s) have no path, e.g. line(s) {pathless[:5]}: give "
+                              "each image's path, or remove the row")
     frame = pd.DataFrame({
         "path": [_resolved_path(manifest, p) for p in table["path"]],
-        "label": [_label_or_raise(v, f"{manifest} row {row}") for row, v in zip(rows, table["label"])],
+        "label": [_label_or_raise(v, f"{manifest} line {row}") for row, v in zip(rows, table["label"])],
         "split": table["split"].str.lower().replace(SPLIT_ALIASES) if "split" in table else "",
         "patient_id": blank_missing(table["patient_id"]) if "patient_id" in table else "",
         "source": _one_spelling(table["source"]) if "source" in table else manifest.parent.name,
