@@ -155,6 +155,15 @@ def test_symlinked_subfolders_are_followed_once(tmp_path):
     assert sorted(p.removeprefix(str(tmp_path / "data")) for p in index["path"]) == ["/TB/a.png", "/TB/linked/x.png"]
 
 
+def test_links_to_files_that_do_not_exist_are_refused_naming_them(tmp_path):
+    for name in ("a.png", "b.png"):
+        write_png(tmp_path / "NORMAL" / name)
+    (tmp_path / "TB").mkdir()
+    (tmp_path / "TB" / "c.png").symlink_to(tmp_path / ".git" / "annex" / "objects" / "c")  # not fetched yet
+    with pytest.raises(DataConfigError, match=r"(?s)1 file\(s\) under .* are links to files that do not exist .*TB/c\.png"):
+        index_folder(tmp_path)
+
+
 def test_hidden_files_and_macos_folders_are_not_indexed(tmp_path, caplog):
     write_png(tmp_path / "train" / "NORMAL" / "a.png")
     (tmp_path / "train" / "NORMAL" / "._a.png").write_bytes(b"\x00\x05\x16\x07" + bytes(80))  # AppleDouble

@@ -129,7 +129,7 @@ def index_folder(root: str | Path) -> pd.DataFrame:
     """`root/<class>/*` or `root/<split>/<class>/*`; class and split folder names (train/training,
     val/valid/validation, test/testing) are matched case-insensitively. Symlinked sub-folders are followed; masks
     (see `is_mask`), hidden files (see `is_hidden`) and files that are not images (see `is_image_file`) are
-    skipped."""
+    skipped; links to files that do not exist are refused."""
     root = absolute(root)
     if not root.is_dir():
         raise FileNotFoundError(f"data folder {root} does not exist")
@@ -139,7 +139,7 @@ def index_folder(root: str | Path) -> pd.DataFrame:
             log.warning("ignoring folder %s: next to the split folders %s, class folders must sit inside them",
                         other, sorted(d.name for d in split_dirs.values()))
     groups = split_dirs.items() if split_dirs else [("", root)]
-    rows, masks, others = [], [], []
+    rows, masks, others, dangling = [], [], [], []
     for split, base in groups:
         for class_dir in _subfolders(base):
             label = canonical_label(class_dir.name)
@@ -148,6 +148,8 @@ def index_folder(root: str | Path) -> pd.DataFrame:
                 continue
             for file in _files_under(class_dir):
                 if not file.is_file():
+                    if file.is_symlink() and not file.exists():
+                        dangling.append(file)
                     continue
                 if not is_image_file(file):
                     others.append(file)
@@ -156,6 +158,10 @@ def index_folder(root: str | Path) -> pd.DataFrame:
                 else:
                     rows.append({"path": str(file), "label": label, "split": split,
                                  "patient_id": "", "source": root.name})
+    if dangling:  # e.g. a git-annex or DVC checkout not fetched yet: a whole class could be missing unnoticed
+        shown = "\n  ".join(map(str, dangling[:20]))
+        raise DataConfigError(f"{len(dangling)} file(s) under {root} are links to files that do not exist (not "
+                              f"fetched yet, e.g. by git annex get or dvc pull?); fetch or remove them:\n  {shown}")
     if masks:
         log.warning("skipped %d segmentation masks (e.g. %s): not radiographs", len(masks), masks[0])
     if others:
