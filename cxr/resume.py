@@ -13,6 +13,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 from omegaconf import DictConfig, OmegaConf
 
+from cxr.checkpoint import TRAIN_FINGERPRINTS
+
 # Where a training run keeps the state it can be resumed from (every epoch end; removed once the run finishes).
 RESUME_CHECKPOINT = Path("checkpoints") / "last.ckpt"
 # The key of a checkpoint that holds the composed configuration of the run that wrote it.
@@ -43,9 +45,10 @@ def run_config(cfg: DictConfig) -> dict:
     return {k: v for k, v in flat.items() if k not in RESUMABLE_CHANGES}
 
 
-def check_resume(folder: Path, cfg: DictConfig) -> int:
-    """The number of epochs the interrupted run in `folder` finished; ResumeError when `cfg` cannot resume it."""
-    from cxr.checkpoint import CheckpointError, read_checkpoint
+def check_resume(folder: Path, cfg: DictConfig) -> tuple[int, dict]:
+    """The number of epochs the interrupted run in `folder` finished and the data summary it recorded (see
+    `check_same_data`); ResumeError when `cfg` cannot resume it."""
+    from cxr.checkpoint import CHECKPOINT_KEY, CheckpointError, read_checkpoint
 
     if (folder / "results.json").exists():
         raise ResumeError(f"{folder} holds a finished run (results.json): there is nothing to resume")
@@ -68,7 +71,23 @@ def check_resume(folder: Path, cfg: DictConfig) -> int:
         more = f" (and {len(changed) - 5} more)" if len(changed) > 5 else ""
         raise ResumeError(f"resume=true needs the interrupted run's configuration; {len(changed)} setting(s) "
                           f"differ: {shown}{more}")
-    return int(checkpoint["epoch"]) + 1  # saved at the end of that (0-based) epoch
+    # saved at the end of that (0-based) epoch
+    return int(checkpoint["epoch"]) + 1, checkpoint.get(CHECKPOINT_KEY, {}).get("data_summary") or {}
+
+
+DATA_SUMMARY_PARTS = {"counts": "the images per split, source and class", "split_sha256": "which file is in which split",
+                      TRAIN_FINGERPRINTS: "the training images' pixels", "class_names": "the classes"}
+
+
+def check_same_data(interrupted: dict, now: dict) -> None:
+    """A resumed run must train on the images the interrupted one did, in the same splits: its checkpoints keep
+    one data summary, by which evaluation refuses images the model trained on. `interrupted` is empty for a run
+    of a version of cxr that recorded none."""
+    changed = sorted(DATA_SUMMARY_PARTS.get(k, k) for k in interrupted.keys() | now.keys()
+                     if interrupted and interrupted.get(k) != now.get(k))
+    if changed:
+        raise ResumeError(f"the data changed since the run was interrupted ({'; '.join(changed)}): resume=true needs "
+                          "the same images in the same splits; train anew in a new folder (hydra.run.dir=)")
 
 
 def added_without_effect(key: str, value) -> bool:

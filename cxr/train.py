@@ -28,7 +28,7 @@ from cxr.evaluation.recalibrate import recalibrate_checkpoint
 from cxr.inference import load_classifier
 from cxr.models.backbone import input_mismatch
 from cxr.models.unfreeze import ProgressiveUnfreezing
-from cxr.resume import RESUME_CHECKPOINT, RecordRunConfig, check_resume, keep_earlier_curves
+from cxr.resume import RESUME_CHECKPOINT, RecordRunConfig, check_resume, check_same_data, keep_earlier_curves
 from cxr.tracking import (code_version, headline, instantiate_loggers, log_config_to, log_results, run_summary,
                           wandb_run_finished)
 
@@ -46,7 +46,7 @@ def train(cfg: DictConfig) -> dict:
     best = out_dir / "checkpoints" / "best.ckpt"
     # Also checked before Hydra writes there (RefuseUsedRunFolder); here for callers of this function.
     resume_from = out_dir / RESUME_CHECKPOINT if cfg.get("resume") else None
-    first_epoch = check_resume(out_dir, cfg) if resume_from else 0
+    first_epoch, interrupted_data = check_resume(out_dir, cfg) if resume_from else (0, {})
     if not resume_from and (reason := used_run_folder(out_dir)):
         raise FileExistsError(f"{reason}; choose a new hydra.run.dir=")
     preprocessing = instantiate(cfg.preprocess)
@@ -55,6 +55,8 @@ def train(cfg: DictConfig) -> dict:
     # Decode every image now: a missing or broken file stops the run here, with its path, not after the fit.
     datamodule.setup(None if test_after_fit else "fit")
     data_summary = {**datamodule.summary(), TRAIN_FINGERPRINTS: sorted(datamodule.fingerprints("train"))}
+    if resume_from:
+        check_same_data(interrupted_data, data_summary)
     calibration = cfg.get("calibration") or {"method": "none"}
     # Every split that will choose or measure the model must hold none of its training images: checked now,
     # not after the fit (a refit trains on val, and then must not calibrate there).

@@ -191,6 +191,13 @@ def test_an_interrupted_run_resumes_where_it_stopped_and_only_with_its_own_confi
     stderr = failing_run("cxr.train", *overrides, "resume=true", "seed=7", cache_dir=cache)
     assert "1 setting(s) differ: seed: 42 -> 7" in stderr and "Traceback" not in stderr, stderr[-2000:]
     assert all(p.read_bytes() == content for p, content in saved.items())  # nothing of the run rewritten
+    data_manifest = next((cache / "synthetic").glob("*/manifest.csv"))
+    rows = data_manifest.read_text()
+    data_manifest.write_text(rows[:rows.rstrip("\n").rfind("\n") + 1])  # an image fewer since the interruption
+    stderr = failing_run("cxr.train", *overrides, "resume=true", cache_dir=cache)
+    assert "the data changed since the run was interrupted (the images per split" in stderr, stderr[-2000:]
+    assert "Traceback" not in stderr and last.read_bytes() == saved[last]
+    data_manifest.write_text(rows)
 
     run("cxr.train", *overrides, "resume=true", cache_dir=cache)
     results = json.loads((out / "results.json").read_text())
