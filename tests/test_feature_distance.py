@@ -19,7 +19,7 @@ from cxr.evaluation.fit_feature_distance import check_feature_distance_config, f
 from cxr.evaluation.figures import legend_label
 from cxr.evaluation.report import write_report
 from cxr.inference import load_classifier
-from cxr.models.feature_distance import SPEC_KEY, TENSORS_KEY, FeatureDistance
+from cxr.models.feature_distance import SPEC_KEY, TENSORS_KEY, FeatureDistance, supports_feature_distance
 from serve.referral import Referral
 
 
@@ -79,6 +79,14 @@ def test_the_distance_comes_from_the_same_forward_pass_and_leaves_the_logits_alo
     assert (scored > threshold).all()
     unfitted = load_classifier(tiny_checkpoint)
     assert unfitted.feature_distance is None and unfitted.predict_scored(noise_images(2))[1] is None
+
+
+def test_networks_without_one_classifier_layer_have_no_feature_distance():
+    import timm
+
+    assert supports_feature_distance(timm.create_model("test_efficientnet", pretrained=False, num_classes=3))
+    assert not supports_feature_distance(timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False,
+                                                           num_classes=3))  # two heads, each on its own token
 
 
 @pytest.mark.parametrize("features, targets", [(np.eye(3, 8), np.arange(3)), (np.ones((5, 8)), np.zeros(5, int))],

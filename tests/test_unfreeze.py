@@ -115,6 +115,42 @@ def test_freeze_bn_stats_keeps_unfrozen_batchnorm_on_imagenet_statistics(synthet
     assert len(recorder.changed[2]) >= 0.9 * len(recorder.trainable[2])  # the affine weights still train
 
 
+def test_train_bn_false_keeps_opened_batchnorm_frozen_on_imagenet_statistics(synthetic_manifest):
+    """Lightning made an opened stage's BatchNorm weights require gradients while leaving them out of the
+    optimizer, so its layers ran on batch statistics: the opposite of what train_bn=False asks."""
+    model, _, recorder, trainer = fit_progressively(synthetic_manifest, train_bn=False)
+    batchnorm = {n for n, m in model.net.named_modules() if isinstance(m, _BatchNorm)}
+    batchnorm_params = {n for n, _ in model.net.named_parameters() if n.rsplit(".", 1)[0] in batchnorm}
+    assert batchnorm_params and recorder.trainable[2] == {n for n, _ in model.net.named_parameters()} - batchnorm_params
+    optimized = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+    assert all(p.requires_grad == (id(p) in optimized) for p in model.net.parameters())
+    assert recorder.frozen_bn_training == [False] * 3 and recorder.frozen_bn_stats_changed == [False] * 3
+
+
+@pytest.mark.parametrize("backbone", ["test_vit", "deit_tiny_distilled_patch16_224"])
+def test_every_parameter_but_the_heads_is_in_exactly_one_stage(backbone):
+    """A ViT's cls_token and pos_embed belong to no child module (they trained from the first epoch while the
+    rest stayed frozen); a distilled DeiT names two heads (backbone_stages failed on it)."""
+    import timm
+
+    net = timm.create_model(backbone, pretrained=False, num_classes=3)
+    in_stages = [id(p) for stage in backbone_stages(net) for p in stage.parameters()]
+    outside = {n for n, p in net.named_parameters() if id(p) not in in_stages}
+    assert len(in_stages) == len(set(in_stages)) and outside == {n for n, _ in net.named_parameters()
+                                                                 if n.startswith(("head.", "head_dist."))}
+
+
+def test_a_schedule_past_the_last_epoch_is_warned_about(synthetic_manifest, caplog):
+    dm = ChestXrayDataModule.from_manifest(str(synthetic_manifest), preprocessing=PREP, batch_size=8)
+    model = ChestXrayClassifier("test_efficientnet", dm.class_names, PREP, pretrained="none")
+    trainer = L.Trainer(max_epochs=2, limit_train_batches=1, limit_val_batches=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        callbacks=[ProgressiveUnfreezing(unfreeze_at=[1, 3, 5], stages_per_step=[2, 3, -1])])
+    with caplog.at_level("WARNING"):
+        trainer.fit(model, datamodule=dm)
+    assert "at epoch(s) [3, 5], but trainer.max_epochs=2 ends the run before" in caplog.text
+
+
 @pytest.mark.parametrize("backbone", ["resnet10t", "test_convnext"])  # classifier `fc`; nested `head.fc`
 def test_other_backbones_train_their_head_first(synthetic_manifest, backbone):
     torch.manual_seed(0)
@@ -139,6 +175,7 @@ def test_schedule_validation():
 
 @pytest.mark.parametrize("scheduler, refused", [
     (partial(torch.optim.lr_scheduler.LambdaLR, lr_lambda=lambda epoch: 0.9 ** epoch), True),
+    (partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=1), True),  # failed once past T_max
     (partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.5), False),
 ])
 def test_a_scheduler_that_cannot_follow_added_groups_is_refused_before_training(synthetic_manifest, scheduler, refused):
@@ -150,7 +187,7 @@ def test_a_scheduler_that_cannot_follow_added_groups_is_refused_before_training(
                         enable_checkpointing=False, enable_progress_bar=False,
                         callbacks=[ProgressiveUnfreezing(unfreeze_at=[1], stages_per_step=[-1])])
     if refused:
-        with pytest.raises(ConfigError, match="LambdaLR cannot schedule"):
+        with pytest.raises(ConfigError, match=f"{scheduler.func.__name__} cannot schedule"):
             trainer.fit(model, datamodule=dm)
         assert trainer.current_epoch == 0
     else:

@@ -71,8 +71,10 @@ def pooled_features_and_logits(net: nn.Module, batch: torch.Tensor) -> tuple[tor
 
 
 def supports_feature_distance(net: nn.Module) -> bool:
-    """A single timm network (ensembles average members whose features differ)."""
-    return all(hasattr(net, name) for name in ("forward_features", "forward_head", "get_classifier"))
+    """A single timm network with one classifier layer (ensembles average members whose features differ; a
+    distilled DeiT averages two heads, each on its own token)."""
+    return all(hasattr(net, name) for name in ("forward_features", "forward_head", "get_classifier")) \
+        and isinstance(net.get_classifier(), nn.Module)
 
 
 class ScoredNetwork(nn.Module):

@@ -26,11 +26,11 @@ log = logging.getLogger(__name__)
 
 # Schedulers whose step scales every parameter group's current learning rate by one factor: a group added by
 # unfreezing then follows the schedule from its own rate. The others keep per-group state from construction
-# (LambdaLR, OneCycleLR, CyclicLR, warm restarts fail at the next step; LinearLR and ConstantLR move the new
-# group wrongly). callbacks.lr_decay, which reaches every group, is the way to schedule an unfreezing run.
+# (LambdaLR, OneCycleLR, CyclicLR, warm restarts fail at the next step; CosineAnnealingLR fails once past T_max;
+# LinearLR and ConstantLR move the new group wrongly). callbacks.lr_decay, which reaches every group, is the way
+# to schedule an unfreezing run.
 SCHEDULERS_FOLLOWING_ADDED_GROUPS = (lr_scheduler.StepLR, lr_scheduler.MultiStepLR, lr_scheduler.ExponentialLR,
-                                     lr_scheduler.CosineAnnealingLR, lr_scheduler.PolynomialLR,
-                                     lr_scheduler.ReduceLROnPlateau)
+                                     lr_scheduler.PolynomialLR, lr_scheduler.ReduceLROnPlateau)
 
 
 def backbone_stages(net: nn.Module) -> list[nn.Module]:
@@ -41,14 +41,26 @@ def backbone_stages(net: nn.Module) -> list[nn.Module]:
     whose norm then trains from the start with it), in reverse order.
     """
     head = net.default_cfg.get("classifier", "classifier") if hasattr(net, "default_cfg") else "classifier"
+    # A distilled model (DeiT) names two heads.
+    head_children = {name.split(".")[0] for name in ((head,) if isinstance(head, str) else head)}
     if hasattr(net, "blocks") and hasattr(net, "conv_stem"):
         top = [m for name in ("conv_head", "bn2") if isinstance(m := getattr(net, name, None), nn.Module)]
         stem = [m for name in ("conv_stem", "bn1") if isinstance(m := getattr(net, name, None), nn.Module)]
         stages = ([nn.ModuleList(top)] if top else []) + list(reversed(list(net.blocks))) + [nn.ModuleList(stem)]
         return stages
-    head_child = head.split(".")[0]
-    return [m for name, m in reversed(list(net.named_children()))
-            if name != head_child and any(True for _ in m.parameters())]
+    stages = [m for name, m in reversed(list(net.named_children()))
+              if name not in head_children and any(True for _ in m.parameters())]
+    own = [p for p in net.parameters(recurse=False)]  # a ViT's cls_token and pos_embed: with the lowest stage
+    return stages[:-1] + [OwnParameters(stages[-1], own)] if stages and own else stages
+
+
+class OwnParameters(nn.Module):
+    """A stage together with parameters its model holds directly rather than in a child module."""
+
+    def __init__(self, stage: nn.Module, parameters: list[nn.Parameter]):
+        super().__init__()
+        self.stage = stage
+        self.own = nn.ParameterList(parameters)
 
 
 class ProgressiveUnfreezing(BaseFinetuning):
@@ -88,8 +100,15 @@ class ProgressiveUnfreezing(BaseFinetuning):
         if self._restarting and self.n_unfrozen:
             # Resuming: freeze_before_training froze every stage again; the optimizer's groups for the stages
             # opened before the interruption come back below, their parameters must train again too.
-            self.make_trainable(backbone_stages(pl_module.net)[:self.n_unfrozen])
+            opened = backbone_stages(pl_module.net)[:self.n_unfrozen]
+            self.make_trainable(opened)
+            self._keep_batchnorm_frozen_unless_trained(opened)
         super().on_fit_start(trainer, pl_module)
+        never = [at for at in self.unfreeze_at if trainer.max_epochs is not None and 0 <= trainer.max_epochs <= at]
+        if never and self.n_unfrozen < len(backbone_stages(pl_module.net)):
+            log.warning("callbacks.unfreeze opens backbone stages at epoch(s) %s, but trainer.max_epochs=%d ends the "
+                        "run before: those stages will not train (shift callbacks.unfreeze.unfreeze_at earlier)",
+                        never, trainer.max_epochs)
 
     def finetune_function(self, pl_module: L.LightningModule, epoch: int, optimizer) -> None:
         stages = backbone_stages(pl_module.net)
@@ -104,6 +123,7 @@ class ProgressiveUnfreezing(BaseFinetuning):
             head_lr = base_lr(optimizer.param_groups[0])  # undecayed: a schedule then decays the new group too
             self.unfreeze_and_add_param_group(opening, optimizer, lr=head_lr * factor, initial_denom_lr=1.0,
                                               train_bn=self.train_bn)
+            self._keep_batchnorm_frozen_unless_trained(opening)
             taken = {group.get("name") for group in optimizer.param_groups[:-1]}
             # named as without unfreezing ("backbone"), so curves of runs with and without it line up
             optimizer.param_groups[-1]["name"] = next(name for k in itertools.count(1)
@@ -111,6 +131,14 @@ class ProgressiveUnfreezing(BaseFinetuning):
             log.info("epoch %d: unfroze backbone stages %d..%d of %d (lr %.2e)", epoch, self.n_unfrozen, end - 1,
                      len(stages), head_lr * factor)
             self.n_unfrozen = end
+
+    def _keep_batchnorm_frozen_unless_trained(self, stages: list[nn.Module]) -> None:
+        """Lightning makes a stage's BatchNorm weights require gradients even when train_bn=False leaves them out
+        of the optimizer: they would be computed and never applied, and their layers would switch to batch
+        statistics (see on_train_epoch_start)."""
+        if not self.train_bn:
+            for module in (m for stage in stages for m in stage.modules() if isinstance(m, _BatchNorm)):
+                module.requires_grad_(False)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_epoch_start(trainer, pl_module)
