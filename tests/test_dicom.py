@@ -3,6 +3,9 @@ multi-frame, broken rescale/window headers."""
 from __future__ import annotations
 
 import io
+import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -235,6 +238,43 @@ def test_losslessly_compressed_dicom_decodes_to_the_same_image(transfer_syntax, 
     compressed = compressed_by_gdcm(plain, transfer_syntax, tmp_path)
     assert pydicom.dcmread(io.BytesIO(compressed)).file_meta.TransferSyntaxUID == uid
     np.testing.assert_array_equal(decode_image(compressed), decode_image(plain))
+
+
+def corrupted(data: bytes, seed: int) -> bytes:
+    """`data` with its pixel data mutated as a fuzzer does: bytes changed, cut out or put in."""
+    rng, out = random.Random(seed), bytearray(data)
+    pixel_data = data.find(b"\xe0\x7f\x10\x00")
+    for _ in range(rng.choice([1, 2, 4, 16, 64])):
+        at, edit = rng.randrange(pixel_data + 24, len(out)), rng.random()
+        if edit < 0.7:
+            out[at] = rng.randrange(256)
+        elif edit < 0.85:
+            del out[at:at + rng.randrange(1, 30)]
+        else:
+            out[at:at] = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 20)))
+    return bytes(out)
+
+
+def test_a_compressed_dicom_that_crashes_the_decoder_is_a_decode_error_not_a_dead_process(tmp_path):
+    """GDCM ends the process (std::terminate) on some corrupt streams: a served worker died with every request it
+    held. Found by fuzzing a synthetic image's JPEG Lossless encoding."""
+    y, x = np.mgrid[0:256, 0:256]
+    noise = np.random.default_rng(0).integers(0, 200, (256, 256))
+    image = ((np.sin(x / 9.0) + np.cos(y / 13.0) + 2) * 900 + noise).astype(np.uint16)
+    crashing = tmp_path / "crashing.dcm"
+    crashing.write_bytes(corrupted(compressed_by_gdcm(make_dicom(image), "JPEGLosslessProcess14_1", tmp_path), 197))
+
+    def run(code: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", code, str(crashing)], capture_output=True, text=True, timeout=120)
+
+    unprotected = run("import sys, pydicom; from pydicom.pixels import pixel_array; pixel_array(pydicom.dcmread("
+                      "sys.argv[1]), index=0)")
+    if unprotected.returncode >= 0:
+        pytest.skip(f"this GDCM no longer crashes on the fixture (exit code {unprotected.returncode})")
+    protected = run("import sys\nfrom cxr.data.decode import ImageDecodeError, decode_image\ntry:\n    "
+                    "decode_image(sys.argv[1])\nexcept ImageDecodeError as exc:\n    print(exc.code, exc)")
+    assert protected.returncode == 0, protected.stderr[-2000:]
+    assert protected.stdout.startswith("invalid_image ") and "the DICOM decoder crashed" in protected.stdout
 
 
 def labelled_htj2k(data: bytes) -> bytes:

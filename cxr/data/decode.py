@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import multiprocessing
 import warnings
 import zlib
 from pathlib import Path
@@ -18,6 +19,8 @@ DEFAULT_MAX_PIXELS = 50_000_000
 DICOM_MAGIC_OFFSET = 128
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 DEFLATED_TRANSFER_SYNTAX = "1.2.840.10008.1.2.1.99"
+# Seconds a child process may take to decode one compressed DICOM frame (see _first_frame_in_a_child_process).
+COMPRESSED_DECODE_TIMEOUT_S = 60
 # Bytes a DICOM data set may hold besides its pixels (tags, overlays, a thumbnail), when its inflated size is bounded.
 DICOM_HEADER_ALLOWANCE = 4 << 20
 
@@ -112,6 +115,7 @@ def _check_decoder_for(transfer_syntax) -> None:
 def _decode_dicom(data: bytes, max_pixels: int) -> np.ndarray:
     import pydicom
     from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
+    from pydicom.uid import UID
 
     _check_deflated_size(data, max_pixels)
     try:
@@ -127,10 +131,13 @@ def _decode_dicom(data: bytes, max_pixels: int) -> np.ndarray:
     _check_pixels(columns, rows, max_pixels)
     _check_decoder_for(ds.file_meta.get("TransferSyntaxUID"))
     # Only the first frame is decoded: the pixel limit then bounds the work whatever NumberOfFrames says.
-    try:
-        pixels = pixel_array(ds, index=0)
-    except Exception as exc:
-        raise ImageDecodeError(f"cannot decode DICOM pixel data: {exc}") from exc
+    if UID(str(ds.file_meta.get("TransferSyntaxUID", ""))).is_compressed:
+        pixels = _first_frame_in_a_child_process(data)
+    else:
+        try:
+            pixels = pixel_array(ds, index=0)
+        except Exception as exc:
+            raise ImageDecodeError(f"cannot decode DICOM pixel data: {exc}") from exc
     if pixels.ndim == 3:
         pixels = pixels.mean(axis=-1)
     try:  # rescale and window come from header values that may be missing, zero or not numbers
@@ -143,6 +150,47 @@ def _decode_dicom(data: bytes, max_pixels: int) -> np.ndarray:
     if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
         gray = 255 - gray
     return gray
+
+
+def _first_frame(data: bytes, answer) -> None:
+    """In a child process: send back (True, the first frame's pixels) or (False, why they cannot be decoded)."""
+    import pydicom
+    from pydicom.pixels import pixel_array
+
+    try:
+        answer.send((True, pixel_array(pydicom.dcmread(io.BytesIO(data)), index=0)))
+    except Exception as exc:
+        answer.send((False, str(exc)))
+
+
+def _first_frame_in_a_child_process(data: bytes) -> np.ndarray:
+    """Compressed pixel data is decoded by GDCM, which ends the whole process (std::terminate) on some corrupt
+    streams instead of raising: a served worker would die with every request it held. In a child process, such a
+    file is one more image that cannot be decoded. The fork server forks children from a clean process, not from
+    this one's threads."""
+    context = multiprocessing.get_context("forkserver")
+    # Takes effect when the fork server starts (the first call): children then fork with the decoders imported.
+    context.set_forkserver_preload(["pydicom.pixels", "gdcm", __name__])
+    receive, send = context.Pipe(duplex=False)
+    child = context.Process(target=_first_frame, args=(data, send), name="cxr-dicom-decode")
+    child.start()
+    send.close()
+    try:
+        if not receive.poll(COMPRESSED_DECODE_TIMEOUT_S):
+            raise ImageDecodeError(f"decoding the compressed DICOM pixel data took over {COMPRESSED_DECODE_TIMEOUT_S} s")
+        decoded, result = receive.recv()
+    except EOFError:  # the child ended without an answer
+        child.join(5)
+        raise ImageDecodeError(f"the DICOM decoder crashed on this file's compressed pixel data (exit code "
+                               f"{child.exitcode})") from None
+    finally:
+        receive.close()
+        if child.is_alive():
+            child.kill()
+        child.join()
+    if not decoded:
+        raise ImageDecodeError(f"cannot decode DICOM pixel data: {result}")
+    return result
 
 
 def _decode_raster(data: bytes, max_pixels: int) -> np.ndarray:
@@ -224,5 +272,10 @@ def decode_image(source: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXEL
     if not source:
         raise ImageDecodeError("empty file", code="empty_image")
     if is_dicom(source):
-        return _decode_dicom(source, max_pixels)
+        try:
+            return _decode_dicom(source, max_pixels)
+        except ImageDecodeError:
+            raise
+        except Exception as exc:  # pydicom parses lazily: a damaged element can raise anywhere
+            raise ImageDecodeError(f"unreadable DICOM file: {type(exc).__name__}: {exc}") from exc
     return _decode_raster(source, max_pixels)
