@@ -8,6 +8,7 @@ import asyncio
 import logging
 import os
 import signal
+import time
 from pathlib import Path
 
 import hydra
@@ -77,6 +78,9 @@ def build_server(cfg: DictConfig) -> ls.LitServer:
         raise ConfigError(f"server.max_in_flight must be 1 or more, got {s.max_in_flight!r}")
     if float(s.health_timeout) <= 0:
         raise ConfigError(f"server.health_timeout must be a positive number of seconds, got {s.health_timeout!r}")
+    if float(s.deadline) <= float(s.timeout):
+        raise ConfigError(f"server.deadline ({s.deadline!r}) must be longer than server.timeout ({s.timeout!r}): a "
+                          "request may wait that long in the queue before a worker starts on it")
     settings = Settings(ckpt_path=str(Path(cfg.ckpt_path).resolve()), backend=s.backend, onnx_path=onnx_path,
                         api_key=str(s.api_key) if s.api_key else None,
                         audit_log=str(Path(s.audit_log).resolve()) if s.audit_log else None,
@@ -90,7 +94,7 @@ def build_server(cfg: DictConfig) -> ls.LitServer:
     apis = [predict, BatchAPI(settings), ExplainAPI(settings)]
     middlewares = [(RequestGuard, {"paths": [api.api_path for api in apis],
                                    "max_bytes": int(s.max_payload_bytes), "api_key": settings.api_key,
-                                   "max_in_flight": int(s.max_in_flight)})]
+                                   "max_in_flight": int(s.max_in_flight), "deadline": float(s.deadline)})]
     if s.cors_origins:
         middlewares.append((CORSMiddleware, {"allow_origins": list(s.cors_origins), "allow_methods": ["GET", "POST"],
                                              "allow_headers": ["Content-Type", "X-API-Key"]}))
@@ -102,11 +106,12 @@ def build_server(cfg: DictConfig) -> ls.LitServer:
     # without it LitServe shuts the whole server down, failing every client, /health included.
     server = ls.LitServer(apis, accelerator="cpu", workers_per_device=workers, restart_workers=True,
                           timeout=float(s.timeout), model_metadata=info, middlewares=middlewares)
-    install_routes(server, predict, info, health_timeout=float(s.health_timeout))
+    install_routes(server, predict, info, health_timeout=float(s.health_timeout), deadline=float(s.deadline))
     return server
 
 
-def install_routes(server: ls.LitServer, predict: PredictAPI, info: dict, health_timeout: float) -> None:
+def install_routes(server: ls.LitServer, predict: PredictAPI, info: dict, health_timeout: float,
+                   deadline: float) -> None:
     app = server.app
 
     async def on_http_error(request: Request, exc: StarletteHTTPException) -> Response:
@@ -129,9 +134,11 @@ def install_routes(server: ls.LitServer, predict: PredictAPI, info: dict, health
     replaced = {server.healthcheck_path, server.info_path}
     app.router.routes = [r for r in app.router.routes if getattr(r, "path", None) not in replaced]
     handler = RegularRequestHandler(predict, server)
-    # One probe at a time: a probe that outlasts health_timeout is left to finish, not cancelled (LitServe would
-    # keep its answer's slot forever), and later /health calls wait on it instead of queueing more behind it.
+    # One probe at a time: a probe that outlasts health_timeout is left to finish (later /health calls wait on it
+    # instead of queueing more behind it) until the deadline of every model request (server.deadline): past it,
+    # the worker holding it has died without answering, and a new probe replaces it.
     probe: asyncio.Task | None = None
+    probe_started = 0.0
 
     @app.get(server.healthcheck_path)
     async def health() -> Response:
@@ -139,8 +146,12 @@ def install_routes(server: ls.LitServer, predict: PredictAPI, info: dict, health
         status = getattr(server, "workers_setup_status", None) or {}
         if not status or not all(v == ls.server.WorkerSetupStatus.READY for v in status.values()):
             return error_response(503, "not_ready", "model workers are still starting")
-        if probe is None or probe.done():
-            probe = asyncio.ensure_future(handler.handle_request(HealthProbe(), HealthProbe))
+        lost = probe is not None and not probe.done() and time.monotonic() - probe_started > deadline
+        if lost:  # left pending, not cancelled: /health calls still waiting on it time out on their own
+            log.error("/health: the probe got no answer within server.deadline=%g s; sending a new one", deadline)
+        if probe is None or probe.done() or lost:
+            probe, probe_started = asyncio.ensure_future(handler.handle_request(HealthProbe(), HealthProbe)), \
+                time.monotonic()
         try:
             answer = await asyncio.wait_for(asyncio.shield(probe), health_timeout)
         except Exception as exc:  # timeout or worker error

@@ -7,8 +7,10 @@ bounded memory: it checks the API key, media type and declared length first, rea
 """
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
+import logging
 
 from python_multipart.multipart import parse_options_header
 from starlette.datastructures import Headers
@@ -16,13 +18,20 @@ from starlette.requests import Request
 
 from serve.errors import error_response
 
+log = logging.getLogger(__name__)
+
 MEDIA_TYPES = ("application/json", "multipart/form-data")
 MAX_JSON_DEPTH = 32  # a request is {"image": ...} or {"images": [...]}; 32 leaves room for any metadata
 
 
 class RequestGuard:
-    def __init__(self, app, paths: list[str], max_bytes: int, api_key: str | None = None, max_in_flight: int = 32):
+    def __init__(self, app, paths: list[str], max_bytes: int, api_key: str | None = None, max_in_flight: int = 32,
+                 deadline: float = 120.0):
         self.app = app
+        # LitServe waits for a worker's answer without end, so a request held by a worker that died (a native
+        # crash, the OOM killer) would keep its place below max_in_flight for good: past the deadline it is
+        # answered 504 and its place freed.
+        self.deadline = float(deadline)
         self.paths = set(paths)
         self.max_bytes = int(max_bytes)
         self.api_key = api_key or None
@@ -46,9 +55,25 @@ class RequestGuard:
                 # Close the connection when the body was not read, so the client stops sending it.
                 headers = {"Connection": "close"} if status == 413 else None
                 return await error_response(status, code, message, headers)(scope, receive, send)
-            return await self.app(_lowercase_media_type(scope), _replay(reply, receive), send)
+            return await self._answer_by_deadline(_lowercase_media_type(scope), _replay(reply, receive), send)
         finally:
             self.in_flight -= 1
+
+    async def _answer_by_deadline(self, scope, receive, send) -> None:
+        started = False
+
+        async def send_noting_start(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await asyncio.wait_for(self.app(scope, receive, send_noting_start), self.deadline)
+        except TimeoutError:
+            log.error("%s: no answer within server.deadline=%g s; answered 504", scope["path"], self.deadline)
+            if not started:
+                await error_response(504, "timeout", f"no answer within {self.deadline:g} s (server.deadline): "
+                                     "retry")(scope, receive, send)
 
     async def _check(self, scope, receive):
         headers = Headers(scope=scope)

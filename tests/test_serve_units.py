@@ -206,6 +206,37 @@ def test_a_request_that_fails_to_decode_unexpectedly_fails_alone():
     assert api.encode_response((job, None)).status_code == 500
 
 
+def test_a_request_no_worker_answers_gets_504_at_the_deadline_and_frees_its_place():
+    """LitServe waits for a worker's answer without end: requests held by a worker that died kept their places, and
+    after max_in_flight of them every request was answered 503 until a restart."""
+    import asyncio
+
+    from serve.middleware import RequestGuard
+
+    async def scenario():
+        async def dead_worker(scope, receive, send):
+            await asyncio.Event().wait()  # never answers
+
+        guard = RequestGuard(dead_worker, paths=["/predict"], max_bytes=1000, max_in_flight=1, deadline=0.2)
+        for _ in range(2):  # the second is admitted: the first freed its place
+            sent = []
+
+            async def receive():
+                return {"type": "http.request", "body": b'{"image": "x"}', "more_body": False}
+
+            async def send(message):
+                sent.append(message)
+
+            await guard({"type": "http", "method": "POST", "path": "/predict",
+                         "headers": [(b"content-type", b"application/json")]}, receive, send)
+            body = json.loads(b"".join(m.get("body", b"") for m in sent[1:]))
+            assert sent[0]["status"] == 504 and body["error"]["code"] == "timeout" and "server.deadline" in \
+                body["error"]["message"]
+            assert guard.in_flight == 0
+
+    asyncio.run(scenario())
+
+
 def test_the_guard_answers_503_beyond_max_in_flight_and_admits_again_once_one_ends():
     import asyncio
 
