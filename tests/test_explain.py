@@ -51,7 +51,7 @@ def test_different_targets_give_different_maps(explainer):
     assert not np.allclose(a, b)
 
 
-@pytest.mark.parametrize("target", ["fracture", 3, "-1"])
+@pytest.mark.parametrize("target", ["fracture", 3, "-1", "1" * 5000])  # int() refuses over 4300 digits
 def test_unknown_class_raises(explainer, target):
     with pytest.raises(KeyError):
         explainer.explain(image(), target)
