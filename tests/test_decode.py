@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxr.data.decode import ImageDecodeError, decode_image
+from cxr.data.decode import PNG_SIGNATURE, ImageDecodeError, decode_image
 
 
 def gradient(h=40, w=60) -> np.ndarray:
@@ -50,13 +50,14 @@ def png_16_bit(channels: list[np.ndarray], exif: bytes | None = None) -> bytes:
     pixels = np.dstack(channels).astype(">u2")
     height, width, depth = pixels.shape
     colour_type = {2: 4, 3: 2, 4: 6}[depth]
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
     rows = b"".join(b"\x00" + pixels[y].tobytes() for y in range(height))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0))
-            + (chunk(b"eXIf", exif) if exif else b"") + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    return (PNG_SIGNATURE + png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0))
+            + (png_chunk(b"eXIf", exif) if exif else b"") + png_chunk(b"IDAT", zlib.compress(rows))
+            + png_chunk(b"IEND", b""))
+
+
+def png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
 
 @pytest.mark.parametrize("channels", [2, 3, 4], ids=["grey+alpha", "RGB", "RGBA"])
@@ -131,6 +132,15 @@ def test_pixel_limit_checked_from_header():
     with pytest.raises(ImageDecodeError) as err:
         decode_image(data, max_pixels=5_000)
     assert err.value.code == "image_too_large" and "100x100" in str(err.value)
+
+
+@pytest.mark.parametrize("side", [10_000, 20_000])  # 100 Mpx: Pillow only warns; 400 Mpx: Pillow refuses itself
+def test_a_header_beyond_pillow_s_own_limits_is_refused_as_too_large_with_the_limit_asked_for(side):
+    header_only = PNG_SIGNATURE + png_chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)) \
+        + png_chunk(b"IEND", b"")  # an 8-bit grey image's header without its pixels
+    with pytest.raises(ImageDecodeError, match="over the limit of 50000000") as err:
+        decode_image(header_only, max_pixels=50_000_000)
+    assert err.value.code == "image_too_large"
 
 
 def test_corrupt_file_error_names_path(tmp_path):
