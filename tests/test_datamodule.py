@@ -311,10 +311,17 @@ def test_a_class_missing_from_val_or_test_is_warned_about(tmp_path, synthetic_ma
     assert "['tuberculosis'] have no val images" in caplog.text and "no test images" not in caplog.text
 
 
+def flat_but_one_pixel(value: int) -> np.ndarray:
+    """An image of `value` (at its top-left corner too): one pixel differs, as an image of one value is refused."""
+    pixels = np.full((32, 32), value, np.uint8)
+    pixels[-1, -1] = value + 1
+    return pixels
+
+
 def test_disk_cache_sees_files_swapped_with_their_size_and_mtime(tmp_path):
     a, b = tmp_path / "a.bmp", tmp_path / "b.bmp"
-    Image.fromarray(np.full((32, 32), 10, np.uint8)).save(a)
-    Image.fromarray(np.full((32, 32), 200, np.uint8)).save(b)
+    Image.fromarray(flat_but_one_pixel(10)).save(a)
+    Image.fromarray(flat_but_one_pixel(200)).save(b)
     for path in (a, b):
         os.utime(path, (1_700_000_000, 1_700_000_000))  # as both unpacked from one archive
     paths, prep = [str(a), str(b)], Preprocessing(image_size=8)
@@ -327,7 +334,7 @@ def test_disk_cache_sees_files_swapped_with_their_size_and_mtime(tmp_path):
 
 def test_disk_cache_is_not_reused_by_a_decoder_that_decodes_differently(tmp_path, monkeypatch):
     path = tmp_path / "a.bmp"
-    Image.fromarray(np.full((32, 32), 10, np.uint8)).save(path)
+    Image.fromarray(flat_but_one_pixel(10)).save(path)
     prep = Preprocessing(image_size=8)
     assert load_standardized([str(path)], prep, tmp_path / "cache")[0, 0, 0] == 10
     monkeypatch.setattr(dataset_module, "decode_image", lambda p: np.full((32, 32), 99, np.uint8))
@@ -340,7 +347,7 @@ def test_an_unforeseen_decoder_failure_still_names_its_file_beside_the_others(tm
     paths = []
     for name in ("fine", "odd", "broken"):
         paths.append(str(tmp_path / f"{name}.png"))
-        Image.fromarray(np.full((16, 16), 50, np.uint8)).save(paths[-1])
+        Image.fromarray(flat_but_one_pixel(50)).save(paths[-1])
     Path(paths[2]).write_bytes(b"not an image")
     real_decode = dataset_module.decode_image
 

@@ -94,9 +94,17 @@ def test_jpeg_and_exif_orientation():
 
 def test_rgba_transparency_reads_as_black():
     rgba = np.zeros((10, 10, 4), np.uint8)
-    rgba[..., :3] = 255  # white but fully transparent
+    rgba[..., :3] = 255  # white, fully transparent but for the top row
+    rgba[0, :, 3] = 255
     out = decode_image(encode(Image.fromarray(rgba, "RGBA"), "PNG"))
-    assert out.max() == 0
+    assert out[1:].max() == 0 and out[0].min() == 255
+
+
+@pytest.mark.parametrize("pixels", [np.zeros((1, 1), np.uint8), np.full((300, 200), 128, np.uint8)])
+def test_an_image_of_one_value_is_refused_as_a_blank_dicom_is(pixels):
+    """A blank export was diagnosed (pneumonia, 84%) while a blank DICOM was refused."""
+    with pytest.raises(ImageDecodeError, match=f"every pixel of the image has the value {pixels.flat[0]}"):
+        decode_image(encode(Image.fromarray(pixels), "PNG"))
 
 
 def test_palette_png_with_a_transparent_index_reads_it_as_black():

@@ -76,7 +76,7 @@ def test_entry_command_serves(tiny_checkpoint, tmp_path):
         info = requests.get(server.url + "/model/info", timeout=30).json()
         assert info["backend"] == settings.get("server.backend", "torch")
         buffer = io.BytesIO()
-        Image.fromarray(np.full((70, 70), 128, np.uint8)).save(buffer, format="PNG")
+        Image.fromarray(np.tile(np.arange(70, dtype=np.uint8), (70, 1))).save(buffer, format="PNG")
         # No API key configured: model endpoints are open.
         response = requests.post(server.url + "/predict", files={"file": ("x.png", buffer.getvalue(), "image/png")},
                                  timeout=60)

@@ -280,4 +280,7 @@ def decode_image(source: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXEL
             raise
         except Exception as exc:  # pydicom parses lazily: a damaged element can raise anywhere
             raise ImageDecodeError(f"unreadable DICOM file: {type(exc).__name__}: {exc}") from exc
-    return _decode_raster(source, max_pixels)
+    gray = _decode_raster(source, max_pixels)
+    if gray.min() == gray.max():  # as a DICOM whose window leaves one value: a blank export, not a radiograph
+        raise ImageDecodeError(f"every pixel of the image has the value {gray.flat[0]}: nothing to classify")
+    return gray
