@@ -151,6 +151,17 @@ def test_a_header_beyond_pillow_s_own_limits_is_refused_as_too_large_with_the_li
     assert err.value.code == "image_too_large"
 
 
+@pytest.mark.parametrize("fmt", ["GIF", "WEBP", "ICO"])
+def test_formats_that_are_not_radiographs_are_not_parsed(fmt):
+    with pytest.raises(ImageDecodeError, match="not a recognised image format .expected PNG, JPEG, TIFF, BMP or DICOM"):
+        decode_image(encode(Image.fromarray(gradient()), fmt))
+
+
+@pytest.mark.parametrize("fmt", ["TIFF", "BMP"])
+def test_tiff_and_bmp_are_read(fmt):
+    assert np.array_equal(decode_image(encode(Image.fromarray(gradient()), fmt)), gradient())
+
+
 def test_corrupt_file_error_names_path(tmp_path):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n garbage")

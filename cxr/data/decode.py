@@ -11,12 +11,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-# Bumped whenever a change to decoding changes the pixels any file decodes to: image caches are keyed by it, so
-# none serves pixels an older decoder made. 2: 16-bit colour PNGs keep all 16 bits.
-DECODER_VERSION = 2
+# Bumped whenever a change to decoding changes what any file decodes to (its pixels, or whether it is refused):
+# image caches are keyed by it, so none serves what an older decoder made. 2: 16-bit colour PNGs keep all 16
+# bits; 3: images of one value, and formats other than RASTER_FORMATS, are refused.
+DECODER_VERSION = 3
 # Refuse decompression bombs by the size the header declares, before any pixel is decoded.
 DEFAULT_MAX_PIXELS = 50_000_000
 DICOM_MAGIC_OFFSET = 128
+# The raster formats read, those of radiographs: Pillow would parse some thirty others, each one more parser exposed
+# to uploads.
+RASTER_FORMATS = ("PNG", "JPEG", "TIFF", "BMP")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 DEFLATED_TRANSFER_SYNTAX = "1.2.840.10008.1.2.1.99"
 # Seconds a child process may take to decode one compressed DICOM frame (see _first_frame_in_a_child_process).
@@ -198,7 +202,7 @@ def _decode_raster(data: bytes, max_pixels: int) -> np.ndarray:
         with warnings.catch_warnings():
             # Pillow warns from 89.5 Mpx on and refuses from 179 Mpx; the size checked is max_pixels.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=RASTER_FORMATS)
             _check_pixels(*image.size, max_pixels)
             if is_16_bit_colour_png(data):
                 return _decode_16_bit_colour_png(data, image)
@@ -209,7 +213,8 @@ def _decode_raster(data: bytes, max_pixels: int) -> np.ndarray:
         raise ImageDecodeError(f"image is over the limit of {max_pixels} pixels ({exc})", code="image_too_large") \
             from exc
     except UnidentifiedImageError as exc:
-        raise ImageDecodeError("not a recognised image format (expected PNG, JPEG or DICOM)") from exc
+        raise ImageDecodeError(f"not a recognised image format (expected {', '.join(RASTER_FORMATS)} or DICOM)") \
+            from exc
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ... for broken files
         raise ImageDecodeError(f"not a decodable image ({type(exc).__name__}: {exc})") from exc
     try:  # a readable file can still hold what PIL cannot rotate or convert (a CIELab TIFF, a broken EXIF)
