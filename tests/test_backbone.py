@@ -69,6 +69,13 @@ def test_local_weights_file(tmp_path):
     torch.save({"conv_stem.weight": torch.zeros(1)}, tmp_path / "wrong.pth")
     with pytest.raises(PretrainedWeightsError, match="does not fit"):
         create_backbone("test_efficientnet", 3, pretrained=str(tmp_path / "wrong.pth"))
+    weights = (tmp_path / "w.pth").read_bytes()
+    (tmp_path / "truncated.pth").write_bytes(weights[:len(weights) // 2])  # a download cut short
+    with pytest.raises(PretrainedWeightsError, match="truncated.pth cannot be read as PyTorch weights"):
+        create_backbone("test_efficientnet", 3, pretrained=str(tmp_path / "truncated.pth"))
+    torch.save([torch.zeros(1)], tmp_path / "list.pth")
+    with pytest.raises(PretrainedWeightsError, match="list.pth holds a list, not a state dict"):
+        create_backbone("test_efficientnet", 3, pretrained=str(tmp_path / "list.pth"))
 
 
 def test_inputs_normalised_unlike_the_pretrained_weights_are_named():

@@ -74,9 +74,15 @@ def _load_packaged(model: nn.Module, backbone: str) -> None:
 
 
 def _load_file(model: nn.Module, path: Path) -> None:
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # truncated, not a torch file, pickled with classes this install lacks
+        raise PretrainedWeightsError(f"{path} cannot be read as PyTorch weights ({type(exc).__name__}: {exc}); give a "
+                                     "state dict saved with torch.save, or a Lightning checkpoint") from exc
     if isinstance(state, dict) and "state_dict" in state:
         state = {k.removeprefix("net."): v for k, v in state["state_dict"].items()}
+    if not isinstance(state, dict):
+        raise PretrainedWeightsError(f"{path} holds a {type(state).__name__}, not a state dict of tensors")
     head = model.default_cfg.get("classifier", "classifier")
     own = model.state_dict()
     usable = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape and not k.startswith(head)}
