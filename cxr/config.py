@@ -159,6 +159,10 @@ class RefuseUsedRunFolder(Callback):
         if config.get("resume"):
             self._refuse(["resume=true continues one run: resume each interrupted job of a sweep on its own, "
                           "with its folder (hydra.run.dir=) and overrides"], "")
+        raw = OmegaConf.to_container(config.paths, resolve=False)["output_dir"]
+        if "hydra:runtime.output_dir" not in str(raw):
+            self._refuse([f"paths.output_dir={raw} would be every job's folder: after the first, each would find "
+                          "it taken"], "; leave paths.output_dir out, and each job writes under hydra.sweep.dir=")
         sweep = Path(config.hydra.sweep.dir)
         jobs = sorted(p for p in sweep.iterdir() if p.is_dir()) if sweep.is_dir() else []
         self._refuse([reason for job in jobs if (reason := used_run_folder(job))], "; choose a new hydra.sweep.dir=")

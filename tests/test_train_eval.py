@@ -299,6 +299,10 @@ def test_a_sweep_runs_past_a_failed_job_with_one_wandb_run_per_job(tmp_path):
                          cache_dir=tmp_path / "cache")
     assert "holds a finished run" in stderr and "choose a new hydra.sweep.dir=" in stderr, stderr[-2000:]
     assert (sweep / "2" / ".hydra" / "overrides.yaml").read_text() == before
+    # One fixed output folder for every job: the second and later would fail, each after its whole setup.
+    stderr = failing_run("cxr.train", "-m", "seed=3,4", "debug=smoke", *TINY, f"hydra.sweep.dir={tmp_path / 'other'}",
+                         f"paths.output_dir={tmp_path / 'one'}", cache_dir=tmp_path / "cache")
+    assert "would be every job's folder" in stderr and not (tmp_path / "one").exists(), stderr[-2000:]
 
 
 def test_a_run_interrupted_after_early_stopping_resumes_without_training_another_epoch(tmp_path):
