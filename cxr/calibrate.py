@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 
 from cxr.checkpoint import read_spec
 from cxr.config import CONFIG_DIR, configure_threads, instantiate_checkpoint_datamodule, log_config, user_errors
+from cxr.data.index import LeakageError
 from cxr.evaluation.recalibrate import recalibrate_checkpoint
 
 log = logging.getLogger("cxr.calibrate")
@@ -27,7 +28,13 @@ def main(cfg: DictConfig) -> None:
     output = Path(cfg.output).expanduser() if cfg.get("output") else ckpt.with_name(f"{ckpt.stem}.calibrated.ckpt")
     if output.exists():
         raise FileExistsError(f"{output} exists; choose another output=")
-    datamodule = instantiate_checkpoint_datamodule(cfg, read_spec(ckpt))
+    spec = read_spec(ckpt)
+    datamodule = instantiate_checkpoint_datamodule(cfg, spec)
+    trained_on = spec.get("data_summary") or {}
+    if datamodule.split == "test" and datamodule.summary()["split_sha256"] == trained_on.get("split_sha256"):
+        raise LeakageError("data.split=test is the test split of the data this checkpoint trained on, where its test "
+                           "numbers come from: an operating point fitted there would make them in-sample; fit it on "
+                           "data.split=val")
     datamodule.warn_if_split_was_drawn(datamodule.split)
     record = recalibrate_checkpoint(ckpt, datamodule, datamodule.split, cfg.method, output)
     Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)

@@ -60,6 +60,10 @@ class Calibration:
         return torch.softmax(scaled, dim=1)
 
 
+# How to ask for a calibration without the per-class bias, in each tool that fits one.
+TEMPERATURE_ONLY = "the temperature method (method=temperature in cxr-calibrate, calibration.method=temperature in cxr-train and cxr-soup)"
+
+
 def check_calibration_targets(targets: Sequence[int], class_names: Sequence[str], method: str,
                               warn_few: bool = True) -> None:
     """Refuse data on which `method` cannot be fitted, and warn (`warn_few`) when a logit bias would rest on
@@ -73,12 +77,11 @@ def check_calibration_targets(targets: Sequence[int], class_names: Sequence[str]
         raise ConfigError("no labelled images to fit the calibration on")
     missing = [name for name, n in zip(class_names, counts.tolist()) if n == 0]
     if method == "temperature_bias" and missing:
-        raise ConfigError(f"cannot fit a logit bias without images of {missing}: use calibration.method=temperature, "
-                          "a split that has every class, or a model without those classes (+data.class_names=[...])")
+        raise ConfigError(f"cannot fit a logit bias without images of {missing}: use {TEMPERATURE_ONLY}, a split "
+                          "that has every class, or a model without those classes (+data.class_names=[...])")
     if warn_few and method == "temperature_bias" and int(counts.min()) < FEW_PER_CLASS:
-        log.warning("fitting a logit bias on only %s images per class (%s): it will be noisy; "
-                    "prefer calibration.method=temperature or more labelled images",
-                    int(counts.min()), dict(zip(class_names, counts.tolist())))
+        log.warning("fitting a logit bias on only %s images per class (%s): it will be noisy; prefer %s or more "
+                    "labelled images", int(counts.min()), dict(zip(class_names, counts.tolist())), TEMPERATURE_ONLY)
 
 
 def fit_calibration(logits: torch.Tensor, targets: torch.Tensor, class_names: Sequence[str],

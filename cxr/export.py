@@ -95,8 +95,9 @@ def onnx_differences(classifier: Classifier, onnx_path: str | Path, images: list
 def main(cfg: DictConfig) -> None:
     log_config(cfg, log)
     configure_threads(cfg)
-    classifier = load_classifier(cfg.ckpt_path)
-    output = Path(cfg.output) if cfg.get("output") else Path(cfg.ckpt_path).with_suffix(".onnx")
+    ckpt = Path(cfg.ckpt_path).expanduser()
+    classifier = load_classifier(ckpt)
+    output = Path(cfg.output).expanduser() if cfg.get("output") else ckpt.with_suffix(".onnx")
     export_onnx(classifier, output, opset=int(cfg.opset))
     rng = np.random.default_rng(0)
     check = [rng.integers(0, 256, (300, 280), dtype=np.uint8) for _ in range(2)]

@@ -18,9 +18,10 @@ import hydra
 import torch
 from omegaconf import DictConfig, ListConfig
 
-from cxr.calibration import Calibration
+from cxr.calibration import Calibration, check_calibration_targets
 from cxr.checkpoint import CHECKPOINT_KEY, TRAIN_FINGERPRINTS, read_checkpoint, save_checkpoint
-from cxr.config import CONFIG_DIR, configure_threads, instantiate_checkpoint_datamodule, log_config, user_errors
+from cxr.config import (CONFIG_DIR, ConfigError, configure_threads, instantiate_checkpoint_datamodule, log_config,
+                        user_errors)
 from cxr.evaluation.evaluate import evaluate, predict_logits
 from cxr.evaluation.fit_feature_distance import check_feature_distance_config, fit_feature_distance_checkpoint
 from cxr.evaluation.metrics import compute_metrics
@@ -103,17 +104,23 @@ def main(cfg: DictConfig) -> str:
     # Which splits and images trained the members is theirs to say (checked below), not the data config's.
     theirs = ("train_splits", TRAIN_FINGERPRINTS)
     if any(summary.get(key) != value for key, value in spec["data_summary"].items() if key not in theirs):
-        raise ValueError("data= is not the data the members were trained on (its splits, held-out sources or classes "
+        raise ConfigError("data= is not the data the members were trained on (its splits, held-out sources or classes "
                          "differ), so the selection split could hold their training images; pass the members' data "
                          "config")
     select_split = cfg.select_split
     if select_split == datamodule.split:
-        raise ValueError(f"select_split={select_split} is the evaluation split: choose the members on another one")
+        raise ConfigError(f"select_split={select_split} is the evaluation split: choose the members on another one")
     feature_distance = cfg.get("feature_distance")
     if feature_distance:
         check_feature_distance_config(datamodule, feature_distance.split, float(feature_distance.pass_rate),
                                       datamodule.split)
     calibration = cfg.get("calibration") or {"method": "none"}
+    if calibration["method"] != "none":
+        if calibration["split"] == datamodule.split:
+            raise ConfigError(f"calibration.split={calibration['split']} is the split the soup is evaluated on: the "
+                              "operating point would be tuned on the images it is measured on; fit it on val")
+        check_calibration_targets(datamodule.split_frame(calibration["split"])["target"].tolist(),
+                                  datamodule.class_names, calibration["method"])
     # Every split something is chosen or fitted on, each checked once, before the soup is made: members refitted
     # on train + val must not be selected, calibrated or given a threshold there (an ensemble gets no distance).
     chosen_on = [select_split] if cfg.method == "greedy" else []
@@ -137,7 +144,7 @@ def main(cfg: DictConfig) -> str:
     elif cfg.method in ("uniform", "ensemble"):
         selection = {"kept": list(range(len(nets)))}
     else:
-        raise ValueError(f"method must be 'greedy', 'uniform' or 'ensemble', got {cfg.method!r}")
+        raise ConfigError(f"method must be 'greedy', 'uniform' or 'ensemble', got {cfg.method!r}")
     kept = [nets[i] for i in selection["kept"]]
     soup = PredictionEnsemble(kept) if cfg.method == "ensemble" else average_weights(kept)
     scores = selection.get("member_scores", [None] * len(paths))
@@ -145,20 +152,27 @@ def main(cfg: DictConfig) -> str:
               "members": [{"path": str(p), "sha256": m.sha256, "select_macro_auroc": score}
                           for p, m, score in zip(paths, members, scores)],
               "steps": selection.get("steps", []), "select_macro_auroc": selection.get("score")}
-    write_soup_checkpoint(paths[0], soup, best, record)
-    log.info("soup of %s (of %d) -> %s", [paths[i].as_posix() for i in selection["kept"]], len(paths), best)
+    # Calibrated and given its distance under another name: a run that fails on the way leaves no best.ckpt that
+    # lacks them.
+    unfinished = best.with_name(f"{best.stem}.unfinished.ckpt")
+    write_soup_checkpoint(paths[0], soup, unfinished, record)
 
     results = {"best_checkpoint": str(best), "soup": record, "soup_seconds": time.perf_counter() - start,
                "code": code}
     fits = run_fit_seconds(paths)
     results["run_fit_seconds"] = fits
     results["fit_seconds"] = sum(fits.values()) if all(f is not None for f in fits.values()) else None
-    if calibration["method"] != "none":
-        results["calibration"] = recalibrate_checkpoint(best, datamodule, calibration["split"], calibration["method"],
-                                                        out_path=best)
-    if feature_distance:  # the template's was fitted to its own features (write_soup_checkpoint drops it)
-        results["feature_distance"] = fit_feature_distance_checkpoint(
-            best, datamodule, feature_distance.split, float(feature_distance.pass_rate), out_path=best)
+    try:
+        if calibration["method"] != "none":
+            results["calibration"] = recalibrate_checkpoint(unfinished, datamodule, calibration["split"],
+                                                            calibration["method"], out_path=unfinished, warn_few=False)
+        if feature_distance:  # the template's was fitted to its own features (write_soup_checkpoint drops it)
+            results["feature_distance"] = fit_feature_distance_checkpoint(
+                unfinished, datamodule, feature_distance.split, float(feature_distance.pass_rate), out_path=unfinished)
+        unfinished.replace(best)
+    finally:
+        unfinished.unlink(missing_ok=True)
+    log.info("soup of %s (of %d) -> %s", [paths[i].as_posix() for i in selection["kept"]], len(paths), best)
     metrics = evaluate(load_classifier(best), datamodule, datamodule.split, out_dir / "eval",
                        title=f"{cfg.task_name}: {datamodule.describe_split(datamodule.split)}")
     results["eval"] = {k: metrics[k] for k in ("n", "accuracy", "macro_auroc", "pneumonia_vs_normal_auroc")}

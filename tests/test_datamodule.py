@@ -249,7 +249,7 @@ def test_refit_trains_on_val_too_and_refuses_in_sample_use_of_it(synthetic_manif
 
 
 def test_train_splits_must_hold_train_and_not_the_evaluation_split(synthetic_manifest):
-    with pytest.raises(ValueError, match="must include 'train' and not the evaluation split 'test'"):
+    with pytest.raises(DataConfigError, match="must include 'train', and data.split='test' must not be one of them"):
         ChestXrayDataModule.from_manifest(str(synthetic_manifest), preprocessing=PREP, train_splits=["train", "test"])
     with pytest.raises(ValueError, match="must include 'train'"):
         ChestXrayDataModule.from_manifest(str(synthetic_manifest), preprocessing=PREP, train_splits=["val"])

@@ -39,7 +39,8 @@ def test_predicted_class_heatmap(explainer):
     assert overlay.format == "PNG" and overlay.size == (64, 64) and overlay.mode == "RGB"
 
 
-@pytest.mark.parametrize("target, index", [("tuberculosis", 2), (1, 1), ("0", 0), (" Pneumonia ", 1), ("TB", 2)])
+@pytest.mark.parametrize("target, index", [("tuberculosis", 2), (1, 1), (np.int64(2), 2), ("0", 0), (" Pneumonia ", 1),
+                                           ("TB", 2)])  # np.int64: what np.argmax gives
 def test_requested_class(explainer, target, index):
     result = explainer.explain(image(1), target)
     assert result.target_index == index and result.target_class == CLASS_NAMES[index]

@@ -197,3 +197,34 @@ def test_soup_refuses_other_data_than_the_members_and_an_existing_output(members
     assert taken.returncode != 0 and "holds an interrupted run" in taken.stderr, taken.stderr[-2000:]
     assert "choose a new paths.output_dir=" in taken.stderr
     assert (tmp_path / "taken" / "checkpoints" / "best.ckpt").read_text() == "x"
+    # The operating point tuned on the images the soup is then measured on: cxr-train refuses it, so does the soup.
+    on_test = soup(*DATA, "calibration.split=test", f"paths.output_dir={tmp_path / 'on_test'}")
+    assert on_test.returncode != 0 and "calibration.split=test is the split the soup is evaluated on" in on_test.stderr
+    assert "Traceback" not in on_test.stderr and not (tmp_path / "on_test" / "checkpoints").exists()
+
+
+def compose_soup(*overrides: str):
+    from hydra import compose, initialize_config_dir
+
+    from cxr.config import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose("soup", overrides=list(overrides))
+
+
+def test_a_soup_that_fails_after_it_is_made_leaves_no_best_checkpoint(members, tmp_path, monkeypatch):
+    """It was written first and calibrated and given its feature distance after: a failure on the way left a
+    best.ckpt without them, one that would never flag an image unlike its training data."""
+    from cxr import soup as soup_module
+
+    (first, second), cache = members
+    cfg = compose_soup(f"members=[{first},{second}]", "method=uniform", *DATA, f"paths.output_dir={tmp_path}",
+                       f"paths.cache_dir={cache}")
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("the feature-distance fit failed")
+
+    monkeypatch.setattr(soup_module, "fit_feature_distance_checkpoint", fail)
+    with pytest.raises(RuntimeError, match="the feature-distance fit failed"):
+        soup_module.main.__wrapped__.__wrapped__(cfg)
+    assert list((tmp_path / "checkpoints").iterdir()) == []

@@ -386,6 +386,14 @@ def test_calibrate_writes_a_new_checkpoint_and_never_overwrites(trained_run, tmp
     again = subprocess.run(command("cxr.calibrate", tuple(overrides), cache), cwd=PROJECT_ROOT, capture_output=True,
                            text=True, timeout=600)
     assert again.returncode != 0 and "exists; choose another output=" in again.stderr
+    for split, refusal in (("test", "data.split=test is the test split of the data this checkpoint trained on"),
+                           ("train", "a model is not measured or calibrated on images it trains on")):
+        overrides[-2:] = [f"output={tmp_path / split}.ckpt", f"data.split={split}"]
+        refused = subprocess.run(command("cxr.calibrate", tuple(overrides), cache), cwd=PROJECT_ROOT,
+                                 capture_output=True, text=True, timeout=600)
+        assert refused.returncode != 0 and refusal in refused.stderr and "Traceback" not in refused.stderr, \
+            refused.stderr[-2000:]
+        assert not (tmp_path / f"{split}.ckpt").exists()
 
 
 def test_weight_averaging_checkpoint_is_what_testing_and_evaluation_see(tmp_path_factory):
@@ -425,6 +433,7 @@ def test_refit_on_train_and_val_keeps_val_out_of_every_later_choice(tmp_path_fac
         proc = subprocess.run(command(module, tuple(overrides), cache), cwd=PROJECT_ROOT, capture_output=True,
                               text=True, timeout=600)
         assert proc.returncode != 0 and "trained on the 'val' split" in proc.stderr, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr  # a user's error, said in one line
     assert not (out / "again" / "checkpoints").exists()  # refused before any fitting
     ckpt = out / "checkpoints" / "best.ckpt"
     for i, overrides in enumerate((["calibration.method=none"], ["feature_distance=null"])):  # the other fit remains

@@ -152,8 +152,8 @@ class ChestXrayDataModule(L.LightningDataModule):
         self.holdout_sources = list(holdout_sources)
         self.train_splits = list(train_splits)
         if "train" not in self.train_splits or split in self.train_splits:
-            raise ValueError(f"train_splits={self.train_splits} must include 'train' and not the evaluation split "
-                             f"{split!r}")
+            raise DataConfigError(f"data.train_splits={self.train_splits} must include 'train', and data.split={split!r} "
+                                  "must not be one of them: a model is not measured or calibrated on images it trains on")
         self.split = split
         self.subgroups = [str(name).strip().lower() for name in subgroups]  # as manifest column names are
         self.cache_dir = cache_dir
@@ -283,8 +283,8 @@ class ChestXrayDataModule(L.LightningDataModule):
         when images of `split` have the pixels of its training images."""
         trained_on = data_summary.get("train_splits", ["train"])
         if split in trained_on and data_summary.get("split_sha256") == split_fingerprint(self.build_index()):
-            raise ValueError(f"the checkpoint trained on the {split!r} split (train_splits={trained_on}): its numbers "
-                             "there would be in-sample; use a split it has not seen")
+            raise LeakageError(f"{whose} trained on the {split!r} split (data.train_splits={trained_on}): numbers "
+                               "computed there would be in-sample; use a split it does not train on")
         self.check_not_trained_on(split, data_summary.get(TRAIN_FINGERPRINTS, []), whose)
 
     def fingerprints(self, split: str) -> list[str]:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from cxr.calibration import Calibration, fit_calibration, negative_log_likelihood
+from cxr.calibration import TEMPERATURE_ONLY, Calibration, fit_calibration, negative_log_likelihood
 from cxr.checkpoint import write_checkpoint_with_spec
 from cxr.data.datamodule import ChestXrayDataModule
 from cxr.evaluation.evaluate import check_compatible, predict_logits
@@ -51,4 +51,4 @@ def accuracy_loss(record: dict) -> str | None:
         return None
     return (f"the operating point fitted on the {record['split']} split (n = {record['n']}) lowers its accuracy from "
             f"{before:.1%} to {after:.1%} (it minimises NLL, not errors): with few or unrepresentative images prefer "
-            "calibration.method=temperature (confidence only) or none; report.md gives the network's own numbers too")
+            f"{TEMPERATURE_ONLY} (confidence only) or none; report.md gives the network's own numbers too")

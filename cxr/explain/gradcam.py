@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import io
+import numbers
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -105,9 +106,10 @@ class GradCamExplainer:
         if target is None:
             return int(np.argmax(probabilities))
         # ASCII digits only: "²".isdigit() is true, yet int("²") fails.
-        if isinstance(target, int) or (isinstance(target, str) and target.isascii() and target.isdigit()):
+        integral = isinstance(target, numbers.Integral) and not isinstance(target, bool)  # np.argmax's too
+        if integral or (isinstance(target, str) and target.isascii() and target.isdigit()):
             # Past 4300 digits int() raises: no index needs more than a few.
-            index = int(target) if isinstance(target, int) or len(target) <= 9 else len(names)
+            index = int(target) if integral or len(target) <= 9 else len(names)
             if not 0 <= index < len(names):
                 raise KeyError(f"class index {str(target)[:20]} out of range 0..{len(names) - 1}")
             return index

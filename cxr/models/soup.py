@@ -12,6 +12,8 @@ from typing import Callable, Sequence
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
+from cxr.config import ConfigError
+
 # What must agree for an average of weights to be one model that sees the same pixels and classes, and
 # (data_summary) for the selection split to be one that no member trained on.
 SHARED_SPEC_FIELDS = ("class_names", "backbone", "backbone_kwargs", "preprocessing", "data_summary")
@@ -19,14 +21,14 @@ SHARED_SPEC_FIELDS = ("class_names", "backbone", "backbone_kwargs", "preprocessi
 
 def check_soup_members(specs: Sequence[dict], names: Sequence[str]) -> None:
     if len(specs) < 2:
-        raise ValueError(f"a soup needs at least two checkpoints, got {len(specs)}")
+        raise ConfigError(f"a soup needs at least two checkpoints, got {len(specs)}")
     for spec, name in zip(specs, names):
         if spec.get("ensemble_size"):
-            raise ValueError(f"{name} is already an ensemble of {spec['ensemble_size']} networks; pass its members")
+            raise ConfigError(f"{name} is already an ensemble of {spec['ensemble_size']} networks; pass its members")
     for spec, name in zip(specs[1:], names[1:]):
         for field in SHARED_SPEC_FIELDS:
             if spec.get(field) != specs[0].get(field):
-                raise ValueError(f"{name} differs from {names[0]} in {field} ({spec.get(field)!r} vs "
+                raise ConfigError(f"{name} differs from {names[0]} in {field} ({spec.get(field)!r} vs "
                                  f"{specs[0].get(field)!r}): a soup averages fine-tunes of one architecture, "
                                  "with one preprocessing and class order, trained on the same split")
 
