@@ -61,7 +61,8 @@ class Calibration:
 
 
 # How to ask for a calibration without the per-class bias, in each tool that fits one.
-TEMPERATURE_ONLY = "the temperature method (method=temperature in cxr-calibrate, calibration.method=temperature in cxr-train and cxr-soup)"
+TEMPERATURE_ONLY = ("the temperature method (method=temperature in cxr-calibrate, calibration.method=temperature in "
+                    "cxr-train and cxr-soup)")
 
 
 def check_calibration_targets(targets: Sequence[int], class_names: Sequence[str], method: str,

@@ -75,7 +75,8 @@ def check_resume(folder: Path, cfg: DictConfig) -> tuple[int, dict]:
     return int(checkpoint["epoch"]) + 1, checkpoint.get(CHECKPOINT_KEY, {}).get("data_summary") or {}
 
 
-DATA_SUMMARY_PARTS = {"counts": "the images per split, source and class", "split_sha256": "which file is in which split",
+DATA_SUMMARY_PARTS = {"counts": "the images per split, source and class",
+                      "split_sha256": "which file is in which split",
                       TRAIN_FINGERPRINTS: "the training images' pixels", "class_names": "the classes"}
 
 

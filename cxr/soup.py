@@ -105,8 +105,8 @@ def main(cfg: DictConfig) -> str:
     theirs = ("train_splits", TRAIN_FINGERPRINTS)
     if any(summary.get(key) != value for key, value in spec["data_summary"].items() if key not in theirs):
         raise ConfigError("data= is not the data the members were trained on (its splits, held-out sources or classes "
-                         "differ), so the selection split could hold their training images; pass the members' data "
-                         "config")
+                          "differ), so the selection split could hold their training images; pass the members' data "
+                          "config")
     select_split = cfg.select_split
     if select_split == datamodule.split:
         raise ConfigError(f"select_split={select_split} is the evaluation split: choose the members on another one")

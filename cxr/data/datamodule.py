@@ -152,8 +152,9 @@ class ChestXrayDataModule(L.LightningDataModule):
         self.holdout_sources = list(holdout_sources)
         self.train_splits = list(train_splits)
         if "train" not in self.train_splits or split in self.train_splits:
-            raise DataConfigError(f"data.train_splits={self.train_splits} must include 'train', and data.split={split!r} "
-                                  "must not be one of them: a model is not measured or calibrated on images it trains on")
+            raise DataConfigError(f"data.train_splits={self.train_splits} must include 'train', and "
+                                  f"data.split={split!r} must not be one of them: a model is not measured or "
+                                  "calibrated on images it trains on")
         self.split = split
         self.subgroups = [str(name).strip().lower() for name in subgroups]  # as manifest column names are
         self.cache_dir = cache_dir

@@ -181,7 +181,8 @@ def _first_frame_in_a_child_process(data: bytes) -> np.ndarray:
     send.close()
     try:
         if not receive.poll(COMPRESSED_DECODE_TIMEOUT_S):
-            raise ImageDecodeError(f"decoding the compressed DICOM pixel data took over {COMPRESSED_DECODE_TIMEOUT_S} s")
+            raise ImageDecodeError(f"decoding the compressed DICOM pixel data took over "
+                                   f"{COMPRESSED_DECODE_TIMEOUT_S} s")
         decoded, result = receive.recv()
     except EOFError:  # the child ended without an answer
         child.join(5)

@@ -18,7 +18,8 @@ from cxr.models.feature_distance import SPEC_KEY
 def check_compatible(classifier: Classifier, datamodule: ChestXrayDataModule, split: str) -> None:
     """`classifier` may be measured on `datamodule`'s `split`: same classes and pixels, images it did not train on."""
     if list(datamodule.class_names) != classifier.class_names:
-        raise ConfigError(f"data classes {datamodule.class_names} differ from the checkpoint's {classifier.class_names}")
+        raise ConfigError(f"data classes {datamodule.class_names} differ from the checkpoint's "
+                          f"{classifier.class_names}")
     if datamodule.preprocessing != classifier.preprocessing:
         raise ConfigError("the data module's preprocessing differs from the checkpoint's; build it from the checkpoint")
     datamodule.check_unseen(split, classifier.spec.get("data_summary", {}))

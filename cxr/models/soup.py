@@ -29,8 +29,8 @@ def check_soup_members(specs: Sequence[dict], names: Sequence[str]) -> None:
         for field in SHARED_SPEC_FIELDS:
             if spec.get(field) != specs[0].get(field):
                 raise ConfigError(f"{name} differs from {names[0]} in {field} ({spec.get(field)!r} vs "
-                                 f"{specs[0].get(field)!r}): a soup averages fine-tunes of one architecture, "
-                                 "with one preprocessing and class order, trained on the same split")
+                                  f"{specs[0].get(field)!r}): a soup averages fine-tunes of one architecture, "
+                                  "with one preprocessing and class order, trained on the same split")
 
 
 def average_weights(nets: Sequence[nn.Module]) -> nn.Module:

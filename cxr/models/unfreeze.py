@@ -50,7 +50,7 @@ def backbone_stages(net: nn.Module) -> list[nn.Module]:
         return stages
     stages = [m for name, m in reversed(list(net.named_children()))
               if name not in head_children and any(True for _ in m.parameters())]
-    own = [p for p in net.parameters(recurse=False)]  # a ViT's cls_token and pos_embed: with the lowest stage
+    own = list(net.parameters(recurse=False))  # a ViT's cls_token and pos_embed: with the lowest stage
     return stages[:-1] + [OwnParameters(stages[-1], own)] if stages and own else stages
 
 
