@@ -22,9 +22,11 @@ class ServerProcess:
         self.command, self.port, self.log_path = command, port, Path(log_path)
         self.url = f"http://127.0.0.1:{port}"
         self._log = open(self.log_path, "wb")
-        # Own session: teardown signals the whole group, so no inference worker outlives the test.
+        # Own session: teardown signals the whole group, so no inference worker outlives the test. Ctrl-C acts as in
+        # a terminal even when these tests run in the background, whose processes a shell starts ignoring SIGINT.
         self.proc = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
-                                     env={**os.environ, **(env or {})})
+                                     env={**os.environ, **(env or {})},
+                                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
     def health_status(self) -> int | None:
         try:
