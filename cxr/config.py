@@ -46,7 +46,8 @@ def instantiate_checkpoint_datamodule(cfg, spec: dict):
 
     require_values(cfg.data)
     return instantiate(cfg.data, _partial_=True)(preprocessing=Preprocessing.from_dict(spec["preprocessing"]),
-                                                 class_names=list(spec["class_names"]), augment=None)
+                                                 class_names=list(spec["class_names"]), augment=None,
+                                                 for_training=False)
 
 
 def require_values(node: DictConfig) -> None:

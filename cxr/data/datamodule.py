@@ -133,8 +133,11 @@ class ChestXrayDataModule(L.LightningDataModule):
         cache_dir: str | None = None,
         seed: int = 0,
         split_seed: int = 0,
+        for_training: bool = True,
     ):
         super().__init__()
+        # False for a saved checkpoint's data (evaluation, calibration, soups): nothing trains on it.
+        self.for_training = for_training
         self._index_factory = index
         self.preprocessing = preprocessing
         # None: the classes the data has images of, of the three; given: exactly those, checked against the data
@@ -227,7 +230,7 @@ class ChestXrayDataModule(L.LightningDataModule):
             index.loc[~held & ((index["split"] == "test") | also_held), "split"] = "unused"
         index = index.reset_index(drop=True)
         untrained = sorted(set(self.class_names) - set(index.loc[index["split"].isin(self.train_splits), "label"]))
-        if untrained and self.split != ALL_IMAGES:  # data scored whole is not trained on
+        if untrained and self.for_training and self.split != ALL_IMAGES:  # data scored whole is not trained on
             log.warning("class(es) %s have no training images: the model cannot learn them; if the data holds only "
                         "some classes, pass +data.class_names=[...]", untrained)
         warn_classes_missing_from_evaluation(index)
