@@ -18,14 +18,14 @@ import hydra
 import torch
 from omegaconf import DictConfig, ListConfig
 
-from cxr.calibration import Calibration, check_calibration_targets
+from cxr.calibration import Calibration
 from cxr.checkpoint import CHECKPOINT_KEY, TRAIN_FINGERPRINTS, read_checkpoint, save_checkpoint
 from cxr.config import (CONFIG_DIR, ConfigError, configure_threads, instantiate_checkpoint_datamodule, log_config,
                         user_errors)
 from cxr.evaluation.evaluate import evaluate, predict_logits
 from cxr.evaluation.fit_feature_distance import check_feature_distance_config, fit_feature_distance_checkpoint
 from cxr.evaluation.metrics import compute_metrics
-from cxr.evaluation.recalibrate import recalibrate_checkpoint
+from cxr.evaluation.recalibrate import check_calibration_plan, recalibrate_checkpoint
 from cxr.inference import NET_PREFIX, Classifier, load_classifier
 from cxr.models.ensemble import PredictionEnsemble
 from cxr.models.feature_distance import SPEC_KEY as FEATURE_DISTANCE_SPEC
@@ -115,12 +115,7 @@ def main(cfg: DictConfig) -> str:
         check_feature_distance_config(datamodule, feature_distance.split, float(feature_distance.pass_rate),
                                       datamodule.split)
     calibration = cfg.get("calibration") or {"method": "none"}
-    if calibration["method"] != "none":
-        if calibration["split"] == datamodule.split:
-            raise ConfigError(f"calibration.split={calibration['split']} is the split the soup is evaluated on: the "
-                              "operating point would be tuned on the images it is measured on; fit it on val")
-        check_calibration_targets(datamodule.split_frame(calibration["split"])["target"].tolist(),
-                                  datamodule.class_names, calibration["method"])
+    check_calibration_plan(calibration, datamodule, datamodule.split, "soup")
     # Every split something is chosen or fitted on, each checked once, before the soup is made: members refitted
     # on train + val must not be selected, calibrated or given a threshold there (an ensemble gets no distance).
     chosen_on = [select_split] if cfg.method == "greedy" else []

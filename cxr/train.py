@@ -18,13 +18,12 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig
 
-from cxr.calibration import check_calibration_targets
 from cxr.checkpoint import TRAIN_FINGERPRINTS
 from cxr.config import (CONFIG_DIR, ConfigError, configure_threads, instantiate_datamodule, log_config,
                         used_run_folder, user_errors)
 from cxr.evaluation.evaluate import evaluate
 from cxr.evaluation.fit_feature_distance import check_feature_distance_config, fit_feature_distance_checkpoint
-from cxr.evaluation.recalibrate import recalibrate_checkpoint
+from cxr.evaluation.recalibrate import check_calibration_plan, recalibrate_checkpoint
 from cxr.inference import load_classifier
 from cxr.models.backbone import input_mismatch
 from cxr.models.unfreeze import ProgressiveUnfreezing
@@ -61,14 +60,9 @@ def train(cfg: DictConfig) -> dict:
     # Every split that will choose or measure the model must hold none of its training images: checked now,
     # not after the fit (a refit trains on val, and then must not calibrate there).
     held_out = ({"val", datamodule.split} if test_after_fit else {"val"}) - set(datamodule.train_splits)
-    if calibration["method"] != "none" and test_after_fit and calibration["split"] == datamodule.split:
-        raise ConfigError(f"calibration.split={calibration['split']} is the split the run is tested on: the operating "
-                          "point would be tuned on the test images; fit it on val (the default)")
+    check_calibration_plan(calibration, datamodule, datamodule.split if test_after_fit else None, "run")
     for split in sorted(held_out | ({calibration["split"]} if calibration["method"] != "none" else set())):
         datamodule.check_unseen(split, data_summary, whose="the model")
-    if calibration["method"] != "none":  # warn about (or refuse) few calibration images now, not after the fit
-        check_calibration_targets(datamodule.split_frame(calibration["split"])["target"].tolist(),
-                                  datamodule.class_names, calibration["method"])
     feature_distance = cfg.get("feature_distance")
     if feature_distance:
         check_feature_distance_config(datamodule, feature_distance.split, float(feature_distance.pass_rate),

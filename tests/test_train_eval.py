@@ -123,7 +123,8 @@ def test_eval_refuses_another_split_of_the_training_data(trained_run, tmp_path):
     ("cxr.eval", ["ckpt_path=" + str(PROJECT_ROOT / "pyproject.toml")], "not a readable PyTorch checkpoint"),
     ("cxr.eval", ["ckpt_path=" + str(PROJECT_ROOT)], "is a folder, not a checkpoint file"),
     ("cxr.train", ["data=folder", "debug=fast_dev_run"], "error: data.root must be set, e.g. data.root=..."),
-    ("cxr.train", [*TINY, "debug=fast_dev_run", "calibration.split=test"], "tuned on the test images"),
+    ("cxr.train", [*TINY, "debug=fast_dev_run", "calibration.split=test"],
+     "calibration.split=test is the split the run is evaluated on"),
     ("cxr.train", ["model=efficientnet_b0", "model.pretrained=/nonexistent/weights.pth", "debug=fast_dev_run"],
      "/nonexistent/weights.pth"),
 ])

@@ -6,13 +6,28 @@ from pathlib import Path
 
 import torch
 
-from cxr.calibration import TEMPERATURE_ONLY, Calibration, fit_calibration, negative_log_likelihood
+from cxr.calibration import (TEMPERATURE_ONLY, Calibration, check_calibration_targets, fit_calibration,
+                             negative_log_likelihood)
 from cxr.checkpoint import write_checkpoint_with_spec
+from cxr.config import ConfigError
 from cxr.data.datamodule import ChestXrayDataModule
 from cxr.evaluation.evaluate import check_compatible, predict_logits
 from cxr.inference import load_classifier
 
 log = logging.getLogger(__name__)
+
+
+def check_calibration_plan(calibration, datamodule: ChestXrayDataModule, evaluated_split: str | None,
+                           evaluated: str) -> None:
+    """Before any model is made: refuse an operating point fitted on `evaluated_split` (where `evaluated`, the run
+    or the soup, is measured), and refuse (or warn about) a calibration split that lacks classes."""
+    if calibration["method"] == "none":
+        return
+    if calibration["split"] == evaluated_split:
+        raise ConfigError(f"calibration.split={calibration['split']} is the split the {evaluated} is evaluated on: the "
+                          "operating point would be tuned on the images it is measured on; fit it on val (the default)")
+    check_calibration_targets(datamodule.split_frame(calibration["split"])["target"].tolist(),
+                              datamodule.class_names, calibration["method"])
 
 
 def recalibrate_checkpoint(ckpt_path: str | Path, datamodule: ChestXrayDataModule, split: str, method: str,
