@@ -133,9 +133,10 @@ def _decode_dicom(data: bytes, max_pixels: int) -> np.ndarray:
     except Exception as exc:
         raise ImageDecodeError(f"unreadable DICOM Rows/Columns: {type(exc).__name__}: {exc}") from exc
     _check_pixels(columns, rows, max_pixels)
-    _check_decoder_for(ds.file_meta.get("TransferSyntaxUID"))
+    transfer_syntax = ds.file_meta.get("TransferSyntaxUID")
+    _check_decoder_for(transfer_syntax)
     # Only the first frame is decoded: the pixel limit then bounds the work whatever NumberOfFrames says.
-    if UID(str(ds.file_meta.get("TransferSyntaxUID", ""))).is_compressed:
+    if transfer_syntax and UID(str(transfer_syntax)).is_compressed:
         pixels = _first_frame_in_a_child_process(data)
     else:
         try:
