@@ -258,3 +258,56 @@ def test_numbers_get_more_decimals_only_where_rounding_would_reach_a_perfect_or_
     assert (number(0.99987), percent(0.99987), number(0.9876), percent(0.5)) == ("0.9999", "99.99%", "0.988", "50.0%")
     assert (number(1.0), percent(1.0), percent(0.0), number(None)) == ("1.000", "100.0%", "0.0%", "–")
     assert percent(1 / 2500) == "0.04%"  # one image of 2,500 called tuberculosis is not 0.0%
+    # one pair of 3,000 x 50,000 ranked the wrong way is still not 1.000 ...
+    assert number(1 - 1 / (3000 * 50000)) == "0.99999999"
+    # ... but a ratio that is 1 up to float rounding is 100%, not 99.99999999999999%
+    assert percent((0.1 + 0.2) / 0.3) == "100.0%" and percent(2.3e-16) == "0.0%"
+
+
+def test_pneumonia_vs_normal_ranks_images_that_the_model_calls_tuberculosis_with_near_certainty():
+    """Both probabilities far below 1e-12 (a tuberculosis logit ~30 above the others): their ratio still ranks."""
+    import torch
+
+    from cxr.calibration import Calibration
+    from cxr.evaluation.metrics import compute_metrics
+
+    logits = torch.tensor([[-33.0, -31.0, 0.0], [-20.0, -22.0, 0.0]])  # a pneumonia, then a normal
+    probs = Calibration().probabilities(logits).numpy()
+    assert compute_metrics(probs, np.array([1, 0]), CLASSES)["pneumonia_vs_normal_auroc"] == 1.0
+
+
+def test_non_finite_probabilities_are_refused_not_ranked():
+    from cxr.evaluation.metrics import compute_metrics
+
+    probs = np.array([[np.nan, np.nan, np.nan], [0.1, 0.8, 0.1], [0.8, 0.1, 0.1]])
+    with pytest.raises(ValueError, match="1 of 3 images have non-finite probabilities"):
+        compute_metrics(probs, np.array([0, 1, 0]), CLASSES)
+    assert compute_metrics(np.zeros((0, 3)), np.zeros(0), CLASSES)["accuracy"] is None
+
+
+def test_the_drawn_roc_curve_encloses_the_auroc_its_legend_gives(tmp_path, monkeypatch):
+    """Confident images within 6e-8 of probability 1 tie in float32: the curve must be drawn in float64."""
+    import matplotlib.axes
+    import torch
+
+    from cxr.calibration import Calibration
+    from cxr.evaluation.figures import plot_roc_curves
+    from cxr.evaluation.metrics import compute_metrics
+
+    logits = torch.tensor([[0., 20, 0], [0, 22, 0], [0, 24, 0], [0, 26, 0], [0, 21, 0], [5, 0, 0], [6, 0, 0],
+                           [0, 0, 7], [0, 0, 8]])
+    targets = np.array([1, 1, 1, 1, 0, 0, 0, 2, 2])
+    probs = Calibration().probabilities(logits).numpy()
+    aurocs = {name: stats["auroc"] for name, stats in compute_metrics(probs, targets, CLASSES)["per_class"].items()}
+    assert aurocs["pneumonia"] == pytest.approx(19 / 20)  # the normal at gap 21 outranks only the positive at 20
+    drawn = {}
+    plot = matplotlib.axes.Axes.plot
+
+    def record(ax, x, y, *args, label=None, **kwargs):
+        drawn[label] = (np.asarray(x), np.asarray(y))
+        return plot(ax, x, y, *args, label=label, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", record)
+    plot_roc_curves(probs, targets, CLASSES, aurocs, tmp_path / "roc.png")
+    fpr, tpr = drawn["pneumonia (AUC 0.950)"]
+    assert np.trapezoid(tpr, fpr) == pytest.approx(0.95)

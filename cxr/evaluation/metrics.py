@@ -25,7 +25,10 @@ def pneumonia_vs_normal_scores(probs: np.ndarray, targets: np.ndarray, class_nam
         return None
     pn, no = list(class_names).index("pneumonia"), list(class_names).index("normal")
     keep = np.isin(targets, [pn, no])
-    score = probs[keep, pn] / np.clip(probs[keep, pn] + probs[keep, no], 1e-12, None)
+    # The exact ratio however small both are (an image called tuberculosis with near-certainty still ranks
+    # pneumonia against normal); no information (both 0) is a tie.
+    total = probs[keep, pn] + probs[keep, no]
+    score = np.divide(probs[keep, pn], total, out=np.full(total.shape, 0.5), where=total > 0)
     return keep, score, targets[keep] == pn
 
 
@@ -47,6 +50,9 @@ def compute_metrics(probs: np.ndarray, targets: np.ndarray, class_names: Sequenc
     occurs but is never called has precision 0 (scikit-learn's convention), so a model that never calls a
     class cannot gain from it."""
     probs = np.asarray(probs, dtype=np.float64)
+    if not np.isfinite(probs).all():
+        raise ValueError(f"{int((~np.isfinite(probs)).any(axis=1).sum())} of {len(probs)} images have non-finite "
+                         "probabilities: no metric can rank them")
     targets = np.array(targets, dtype=int)  # a copy: torch warns about read-only arrays (pandas' to_numpy)
     class_names = list(class_names)
     k = len(class_names)
@@ -74,7 +80,7 @@ def compute_metrics(probs: np.ndarray, targets: np.ndarray, class_names: Sequenc
     return {
         "classes": class_names,
         "n": int(len(targets)),
-        "accuracy": float(np.trace(confusion) / len(targets)) if len(targets) else 0.0,
+        "accuracy": float(np.trace(confusion) / len(targets)) if len(targets) else None,
         "macro_auroc": macro("auroc"),
         "pneumonia_vs_normal_auroc": pneumonia_vs_normal_auroc(probs, targets, class_names),
         "macro_avg": {stat: macro(stat) for stat in ("precision", "recall", "f1")},
