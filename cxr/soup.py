@@ -129,7 +129,7 @@ def main(cfg: DictConfig) -> str:
 
     def score(net: torch.nn.Module) -> float:
         logits = predict_logits(Classifier(net=net, spec=spec), datamodule, select_split)
-        return compute_metrics(torch.softmax(logits, dim=1).numpy(), targets, spec["class_names"])["macro_auroc"]
+        return compute_metrics(Calibration().probabilities(logits).numpy(), targets, spec["class_names"])["macro_auroc"]
 
     code = code_version()  # before the work: files may change while it runs
     start = time.perf_counter()

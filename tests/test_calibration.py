@@ -1,4 +1,7 @@
 """The operating point: fitting temperature and logit bias, and storing them with the checkpoint."""
+import re
+
+import numpy as np
 import pytest
 import torch
 
@@ -125,6 +128,50 @@ def test_a_temperature_alone_is_reported_beside_the_networks_own_numbers(synthet
     assert metrics["uncalibrated"]["macro_auroc"] == pytest.approx(raw["macro_auroc"])
     assert metrics["uncalibrated"]["accuracy"] == metrics["accuracy"]
     assert "The network's own softmax (no temperature, no bias)" in (tmp_path / "eval" / "report.md").read_text()
+
+
+def test_the_networks_own_numbers_rank_confident_images_in_float64(synthetic_manifest, tmp_path, monkeypatch):
+    """Probabilities within 6e-8 of 1 tie in float32, so the network's own AUROC must not come from torch.softmax."""
+    import cxr.evaluation.evaluate as evaluate_module
+    from cxr.data.datamodule import ChestXrayDataModule
+    from cxr.evaluation.metrics import compute_metrics
+    from cxr.inference import load_classifier
+    from tests.conftest import TINY_PREPROCESSING, make_tiny_checkpoint
+
+    classifier = load_classifier(make_tiny_checkpoint(tmp_path / "t.ckpt", calibration=Calibration(temperature=3.0)))
+    datamodule = ChestXrayDataModule.from_manifest(str(synthetic_manifest), preprocessing=TINY_PREPROCESSING)
+    targets = datamodule.split_frame("test")["target"].to_numpy().copy()
+    sick = int(np.bincount(targets, minlength=3)[1:].argmax()) + 1  # the test split's commonest finding
+    logits = 5.0 * torch.eye(3)[torch.as_tensor(targets)]
+    positives = np.flatnonzero(targets == sick)
+    logits[positives, sick] = 22.0 + 2 * torch.arange(len(positives), dtype=torch.float32)
+    normal = np.flatnonzero(targets == 0)[0]  # ranked just below them: in float32 all of them tie at 1.0
+    logits[normal] = 0.0
+    logits[normal, sick] = 21.0
+    monkeypatch.setattr(evaluate_module, "predict_logits_and_distances", lambda *_: (logits, None))
+    metrics = evaluate_module.evaluate(classifier, datamodule, "test", tmp_path / "eval")
+    in_float64 = compute_metrics(Calibration().probabilities(logits).numpy(), targets, NAMES)["macro_auroc"]
+    in_float32 = compute_metrics(torch.softmax(logits, 1).numpy(), targets, NAMES)["macro_auroc"]
+    assert metrics["uncalibrated"]["macro_auroc"] == in_float64 != pytest.approx(in_float32)
+
+
+def test_a_diverged_checkpoint_is_refused_naming_an_image_not_scored(synthetic_manifest, tmp_path):
+    from cxr.checkpoint import CheckpointError
+    from cxr.data.datamodule import ChestXrayDataModule
+    from cxr.evaluation.evaluate import evaluate
+    from cxr.inference import load_classifier
+    from tests.conftest import TINY_PREPROCESSING, make_tiny_checkpoint
+
+    classifier = load_classifier(make_tiny_checkpoint(tmp_path / "t.ckpt"))
+    with torch.no_grad():
+        classifier.net.get_classifier().bias.fill_(float("nan"))
+    datamodule = ChestXrayDataModule.from_manifest(str(synthetic_manifest), preprocessing=TINY_PREPROCESSING)
+    n = len(datamodule.split_frame("test"))
+    first = datamodule.split_frame("test")["path"].iloc[0]
+    with pytest.raises(CheckpointError, match=f"non-finite logits .* for {n} of {n} images of the test split "
+                                              f"\\(e.g. {re.escape(str(first))}\\): its weights diverged"):
+        evaluate(classifier, datamodule, "test", tmp_path / "eval")
+    assert not (tmp_path / "eval").exists()
 
 
 def test_an_operating_point_that_costs_accuracy_where_it_was_fitted_is_warned_about():

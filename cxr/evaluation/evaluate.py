@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from cxr.calibration import Calibration
+from cxr.checkpoint import CheckpointError
 from cxr.config import ConfigError
 from cxr.data.datamodule import ChestXrayDataModule
 from cxr.evaluation.metrics import compute_metrics
@@ -31,7 +33,13 @@ def predict_logits_and_distances(classifier: Classifier, datamodule: ChestXrayDa
     the checkpoint has no feature distance fitted), in one pass over the split."""
     loader = torch.utils.data.DataLoader(datamodule.dataset(split), batch_size=datamodule.eval_batch_size, shuffle=False)
     logits, distances = zip(*(classifier.logits_and_distance(x) for x, _ in loader))
-    return torch.cat(logits), None if classifier.scored is None else torch.cat(distances)
+    logits = torch.cat(logits)
+    if not (finite := torch.isfinite(logits).all(dim=1)).all():
+        paths = datamodule.split_frame(split)["path"].to_numpy()[~finite.numpy()]
+        raise CheckpointError(f"{classifier.path or 'the model'} gives non-finite logits (NaN or infinity) for {len(paths)} of "
+                              f"{len(logits)} images of the {split} split (e.g. {paths[0]}): its weights diverged; "
+                              "use a checkpoint from before")
+    return logits, None if classifier.scored is None else torch.cat(distances)
 
 
 def predict_logits(classifier: Classifier, datamodule: ChestXrayDataModule, split: str) -> torch.Tensor:
@@ -57,7 +65,8 @@ def evaluate(classifier: Classifier, datamodule: ChestXrayDataModule, split: str
     }
     if classifier.calibration.logit_bias is not None or classifier.calibration.temperature != 1.0:
         # A bias moves decisions, and a temperature alone still moves one-vs-rest AUROC: report the network's own.
-        raw = compute_metrics(torch.softmax(logits, dim=1).numpy(), frame["target"].to_numpy(), classifier.class_names)
+        raw = compute_metrics(Calibration().probabilities(logits).numpy(), frame["target"].to_numpy(),
+                              classifier.class_names)
         extra["uncalibrated"] = {"accuracy": raw["accuracy"], "macro_auroc": raw["macro_auroc"],
                                  "recall": {name: raw["per_class"][name]["recall"] for name in classifier.class_names}}
     unlike = None if distances is None else (distances.numpy(), classifier.spec[SPEC_KEY])

@@ -43,7 +43,7 @@ class EvaluatedPredictions(torch.nn.Module):
             return {f"{prefix}/acc": float("nan"), f"{prefix}/auroc_macro": float("nan")}
         metrics = compute_metrics(probs, targets, class_names)
         # Undefined values (a class absent from the split) are left out, except the score checkpoints watch.
-        logged = {f"{prefix}/acc": metrics["accuracy"],
+        logged = {f"{prefix}/acc": float("nan") if metrics["accuracy"] is None else metrics["accuracy"],
                   f"{prefix}/auroc_macro": float("nan") if metrics["macro_auroc"] is None else metrics["macro_auroc"]}
         if metrics["pneumonia_vs_normal_auroc"] is not None:
             logged[f"{prefix}/auroc_pneumonia_vs_normal"] = metrics["pneumonia_vs_normal_auroc"]
