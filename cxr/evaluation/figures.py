@@ -12,8 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torchmetrics.functional.classification import binary_roc  # noqa: E402
+from sklearn.metrics import roc_curve  # noqa: E402
 
 from cxr.evaluation.formatting import number  # noqa: E402
 
@@ -52,8 +51,10 @@ def plot_roc_curves(probs: np.ndarray, targets: np.ndarray, class_names: Sequenc
         positive = np.asarray(targets) == c
         if aurocs.get(name) is None:
             continue
-        fpr, tpr, _ = binary_roc(torch.as_tensor(probs[:, c], dtype=torch.float32), torch.as_tensor(positive, dtype=torch.long))
-        ax.plot(fpr.numpy(), tpr.numpy(), label=f"{name} (AUC {number(aurocs[name])})")
+        # In float64, as the AUROC in the legend: torchmetrics' curve rounds scores to float32, which ties
+        # confident images and draws a smaller area than the legend gives.
+        fpr, tpr, _ = roc_curve(positive, np.asarray(probs[:, c], dtype=np.float64))
+        ax.plot(fpr, tpr, label=f"{name} (AUC {number(aurocs[name])})")
     ax.plot([0, 1], [0, 1], "k--", linewidth=0.8)
     ax.set_xlabel("false positive rate")
     ax.set_ylabel("true positive rate")
