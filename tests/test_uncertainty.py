@@ -104,3 +104,16 @@ def test_a_flawless_small_group_gets_a_wilson_interval_and_a_perfect_auroc_none(
     # one patient imaged 18 times is one trial, not 18
     repeated = bootstrap_intervals(probs, targets, np.array(["tb"] * 18 + [str(i) for i in range(10)]), NAMES)
     assert repeated["recall"]["tuberculosis"] == pytest.approx([1 / (1 + 1.959964 ** 2), 1.0])
+
+
+def test_a_class_whose_images_are_one_patients_gets_no_interval_not_a_zero_width_one():
+    # Ten normals, one patient each, all found; one TB patient's four films, three found: every resample that
+    # holds that patient gives 75%, which is no evidence of certainty.
+    targets = np.array([0] * 10 + [2] * 4)
+    probs = np.where(np.eye(3)[targets] == 1, 0.9, 0.05)
+    probs[10] = [0.9, 0.05, 0.05]
+    groups = np.array([str(i) for i in range(10)] + ["tb"] * 4)
+    ci = bootstrap_intervals(probs, targets, groups, NAMES)
+    assert ci["recall"]["tuberculosis"] is None and "recall.tuberculosis" not in ci["wilson"]
+    assert ci["recall"]["normal"] == pytest.approx([10 / (10 + 1.959964 ** 2), 1.0])  # Wilson's, as before
+    assert ci["accuracy"][0] < 13 / 14 < ci["accuracy"][1]

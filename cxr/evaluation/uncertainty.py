@@ -9,8 +9,8 @@ come from a few array operations instead of one metric call per resample.
 A bootstrap cannot see beyond its sample: when every image of a group is right (18 of 18 latent-TB films
 found), every resample gives 100% and the percentile interval is 100–100%. Such a proportion gets the
 Wilson score interval over the patients concerned instead (82–100%), listed under "wilson" so reports can
-say so, and an AUROC that every resample gives alike (perfect separation of a few images) gets no interval
-rather than a zero-width one.
+say so. Any other value that every resample gives alike (an AUROC of perfectly separated images; the recall
+of a class whose images are all one patient's) gets no interval rather than a zero-width one.
 """
 from __future__ import annotations
 
@@ -45,10 +45,13 @@ def _auroc_interval(samples: np.ndarray, confidence: float) -> list[float] | Non
 
 
 def _proportion_interval(samples: np.ndarray, patients: int, confidence: float) -> tuple[list[float] | None, bool]:
-    """The percentile interval, or Wilson's over `patients` where every resample gives 0 or 1; and whether Wilson's."""
+    """The percentile interval, or Wilson's over `patients` where every resample gives 0 or 1, or none where every
+    resample gives one other value (the images concerned are one patient's); and whether Wilson's."""
     interval = _interval(samples, confidence)
-    if interval is None or interval[0] != interval[1] or interval[0] not in (0.0, 1.0):
+    if interval is None or interval[0] != interval[1]:
         return interval, False
+    if interval[0] not in (0.0, 1.0):
+        return None, False
     wilson = binomtest(round(interval[0] * patients), patients).proportion_ci(confidence, method="wilson")
     return [float(wilson.low), float(wilson.high)], True
 
@@ -56,7 +59,8 @@ def _proportion_interval(samples: np.ndarray, patients: int, confidence: float) 
 def bootstrap_intervals(probs: np.ndarray, targets: np.ndarray, groups: Sequence[str], class_names: Sequence[str],
                         n_resamples: int = RESAMPLES, confidence: float = CONFIDENCE, seed: int = 0) -> dict | None:
     """Percentile intervals from resampling whole `groups` (patients) with replacement (Wilson's for a proportion
-    of 0 or 1, named in "wilson" as "accuracy" or "recall.<class>"; none for an AUROC every resample gives alike);
+    of 0 or 1, named in "wilson" as "accuracy" or "recall.<class>"; none for another value every resample gives
+    alike);
     None under 2 groups."""
     probs, targets = np.asarray(probs, dtype=np.float64), np.asarray(targets, dtype=int)
     class_names = list(class_names)
