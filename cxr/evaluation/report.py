@@ -11,7 +11,7 @@ import pandas as pd
 from cxr.data.index import blank_missing
 from cxr.evaluation.figures import plot_confusion_matrix, plot_feature_distances, plot_roc_curves
 from cxr.evaluation.metrics import auroc_shortfall_by_source, compute_metrics, costliest_images, metrics_by_group
-from cxr.evaluation.formatting import number, percent
+from cxr.evaluation.formatting import decimals, number, percent
 from cxr.evaluation.uncertainty import bootstrap_intervals
 
 NOT_GIVEN = "(not given)"  # the subgroup of images whose manifest leaves that column empty
@@ -116,8 +116,9 @@ def shortfall_lines(metrics: dict) -> list[str]:
              "|---|---|---|---|---|"]
     for name, s in shortfall.items():
         top = s["pairs"][0] if s["pairs"] else None
-        largest = f"{top['positive_source']} / {top['negative_source']}: {top['share']:.4f}" if top else "–"
-        lines.append(f"| {name} | {s['shortfall']:.4f} | {s['within_source']:.4f} | {s['across_sources']:.4f} | {largest} |")
+        largest = f"{top['positive_source']} / {top['negative_source']}: {decimals(top['share'], 4)}" if top else "–"
+        lines.append(f"| {name} | {decimals(s['shortfall'], 4)} | {decimals(s['within_source'], 4)} | "
+                     f"{decimals(s['across_sources'], 4)} | {largest} |")
     return lines
 
 
@@ -134,8 +135,9 @@ def costliest_image_lines(metrics: dict) -> list[str]:
              "|---|---|---|---|---|---|---|---|"]
     for name, c in costliest.items():
         for image in c["images"]:
-            lines.append(f"| {name} ({c['shortfall']:.4f}) | {'/'.join(Path(image['path']).parts[-2:])} | {image['source']} | "
-                         f"{image['label']} | {image['role']} | {image['score']:.3f} | {image['share']:.4f} | "
+            lines.append(f"| {name} ({decimals(c['shortfall'], 4)}) | {'/'.join(Path(image['path']).parts[-2:])} | "
+                         f"{image['source']} | {image['label']} | {image['role']} | {decimals(image['score'], 3)} | "
+                         f"{decimals(image['share'], 4)} | "
                          f"{percent(image['share'] / c['shortfall'])} |")
     return lines
 
