@@ -306,3 +306,57 @@ def test_a_source_spelled_in_several_cases_is_one_source_and_a_repeated_row_coun
     assert index["source"].tolist() == ["kermany", "kermany", "kermany", "NIH"]  # the spelling most rows use
     assert index["path"].tolist() == [str(tmp_path / f"{n}.png") for n in "abcd"]
     assert "read as ['kermany']" in caplog.text and "1 row(s) repeat an image" in caplog.text
+
+
+@pytest.mark.parametrize("header", ["Patient ID", "PatientID", "patient-id", " PATIENT_ID "])
+def test_spellings_of_the_patient_id_column_are_read_as_patient_ids(tmp_path, header):
+    """NIH's Data_Entry CSV heads it "Patient ID": read as another column, every image was its own patient and
+    one patient's films were split between train and test."""
+    (tmp_path / "m.csv").write_text(f"path,label,{header},View Position\na.png,normal,7,PA\nb.png,normal,7,AP\n")
+    index = index_manifest(tmp_path / "m.csv")
+    assert index["patient_id"].tolist() == ["7", "7"] and index["view position"].tolist() == ["PA", "AP"]
+
+
+def test_a_spreadsheet_s_unnamed_empty_columns_are_dropped_and_unnamed_values_refused(tmp_path):
+    (tmp_path / "m.csv").write_text("path,label,,\na.png,normal,,\n")
+    assert index_manifest(tmp_path / "m.csv").columns.tolist() == ["path", "label", "split", "patient_id", "source"]
+    (tmp_path / "m.csv").write_text("path,label,\na.png,normal,PA\n")
+    with pytest.raises(DataConfigError, match=r"column\(s\) \[3\] have values but no name"):
+        index_manifest(tmp_path / "m.csv")
+
+
+def test_an_image_without_a_source_comes_from_the_manifest_s_folder(tmp_path):
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "m.csv").write_text("path,label,source\na.png,normal,HospA\nb.png,normal,\nc.png,TB,NA\n")
+    assert index_manifest(tmp_path / "site" / "m.csv")["source"].tolist() == ["HospA", "site", "site"]
+
+
+def test_split_folders_inside_class_folders_are_refused_not_split_anew(tmp_path):
+    for cls in ("NORMAL", "PNEUMONIA"):
+        for split in ("train", "test"):
+            write_png(tmp_path / cls / split / "a.png")
+    with pytest.raises(DataConfigError, match=r"NORMAL/test is named for a split but sits inside the class folder "
+                                              r"NORMAL/: split folders hold the class folders \(test/NORMAL/...\)"):
+        index_folder(tmp_path)
+
+
+def test_an_image_reached_twice_through_a_link_counts_once_or_is_refused_across_splits(tmp_path, caplog):
+    write_png(tmp_path / "a" / "TUBERCULOSIS" / "x.png")
+    write_png(tmp_path / "a" / "NORMAL" / "y.png")
+    (tmp_path / "a" / "TB").symlink_to(tmp_path / "a" / "TUBERCULOSIS")  # one class under two names
+    with caplog.at_level("WARNING"):
+        index = index_folder(tmp_path / "a")
+    assert sorted(index["label"]) == ["normal", "tuberculosis"] and "reached through a link" in caplog.text
+    for split in ("train", "test"):
+        write_png(tmp_path / "b" / split / "NORMAL" / f"{split}.png")
+    (tmp_path / "b" / "val").symlink_to(tmp_path / "b" / "test")  # the checkpoint would be chosen on test
+    with pytest.raises(DataConfigError, match="listed more than once with different labels, splits"):
+        index_folder(tmp_path / "b")
+
+
+def test_a_rare_class_among_large_ones_reaches_every_split():
+    classes = {f"n{p}": ("normal", 1) for p in range(40)} | {f"p{p}": ("pneumonia", 1) for p in range(40)}
+    index = patients_frame(classes | {f"t{p}": ("tuberculosis", 1) for p in range(3)})
+    split = assign_splits(index, 0.15, 0.15, seed=0)
+    assert split.loc[split["label"] == "tuberculosis", "split"].value_counts().to_dict() == {
+        "train": 1, "val": 1, "test": 1}

@@ -36,6 +36,9 @@ MAX_SUBGROUP_VALUES = 20
 # How R, pandas and databases write a missing value: such a patient_id is no patient, not one named "NA",
 # and such a subgroup value is "not given".
 MISSING_IDS = {"", "na", "n/a", "nan", "none", "null"}
+# Other spellings of the columns every index has, after lower-casing and joining words with "_" (NIH's own
+# Data_Entry CSV heads its patient column "Patient ID"): read as another column, it would be no patient id.
+COLUMN_ALIASES = {"patientid": "patient_id"}
 
 
 class LeakageError(ValueError):
@@ -129,7 +132,7 @@ def index_folder(root: str | Path) -> pd.DataFrame:
     """`root/<class>/*` or `root/<split>/<class>/*`; class and split folder names (train/training,
     val/valid/validation, test/testing) are matched case-insensitively. Symlinked sub-folders are followed; masks
     (see `is_mask`), hidden files (see `is_hidden`) and files that are not images (see `is_image_file`) are
-    skipped; links to files that do not exist are refused."""
+    skipped; links to files that do not exist, and split folders inside class folders, are refused."""
     root = absolute(root)
     if not root.is_dir():
         raise FileNotFoundError(f"data folder {root} does not exist")
@@ -146,6 +149,11 @@ def index_folder(root: str | Path) -> pd.DataFrame:
             if label is None:
                 log.warning("ignoring folder %s: not a known class name", class_dir)
                 continue
+            inside = [d for d in _subfolders(class_dir) if d.name.lower() in SPLIT_ALIASES]
+            if inside:  # read as plain sub-folders, the user's own test images would be split anew, some trained on
+                raise DataConfigError(f"{inside[0]} is named for a split but sits inside the class folder "
+                                      f"{class_dir.name}/: split folders hold the class folders "
+                                      f"({inside[0].name}/{class_dir.name}/...); move them so, or rename the folder")
             for file in _files_under(class_dir):
                 if not file.is_file():
                     if file.is_symlink() and not file.exists():
@@ -169,7 +177,7 @@ def index_folder(root: str | Path) -> pd.DataFrame:
     if not rows:
         raise DataConfigError(f"no images found under {root}: put them in class sub-folders such as NORMAL/, "
                               "PNEUMONIA/, TB/ (optionally inside train/, val/, test/)")
-    return pd.DataFrame(rows, columns=COLUMNS)
+    return one_row_per_image(pd.DataFrame(rows, columns=COLUMNS), root)
 
 
 def blank_missing(column: pd.Series) -> pd.Series:
@@ -181,6 +189,14 @@ def blank_missing(column: pd.Series) -> pd.Series:
 def extra_columns(columns) -> list[str]:
     """The columns of an index beyond the ones every index has: a manifest's own (view, sex, ...)."""
     return [name for name in columns if name not in COLUMNS and name != TARGET]
+
+
+def column_name(name: str) -> str:
+    """A manifest's column name as the index reads it: stripped and lower case; a spelling of one of the columns
+    every index has (`Patient ID`, `PatientID`, `patient-id`) as that column."""
+    name = name.strip().lower()
+    joined = "_".join(name.replace("-", " ").split())
+    return COLUMN_ALIASES.get(joined, joined if joined in COLUMNS else name)
 
 
 def not_utf8(manifest: Path, exc: UnicodeDecodeError) -> DataConfigError:
@@ -222,25 +238,29 @@ def _one_spelling(sources: pd.Series) -> pd.Series:
     return merged
 
 
-def _without_repeated_rows(frame: pd.DataFrame, manifest: Path) -> pd.DataFrame:
-    """One row per image: a path listed twice alike is kept once (it would count twice in every metric); listed
-    with different labels, splits, patients or sources, it is refused (keeping either row could hide a patient
-    in two splits)."""
-    repeated = frame[frame.duplicated("path", keep=False)]
-    if repeated.empty:
+def one_row_per_image(frame: pd.DataFrame, where: Path) -> pd.DataFrame:
+    """One row per image file: a file listed twice, or reached a second time through a link (a `TB` folder linked
+    to `TUBERCULOSIS`), alike is kept once (it would count twice in every metric); with different labels,
+    splits, patients or sources it is refused (keeping either row could hide an image, or a patient, in two
+    splits: a `val` folder linked to `test`)."""
+    real = frame["path"].map(os.path.realpath)
+    repeated = real.duplicated(keep=False)
+    if not repeated.any():
         return frame
-    conflicting = repeated.groupby("path")[["label", "split", "patient_id", "source"]].nunique().max(axis=1) > 1
-    if conflicting.any():
-        paths = conflicting.index[conflicting].tolist()
-        raise DataConfigError(f"{manifest}: {len(paths)} image(s) are listed more than once with different labels, "
-                              f"splits, patients or sources, e.g. {paths[:3]}: keep one row per image")
-    log.warning("%s: %d row(s) repeat an image listed before (e.g. %s): each image is used once", manifest,
-                int(frame.duplicated("path").sum()), repeated["path"].iloc[0])
-    return frame.drop_duplicates("path").reset_index(drop=True)
+    differs = frame[repeated].groupby(real[repeated])[["label", "split", "patient_id", "source"]].nunique()
+    conflicting = differs.index[differs.max(axis=1) > 1]
+    if len(conflicting):
+        examples = [frame.loc[real == file, "path"].tolist() for file in conflicting[:3]]
+        raise DataConfigError(f"{where}: {len(conflicting)} image(s) are listed more than once with different labels, "
+                              f"splits, patients or sources (or reached through a link under two of them), e.g. "
+                              f"{examples}: keep one row per image, or remove the link")
+    log.warning("%s: %d row(s) repeat an image listed before, or reached through a link (e.g. %s): each image is "
+                "used once", where, int(real.duplicated().sum()), frame.loc[repeated, "path"].iloc[0])
+    return frame[~real.duplicated()].reset_index(drop=True)
 
 
 def _read_manifest_rows(manifest: Path, separator: str) -> tuple[list[str], list[list[str]], list[int]]:
-    """The column names (stripped, lower case), each row's values padded or cut to one per column, and the line
+    """The column names (see `column_name`), each row's values padded or cut to one per column, and the line
     each row starts on (blank lines are empty rows). A row with more values than there are columns is refused:
     a value with an unquoted separator would shift every value after it. Empty cells past the last column (a
     spreadsheet's trailing separators) are not values."""
@@ -248,7 +268,7 @@ def _read_manifest_rows(manifest: Path, separator: str) -> tuple[list[str], list
     with manifest.open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.reader(handle, delimiter=separator, skipinitialspace=True, strict=True)
         try:
-            header = [name.strip().lower() for name in next(reader, [])]
+            header = [column_name(name) for name in next(reader, [])]
             start = reader.line_num + 1
             for values in reader:
                 if any(value.strip() for value in values[len(header):]):
@@ -276,10 +296,17 @@ def index_manifest(manifest: str | Path) -> pd.DataFrame:
         raise FileNotFoundError(f"manifest {manifest} does not exist")
     separator = _manifest_separator(manifest)
     header, values, lines = _read_manifest_rows(manifest, separator)
+    unnamed = [i for i, name in enumerate(header) if not name]
+    if any(row[i].strip() for row in values for i in unnamed):
+        raise DataConfigError(f"{manifest}: column(s) {[i + 1 for i in unnamed]} have values but no name in the first "
+                              "line; name them")
+    if unnamed:  # a spreadsheet's trailing separators after columns once used
+        keep = [i for i in range(len(header)) if i not in unnamed]
+        header, values = [header[i] for i in keep], [[row[i] for i in keep] for row in values]
     repeated = sorted({name for name in header if header.count(name) > 1})
     if repeated:
-        raise DataConfigError(f"{manifest}: column name(s) {repeated} appear more than once (case is ignored); "
-                              "rename them")
+        raise DataConfigError(f"{manifest}: column name(s) {repeated} appear more than once (case, spaces and "
+                              "spellings such as 'Patient ID' are ignored); rename them")
     table = pd.DataFrame(values, columns=header, dtype=str)
     missing = {"path", "label"} - set(table.columns)
     if missing:
@@ -299,14 +326,16 @@ def index_manifest(manifest: str | Path) -> pd.DataFrame:
         "label": [_label_or_raise(v, f"{manifest} line {row}") for row, v in zip(rows, table["label"])],
         "split": table["split"].str.lower().replace(SPLIT_ALIASES) if "split" in table else "",
         "patient_id": blank_missing(table["patient_id"]) if "patient_id" in table else "",
-        "source": _one_spelling(table["source"]) if "source" in table else manifest.parent.name,
+        # An image with no source given comes from the manifest's folder, as every image does without the column.
+        "source": (_one_spelling(blank_missing(table["source"]).replace("", manifest.parent.name)) if "source" in table
+                   else manifest.parent.name),
     })
     frame = pd.concat([frame, table[extra_columns(table.columns)]], axis=1)
     bad_splits = set(frame["split"]) - set(SPLITS) - {""}
     if bad_splits:
         raise DataConfigError(f"{manifest}: unknown split value(s) {sorted(bad_splits)}; use {SPLITS}, or leave it "
                               "empty to have the split drawn")
-    return _without_repeated_rows(frame, manifest)
+    return one_row_per_image(frame, manifest)
 
 
 def check_subgroup_columns(index: pd.DataFrame, columns: Sequence[str], reserved: Sequence[str] = ()) -> None:
@@ -387,9 +416,9 @@ def assign_splits(index: pd.DataFrame, val_fraction: float, test_fraction: float
         n_folds = int(min(max(2, round(1 / share)), len(np.unique(groups[remaining]))))
         if n_folds < 2:
             continue
-        # StratifiedGroupKFold refuses when every class has fewer images than folds; once it has, val is drawn
-        # the same way as test was.
-        too_small = too_small or np.unique(labels[remaining], return_counts=True)[1].max() < n_folds
+        # StratifiedGroupKFold refuses when every class has fewer images than folds, and when one class has, it can
+        # leave that class out of the held-out fold; val is then drawn the same way as test was.
+        too_small = too_small or np.unique(labels[remaining], return_counts=True)[1].min() < n_folds
         if too_small:
             held = per_class_group_holdout(labels[remaining], groups[remaining], share, seed)
         else:
