@@ -62,7 +62,7 @@ def train(cfg: DictConfig) -> dict:
     held_out = ({"val", datamodule.split} if test_after_fit else {"val"}) - set(datamodule.train_splits)
     check_calibration_plan(calibration, datamodule, datamodule.split if test_after_fit else None, "run")
     for split in sorted(held_out | ({calibration["split"]} if calibration["method"] != "none" else set())):
-        datamodule.check_unseen(split, data_summary, whose="the model")
+        datamodule.check_unseen(split, data_summary, whose="the model", before_training=True)
     feature_distance = cfg.get("feature_distance")
     if feature_distance:
         check_feature_distance_config(datamodule, feature_distance.split, float(feature_distance.pass_rate),

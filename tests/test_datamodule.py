@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from cxr.data.datamodule import (ChestXrayDataModule, balanced_class_weights, balanced_sampler, seed_worker,
                                  split_fingerprint)
+from cxr.checkpoint import TRAIN_FINGERPRINTS
 from cxr.data import dataset as dataset_module
 from cxr.data.dataset import DataCheckError, StandardizedImageDataset, load_standardized
 from cxr.data.index import CLASS_NAMES, DataConfigError, LeakageError
@@ -150,6 +151,10 @@ def test_holdout_sources_train_without_and_test_on_all_of_them(tmp_path, synthet
                                                                      "val split")
     with pytest.raises(ValueError, match="hospital_c"):
         ChestXrayDataModule.from_manifest(str(manifest), preprocessing=PREP, holdout_sources=["hospital_c"]).build_index()
+    # a source is one source whatever its case, in the data and in the names held out
+    spelled = ChestXrayDataModule.from_manifest(str(manifest), preprocessing=PREP, holdout_sources=["Hospital_B"])
+    assert spelled.build_index()["split"].tolist() == index["split"].tolist()
+    assert spelled.holdout_sources == ["hospital_b"]
 
 
 def test_holdout_sources_keep_a_patient_of_both_sources_out_of_training(tmp_path, synthetic_manifest, caplog):
@@ -216,6 +221,10 @@ def test_copies_of_training_images_are_refused_whatever_their_name(tmp_path, syn
     with_copy = ChestXrayDataModule.from_manifest(str(tmp_path / "with_copy.csv"), preprocessing=PREP)
     with pytest.raises(LeakageError, match=r"1 of the \d+ images of the 'test' split .*renamed-copy.png"):
         with_copy.check_not_trained_on("test", trained, "the checkpoint")
+    # before training on this very data, both copies are named, with their labels
+    with pytest.raises(LeakageError, match=rf"renamed-copy.png \({source['label']}\) = {source['path']} "
+                                           rf"\({source['label']}, train\)\. .*keep one copy of each image"):
+        with_copy.check_unseen("test", {TRAIN_FINGERPRINTS: with_copy.fingerprints("train")}, before_training=True)
 
 
 def test_disk_cache_is_reused(tmp_path, synthetic_manifest):
@@ -294,8 +303,12 @@ def test_a_class_without_training_images_is_warned_about(tmp_path, synthetic_man
 def test_labels_outside_the_classes_and_empty_splits_are_data_config_errors(synthetic_manifest):
     two_classes = ChestXrayDataModule.from_manifest(str(synthetic_manifest), preprocessing=PREP,
                                                     class_names=["normal", "pneumonia"])
-    with pytest.raises(DataConfigError, match=r"\['tuberculosis'\] are not among the model's classes"):
+    with pytest.raises(DataConfigError, match=r"\['tuberculosis'\] are not among the model's classes.*class_names"):
         two_classes.build_index()
+    scored = ChestXrayDataModule.from_manifest(str(synthetic_manifest), preprocessing=PREP, for_training=False,
+                                               class_names=["normal", "pneumonia"])
+    with pytest.raises(DataConfigError, match=r"classes \['normal', 'pneumonia'\]: it cannot score them: remove"):
+        scored.build_index()
     no_test = ChestXrayDataModule.from_manifest(str(synthetic_manifest), preprocessing=PREP, test_fraction=0.0)
     with pytest.raises(DataConfigError, match="split 'test' has no images"):
         no_test.split_frame("test")
@@ -314,6 +327,12 @@ def test_a_class_missing_from_val_or_test_is_warned_about(tmp_path, synthetic_ma
     with caplog.at_level("WARNING"):
         ChestXrayDataModule.from_manifest(str(tmp_path / "no_tb_in_val.csv"), preprocessing=PREP).build_index()
     assert "['tuberculosis'] have no val images" in caplog.text and "no test images" not in caplog.text
+    caplog.clear()  # a checkpoint's data scored on test, or whole, is measured on no val images
+    for split in ("test", "all"):
+        with caplog.at_level("WARNING"):
+            ChestXrayDataModule.from_manifest(str(tmp_path / "no_tb_in_val.csv"), preprocessing=PREP, split=split,
+                                              for_training=False).build_index()
+    assert "have no val images" not in caplog.text
 
 
 def flat_but_one_pixel(value: int) -> np.ndarray:
@@ -452,3 +471,10 @@ def test_images_without_a_split_beside_given_splits_are_placed_and_said_so(tmp_p
         index = ChestXrayDataModule.from_manifest(str(tmp_path / "partly_split.csv"), preprocessing=PREP).build_index()
     assert "6 image(s) have no split in the data and were placed" in caplog.text
     assert (index["split"] != "").all()
+    scored = ChestXrayDataModule.from_manifest(str(tmp_path / "partly_split.csv"), preprocessing=PREP)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        scored.warn_if_split_was_drawn("val")
+    drawn = int(scored.split_frame("val")["path"].isin(table.loc[table.index[:6], "path"]).sum())
+    assert f"6 images have no split in the data: {drawn} of the {len(scored.split_frame('val'))} images of the " \
+           "'val' split used here are among them" in caplog.text

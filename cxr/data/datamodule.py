@@ -92,9 +92,9 @@ def prediction_columns(class_names: Sequence[str]) -> list[str]:
     return [*(f"p_{name}" for name in class_names), "predicted", "feature_distance", "unlike_training"]
 
 
-def warn_classes_missing_from_evaluation(index: pd.DataFrame) -> None:
-    """Name the classes of the data that a non-empty val or test split lacks: their metrics there are undefined."""
-    for split in ("val", "test"):
+def warn_classes_missing_from_evaluation(index: pd.DataFrame, splits: Sequence[str]) -> None:
+    """Name the classes of the data that a non-empty one of `splits` lacks: their metrics there are undefined."""
+    for split in splits:
         present = set(index.loc[index["split"] == split, "label"])
         absent = sorted(set(index["label"]) - present)
         if present and absent:
@@ -165,6 +165,7 @@ class ChestXrayDataModule(L.LightningDataModule):
         self.split_seed = split_seed
         self.index: pd.DataFrame | None = None
         self.drawn_split_images = 0  # images the data gave no split, split here by split_seed
+        self._drawn_paths: set[str] = set()
         self._datasets: dict[str, StandardizedImageDataset] = {}
 
     @classmethod
@@ -188,14 +189,17 @@ class ChestXrayDataModule(L.LightningDataModule):
         index = self._index_factory() if callable(self._index_factory) else self._index_factory.copy()
         unknown = set(index["label"]) - set(self.class_names)
         if unknown:
+            advice = ("remove those images, or train with them listed in +data.class_names=[...]" if self.for_training
+                      else "it cannot score them: remove those images from the data")
             raise DataConfigError(f"labels {sorted(unknown)} are not among the model's classes {self.class_names}: "
-                                  "remove those images, or train with them listed in +data.class_names=[...]")
+                                  f"{advice}")
         if self.classes_from_data:
             self.class_names = classes_of(index, self.class_names)
         check_patient_leakage(index)
         check_subgroup_columns(index, self.subgroups, reserved=prediction_columns(self.class_names))
         unsplit = (index["split"] == "").to_numpy()
         self.drawn_split_images = int(unsplit.sum())
+        self._drawn_paths = set(index.loc[unsplit, "path"])
         given = set(index["split"]) - {""}
         if self.split != ALL_IMAGES:  # scoring every image as one set needs no split drawn
             if "train" in given and "val" not in given:
@@ -212,6 +216,9 @@ class ChestXrayDataModule(L.LightningDataModule):
                             "split where it has one, else drawn with data.split_seed)", self.drawn_split_images, placed)
         check_patient_leakage(index)
         if self.holdout_sources:
+            # Sources are one source whatever their case (index._one_spelling): so are the names held out.
+            spelled = {source.casefold(): source for source in set(index["source"])}
+            self.holdout_sources = [spelled.get(name.casefold(), name) for name in self.holdout_sources]
             missing = set(self.holdout_sources) - set(index["source"])
             if missing:
                 raise DataConfigError(f"holdout_sources {sorted(missing)} not in the data (sources: "
@@ -233,7 +240,9 @@ class ChestXrayDataModule(L.LightningDataModule):
         if untrained and self.for_training and self.split != ALL_IMAGES:  # data scored whole is not trained on
             log.warning("class(es) %s have no training images: the model cannot learn them; if the data holds only "
                         "some classes, pass +data.class_names=[...]", untrained)
-        warn_classes_missing_from_evaluation(index)
+        # A checkpoint's data is measured on its one split (none of them when scored whole).
+        warn_classes_missing_from_evaluation(index, ("val", "test") if self.for_training else
+                                             () if self.split == ALL_IMAGES else (self.split,))
         index[TARGET] = [self.class_names.index(label) for label in index["label"]]
         self.index = index
         return index
@@ -265,10 +274,11 @@ class ChestXrayDataModule(L.LightningDataModule):
         how to take every image."""
         self.build_index()
         chosen_whole = split == ALL_IMAGES or (split == "test" and self.holdout_sources)  # held-out sources: all
-        if not chosen_whole and self.drawn_split_images:
-            log.warning("%d images have no split in the data: the %r split used here is the %d of them drawn with "
-                        "data.split_seed; to use every image (an external set), pass data.split=%s",
-                        self.drawn_split_images, split, len(self.split_frame(split)), ALL_IMAGES)
+        drawn = int(self.split_frame(split)["path"].isin(self._drawn_paths).sum()) if not chosen_whole else 0
+        if drawn:
+            log.warning("%d images have no split in the data: %d of the %d images of the %r split used here are among "
+                        "them, drawn with data.split_seed; to use every image (an external set), pass data.split=%s",
+                        self.drawn_split_images, drawn, len(self.split_frame(split)), split, ALL_IMAGES)
 
     def summary(self) -> dict:
         """Counts per split, source and label, and a fingerprint of which image is in which split: stored in
@@ -281,33 +291,48 @@ class ChestXrayDataModule(L.LightningDataModule):
         return {"counts": out, "holdout_sources": self.holdout_sources, "class_names": self.class_names,
                 "split_sha256": split_fingerprint(frame), "train_splits": self.train_splits}
 
-    def check_unseen(self, split: str, data_summary: dict, whose: str = "the checkpoint") -> None:
+    def check_unseen(self, split: str, data_summary: dict, whose: str = "the checkpoint",
+                     before_training: bool = False) -> None:
         """Refuse to calibrate, select or evaluate a checkpoint on images it trained on: `split` of this data
         when the checkpoint's `data_summary` says it trained on that split of the same split assignment, or
-        when images of `split` have the pixels of its training images."""
+        when images of `split` have the pixels of its training images (`before_training`: this data's own train
+        split, which the refusal then names)."""
         trained_on = data_summary.get("train_splits", ["train"])
         if split in trained_on and data_summary.get("split_sha256") == split_fingerprint(self.build_index()):
             raise LeakageError(f"{whose} trained on the {split!r} split (data.train_splits={trained_on}): numbers "
                                "computed there would be in-sample; use a split it does not train on")
-        self.check_not_trained_on(split, data_summary.get(TRAIN_FINGERPRINTS, []), whose)
+        self.check_not_trained_on(split, data_summary.get(TRAIN_FINGERPRINTS, []), whose, before_training)
 
     def fingerprints(self, split: str) -> list[str]:
         """Pixel fingerprints of `split`'s standardized images (see `image_fingerprints`)."""
         return image_fingerprints(self.dataset(split).images)
 
-    def check_not_trained_on(self, split: str, trained: Sequence[str], whose: str) -> None:
+    def check_not_trained_on(self, split: str, trained: Sequence[str], whose: str,
+                             before_training: bool = False) -> None:
         """Refuse when images of `split` have the pixels of images in `trained` (fingerprints of what `whose`
-        trained on): copies under other names, or another split assignment of the same data."""
+        trained on): copies under other names, or another split assignment of the same data. `before_training`:
+        `trained` is this data's own train split, whose copies the refusal names beside each image."""
         trained = set(trained)
         if not trained:
             return
-        paths = self.split_frame(split)["path"].tolist()
-        seen = [path for path, fingerprint in zip(paths, self.fingerprints(split)) if fingerprint in trained]
-        if seen:
-            raise LeakageError(
-                f"{len(seen)} of the {len(paths)} images of the {split!r} split have the same pixels as images {whose} "
-                f"trained on, e.g. {seen[:3]}: numbers there would be in-sample. Remove the copies, or, for data "
-                "split automatically, use the data.split_seed, data.val_fraction and data.test_fraction of the training run")
+        frame = self.split_frame(split)
+        seen = [(path, label, fingerprint) for path, label, fingerprint
+                in zip(frame["path"], frame["label"], self.fingerprints(split)) if fingerprint in trained]
+        if not seen:
+            return
+        if before_training:
+            train = self.split_frame("train")
+            copy_of = dict(zip(self.fingerprints("train"), zip(train["path"], train["label"])))
+            pairs = "; ".join(f"{path} ({label}) = {copy_of[fingerprint][0]} ({copy_of[fingerprint][1]}, train)"
+                              for path, label, fingerprint in seen[:3])
+            raise LeakageError(f"{len(seen)} of the {len(frame)} images of the {split!r} split have the same pixels as "
+                               f"training images: {pairs}. Numbers there would be in-sample: keep one copy of each "
+                               "image, under its right label")
+        raise LeakageError(
+            f"{len(seen)} of the {len(frame)} images of the {split!r} split have the same pixels as images {whose} "
+            f"trained on, e.g. {[path for path, _, _ in seen[:3]]}: numbers there would be in-sample. Remove the "
+            "copies, or, for data split automatically, use the data.split_seed, data.val_fraction and "
+            "data.test_fraction of the training run")
 
     # ---- datasets ---------------------------------------------------------------------------
     def dataset(self, split: str) -> StandardizedImageDataset:
