@@ -36,9 +36,9 @@ def predict_logits_and_distances(classifier: Classifier, datamodule: ChestXrayDa
     logits = torch.cat(logits)
     if not (finite := torch.isfinite(logits).all(dim=1)).all():
         paths = datamodule.split_frame(split)["path"].to_numpy()[~finite.numpy()]
-        raise CheckpointError(f"{classifier.path or 'the model'} gives non-finite logits (NaN or infinity) for {len(paths)} of "
-                              f"{len(logits)} images of the {split} split (e.g. {paths[0]}): its weights diverged; "
-                              "use a checkpoint from before")
+        raise CheckpointError(f"{classifier.path or 'the model'} gives non-finite logits (NaN or infinity) for "
+                              f"{len(paths)} of {len(logits)} images of the {split} split (e.g. {paths[0]}): its "
+                              "weights diverged; use a checkpoint from before")
     return logits, None if classifier.scored is None else torch.cat(distances)
 
 
