@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import sys
+import time
 from pathlib import Path
 
 from hydra.core.utils import JobReturn, JobStatus
@@ -55,7 +56,12 @@ def summary_row(config: DictConfig, job_return: JobReturn) -> dict:
 
 class SweepSummary(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        print(f"each job is summarised in {Path(config.hydra.sweep.dir) / SUMMARY_FILE} as it ends", file=sys.stderr)
+        path = Path(config.hydra.sweep.dir) / SUMMARY_FILE
+        if path.exists():  # a sweep folder reused after every job of it failed: those rows are not this sweep's
+            earlier = path.with_name(f"{path.stem}.before-{time.strftime('%Y%m%d-%H%M%S')}{path.suffix}")
+            path.rename(earlier)
+            print(f"the earlier sweep's {SUMMARY_FILE} in this folder is now {earlier.name}", file=sys.stderr)
+        print(f"each job is summarised in {path} as it ends", file=sys.stderr)
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs) -> None:
         sweep = sweep_folder(config.hydra.mode, config.hydra.sweep.dir, Path(config.paths.output_dir))

@@ -14,6 +14,7 @@ from omegaconf import open_dict
 
 from cxr.config import CONFIG_DIR
 from cxr.tracking import code_version
+from cxr.train import check_run_settings
 
 EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
 
@@ -43,6 +44,7 @@ def test_experiment_composes_and_instantiates(experiment):
     model = instantiate(cfg.model, _partial_=True)
     inspect.signature(model.func).bind(*model.args, **model.keywords, class_names=["normal"], preprocessing=prep)
     assert instantiate(cfg.trainer, logger=False).max_epochs == cfg.trainer.max_epochs
+    check_run_settings(cfg)
 
 
 def test_default_balances_classes_one_way():
@@ -158,3 +160,38 @@ def test_code_version_names_the_commit_and_whether_tracked_files_differ(tmp_path
     assert code_version(tmp_path) == {"commit": git("rev-parse", "HEAD"), "modified": False}
     (tmp_path / "recipe.py").write_text("seed = 2\n")
     assert code_version(tmp_path)["modified"] is True
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["seed=abc"], "seed='abc': give a whole number"),
+    (["trainer.max_epochs=abc"], "trainer.max_epochs='abc': give a whole number of epochs"),
+    (["trainer.max_epochs=0"], "trainer.max_epochs=0"),
+    (["trainer.limit_train_batches=0"], "trains nothing"),
+    (["model.dropout=1.5"], "model.dropout=1.5: give the share"),
+    (["model.pretrained=null"], "model.pretrained=null: say which weights to start from"),
+    (["data.split=all"], "data.split=all scores every image of a saved checkpoint's data"),
+    # the experiment sets early stopping's patience; the snapshots group has no early stopping
+    (["experiment=lite0_finetune", "callbacks=snapshots"],
+     "callbacks.early_stopping has settings (patience) but no _target_"),
+])
+def test_settings_that_would_fail_deep_in_a_library_are_refused_up_front(overrides, message):
+    from cxr.config import ConfigError
+
+    with pytest.raises(ConfigError) as refused:
+        check_run_settings(compose_train(*overrides))
+    assert message in str(refused.value)
+    check_run_settings(compose_train())  # the defaults pass
+    check_run_settings(compose_train("experiment=lite0_finetune", "callbacks=snapshots", "callbacks.early_stopping=null"))
+
+
+def test_a_reused_sweep_folder_starts_its_own_summary_and_keeps_the_earlier_one(tmp_path, capsys):
+    """A sweep folder whose jobs all failed may be used again; their rows are not the new sweep's."""
+    from omegaconf import OmegaConf
+
+    from cxr.sweep import SUMMARY_FILE, SweepSummary
+
+    (tmp_path / SUMMARY_FILE).write_text("job,status\n0,failed\n")
+    SweepSummary().on_multirun_start(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}}))
+    assert not (tmp_path / SUMMARY_FILE).exists()
+    [earlier] = tmp_path.glob("summary.before-*.csv")
+    assert earlier.read_text() == "job,status\n0,failed\n" and earlier.name in capsys.readouterr().err

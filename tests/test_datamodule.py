@@ -155,6 +155,27 @@ def test_holdout_sources_train_without_and_test_on_all_of_them(tmp_path, synthet
     spelled = ChestXrayDataModule.from_manifest(str(manifest), preprocessing=PREP, holdout_sources=["Hospital_B"])
     assert spelled.build_index()["split"].tolist() == index["split"].tolist()
     assert spelled.holdout_sources == ["hospital_b"]
+    # one name given alone (data.holdout_sources=hospital_b) is that name, not its letters
+    alone = ChestXrayDataModule.from_manifest(str(manifest), preprocessing=PREP, holdout_sources="hospital_b")
+    assert alone.build_index()["split"].tolist() == index["split"].tolist()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"batch_size": 0}, "data.batch_size=0: give a whole number"),
+    ({"batch_size": 2.5}, "data.batch_size=2.5"),
+    ({"val_fraction": 1.5}, "data.val_fraction=1.5 and data.test_fraction=0.15"),
+    ({"val_fraction": 0.5, "test_fraction": 0.5}, "together below 1"),
+])
+def test_batch_sizes_and_split_shares_out_of_range_are_refused(synthetic_manifest, kwargs, message):
+    with pytest.raises(DataConfigError) as refused:
+        ChestXrayDataModule.from_manifest(str(synthetic_manifest), preprocessing=PREP, **kwargs)
+    assert message in str(refused.value)
+
+
+def test_an_empty_val_split_names_the_setting_that_emptied_it(synthetic_manifest):
+    without_val = ChestXrayDataModule.from_manifest(str(synthetic_manifest), preprocessing=PREP, val_fraction=0.0)
+    with pytest.raises(DataConfigError, match="or data.val_fraction above 0 for images without one"):
+        without_val.split_frame("val")
 
 
 def test_holdout_sources_keep_a_patient_of_both_sources_out_of_training(tmp_path, synthetic_manifest, caplog):

@@ -232,6 +232,11 @@ def test_a_checkpoint_that_validation_cannot_choose_is_refused_before_the_fit(tm
     renamed = [ModelCheckpoint(dirpath=tmp_path, filename="top", monitor="val/auroc_macro", mode="max")]
     with pytest.raises(ConfigError, match="writes best.ckpt"):
         check_model_selection(renamed, datamodule, "best")
+    plain = ChestXrayDataModule.from_manifest(str(synthetic_manifest), preprocessing=Preprocessing())
+    choosing = [ModelCheckpoint(dirpath=tmp_path, filename="best", monitor="val/auroc_macro", mode="max")]
+    check_model_selection(choosing, plain, "best", evaluated_split="test")
+    with pytest.raises(ConfigError, match="data.split=val: the run would be tested on the images that chose"):
+        check_model_selection(choosing, plain, "best", evaluated_split="val")
 
 
 def test_wandb_run_gets_the_test_figures_and_the_dashboard_the_selection_score(tmp_path):

@@ -92,6 +92,12 @@ def prediction_columns(class_names: Sequence[str]) -> list[str]:
     return [*(f"p_{name}" for name in class_names), "predicted", "feature_distance", "unlike_training"]
 
 
+def names(value) -> list[str]:
+    """A setting that lists names, given as a list or as one name (data.holdout_sources=kermany): list() would
+    split a lone name into its letters."""
+    return [value] if isinstance(value, str) else list(value)
+
+
 def warn_classes_missing_from_evaluation(index: pd.DataFrame, splits: Sequence[str]) -> None:
     """Name the classes of the data that a non-empty one of `splits` lacks: their metrics there are undefined."""
     for split in splits:
@@ -144,6 +150,13 @@ class ChestXrayDataModule(L.LightningDataModule):
         self.classes_from_data = class_names is None
         self.class_names = list(CLASS_NAMES) if class_names is None else checked_class_names(class_names)
         self.augment = augment
+        for name, size in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size or batch_size)):
+            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+                raise DataConfigError(f"data.{name}={size!r}: give a whole number of images, 1 or more")
+        if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+            raise DataConfigError(f"data.val_fraction={val_fraction} and data.test_fraction={test_fraction}: each "
+                                  "is a share of the images from 0 to below 1, and together below 1 (train keeps the "
+                                  "rest)")
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
@@ -152,14 +165,14 @@ class ChestXrayDataModule(L.LightningDataModule):
         self.use_class_weights = use_class_weights
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
-        self.holdout_sources = list(holdout_sources)
-        self.train_splits = list(train_splits)
+        self.holdout_sources = names(holdout_sources)
+        self.train_splits = names(train_splits)
         if "train" not in self.train_splits or split in self.train_splits:
             raise DataConfigError(f"data.train_splits={self.train_splits} must include 'train', and "
                                   f"data.split={split!r} must not be one of them: a model is not measured or "
                                   "calibrated on images it trains on")
         self.split = split
-        self.subgroups = [str(name).strip().lower() for name in subgroups]  # as manifest column names are
+        self.subgroups = [str(name).strip().lower() for name in names(subgroups)]  # as manifest column names are
         self.cache_dir = cache_dir
         self.seed = seed
         self.split_seed = split_seed
@@ -257,8 +270,9 @@ class ChestXrayDataModule(L.LightningDataModule):
             part = frame[frame["split"].isin(self.train_splits) if split == "train" else frame["split"] == split]
         if part.empty:
             counts = frame["split"].value_counts().to_dict()
+            drawn = f", or data.{split}_fraction above 0 for images without one" if split in ("val", "test") else ""
             raise DataConfigError(f"split {split!r} has no images (images per split: {counts}); give it images "
-                                  f"({split}/ folder or split column), or choose a split that has them")
+                                  f"({split}/ folder or split column{drawn}), or choose a split that has them")
         return part
 
     def describe_split(self, split: str) -> str:

@@ -38,8 +38,9 @@ def check_feature_distance_config(datamodule: ChestXrayDataModule, split: str, p
         raise ConfigError(f"feature_distance.split={split} is trained on: its distances are not those of new images; "
                           "choose a split the model does not train on, or feature_distance=null")
     if split == evaluated_split:
-        raise ConfigError(f"feature_distance.split={split} is the split the run is tested on: its threshold would be "
-                          "set on the test images; fit it on val (the default)")
+        raise ConfigError(f"feature_distance.split={split} is the split the run is tested on (data.split="
+                          f"{evaluated_split}): its threshold would be set on the images it is measured on; fit it on "
+                          "val and test on test (the defaults)")
     datamodule.split_frame(split)
 
 

@@ -24,8 +24,9 @@ def check_calibration_plan(calibration, datamodule: ChestXrayDataModule, evaluat
     if calibration["method"] == "none":
         return
     if calibration["split"] == evaluated_split:
-        raise ConfigError(f"calibration.split={calibration['split']} is the split the {evaluated} is evaluated on: the "
-                          "operating point would be tuned on the images it is measured on; fit it on val (the default)")
+        raise ConfigError(f"calibration.split={calibration['split']} is the split the {evaluated} is evaluated on "
+                          f"(data.split={evaluated_split}): the operating point would be tuned on the images it is "
+                          "measured on; fit it on val and evaluate on test (the defaults)")
     check_calibration_targets(datamodule.split_frame(calibration["split"])["target"].tolist(),
                               datamodule.class_names, calibration["method"])
 
