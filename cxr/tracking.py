@@ -10,7 +10,7 @@ from pathlib import Path
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from cxr.config import PROJECT_ROOT
+from cxr.config import PROJECT_ROOT, ConfigError
 
 
 def instantiate_loggers(cfg: DictConfig, **overrides) -> list:
@@ -23,8 +23,17 @@ def is_wandb(logger_cfg: DictConfig) -> bool:
 
 
 def log_config_to(loggers: list, cfg: DictConfig) -> None:
+    """The first thing a run logs, so where a W&B run cannot start (online without an API key) it stops here,
+    with what to do, before the fit."""
     for logger in loggers:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        try:
+            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        except Exception as exc:
+            if not type(exc).__module__.startswith("wandb"):
+                raise
+            raise ConfigError(f"W&B could not start the run ({type(exc).__name__}: {str(exc).strip()}): to log online "
+                              "run `wandb login` or set WANDB_API_KEY; or log offline (unset CXR_WANDB_OFFLINE, the "
+                              "default) and `wandb sync` the run later") from exc
 
 
 def wandb_identity(logger_cfg: DictConfig, cfg: DictConfig) -> dict:

