@@ -142,7 +142,7 @@ def install_routes(server: ls.LitServer, predict: PredictAPI, info: dict, health
 
     @app.get(server.healthcheck_path)
     async def health() -> Response:
-        nonlocal probe
+        nonlocal probe, probe_started
         status = getattr(server, "workers_setup_status", None) or {}
         if not status or not all(v == ls.server.WorkerSetupStatus.READY for v in status.values()):
             return error_response(503, "not_ready", "model workers are still starting")

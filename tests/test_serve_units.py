@@ -277,3 +277,49 @@ def test_the_guard_answers_503_beyond_max_in_flight_and_admits_again_once_one_en
         assert guard.in_flight == 0
 
     asyncio.run(scenario())
+
+
+def test_health_waits_on_a_pending_probe_and_replaces_it_once_past_the_deadline(monkeypatch):
+    """A /health call while the last probe is still out must wait on it (it was a 500: the probe's start time was
+    read before the handler had bound it), and past server.deadline a new probe replaces the lost one."""
+    import asyncio
+    import time
+
+    import litserve as ls
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+    from starlette.responses import Response
+
+    import serve.app as app_module
+
+    class FirstProbeLost:
+        calls = 0
+
+        def __init__(self, api, server):
+            pass
+
+        async def handle_request(self, request, request_type):
+            FirstProbeLost.calls += 1
+            if FirstProbeLost.calls == 1:  # held by a worker that died: never answered
+                await asyncio.Event().wait()
+            return Response(status_code=200)
+
+    class Server:
+        healthcheck_path, info_path = "/health", "/info"
+        workers_setup_status = {"predict": ls.server.WorkerSetupStatus.READY}
+        app = FastAPI()
+
+    class Predict:
+        def authorize(self) -> None:
+            return None
+
+    monkeypatch.setattr(app_module, "RegularRequestHandler", FirstProbeLost)
+    app_module.install_routes(Server(), Predict(), {}, health_timeout=0.1, deadline=1.0)
+    with TestClient(Server.app) as client:
+        for _ in range(2):  # the first sends the probe; the second finds it out and waits on it
+            answer = client.get("/health")
+            assert (answer.status_code, answer.json()["error"]["code"]) == (503, "not_answering"), answer.text
+        assert FirstProbeLost.calls == 1
+        time.sleep(1.0)  # past the deadline: the probe is lost and a new one is sent
+        answer = client.get("/health")
+        assert answer.status_code == 200 and FirstProbeLost.calls == 2, answer.text
