@@ -1,7 +1,6 @@
 """Starting weights: packaged ImageNet weights really are ImageNet weights; missing ones fail loudly."""
 import sys
 
-import numpy as np
 import pytest
 import timm
 import torch

@@ -14,7 +14,7 @@ from omegaconf import open_dict
 
 from cxr.config import CONFIG_DIR
 from cxr.tracking import code_version
-from cxr.train import check_run_settings
+from cxr.run_checks import check_run_settings
 
 EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
 

@@ -216,7 +216,7 @@ def test_a_checkpoint_that_validation_cannot_choose_is_refused_before_the_fit(tm
     from cxr.config import ConfigError
     from cxr.data.datamodule import ChestXrayDataModule
     from cxr.data.preprocess import Preprocessing
-    from cxr.train import check_model_selection
+    from cxr.run_checks import check_model_selection
 
     table = pd.read_csv(synthetic_manifest)
     table["path"] = [str(synthetic_manifest.parent / p) for p in table["path"]]
