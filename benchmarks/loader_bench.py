@@ -16,7 +16,7 @@ import time
 import hydra
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
 from cxr.config import CONFIG_DIR, configure_threads, instantiate_datamodule
 
