@@ -152,6 +152,9 @@ def install_routes(server: ls.LitServer, predict: PredictAPI, info: dict, health
         if probe is None or probe.done() or lost:
             probe, probe_started = asyncio.ensure_future(handler.handle_request(HealthProbe(), HealthProbe)), \
                 time.monotonic()
+            # Its failure (a 504 from the queue) is this /health call's answer, or nobody's once it is replaced:
+            # read here, asyncio would log it as a "Task exception was never retrieved" traceback.
+            probe.add_done_callback(lambda task: task.cancelled() or task.exception())
         try:
             answer = await asyncio.wait_for(asyncio.shield(probe), health_timeout)
         except Exception as exc:  # timeout or worker error

@@ -48,16 +48,37 @@ class RequestGuard:
                                         "process's limit (server.max_in_flight): retry shortly",
                                         {"Retry-After": "1", "Connection": "close"})(scope, receive, send)
         self.in_flight += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.in_flight -= 1
+
+        async def send_then_release(message) -> None:
+            # Freed as the answer's last part goes out, not after: a keep-alive client may send its next request
+            # on the same connection before this call returns, and must not find its own answered request
+            # still counted.
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                release()
+            await send(message)
+
         try:
-            reply = await self._check(scope, receive)
+            try:  # a client that stops sending its body (a stalled upload) must not hold its place for good
+                reply = await asyncio.wait_for(self._check(scope, receive), self.deadline)
+            except TimeoutError:
+                reply = 408, "request_timeout", f"the request body did not arrive within {self.deadline:g} s " \
+                                                "(server.deadline)"
             if isinstance(reply, tuple):
                 status, code, message = reply
                 # Close the connection when the body was not read, so the client stops sending it.
-                headers = {"Connection": "close"} if status == 413 else None
-                return await error_response(status, code, message, headers)(scope, receive, send)
-            return await self._answer_by_deadline(_lowercase_media_type(scope), _replay(reply, receive), send)
+                headers = {"Connection": "close"} if status in (408, 413) else None
+                return await error_response(status, code, message, headers)(scope, receive, send_then_release)
+            return await self._answer_by_deadline(_lowercase_media_type(scope), _replay(reply, receive),
+                                                  send_then_release)
         finally:
-            self.in_flight -= 1
+            release()
 
     async def _answer_by_deadline(self, scope, receive, send) -> None:
         started = False

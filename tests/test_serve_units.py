@@ -279,6 +279,68 @@ def test_the_guard_answers_503_beyond_max_in_flight_and_admits_again_once_one_en
     asyncio.run(scenario())
 
 
+def test_an_upload_that_stalls_is_answered_408_at_the_deadline_and_frees_its_place():
+    """A client that sends part of its body and then nothing held its max_in_flight place for as long as it kept
+    the connection open: 32 of them shut the server to everyone."""
+    import asyncio
+
+    from serve.middleware import RequestGuard
+
+    async def scenario():
+        async def model_app(scope, receive, send):
+            raise AssertionError("a request whose body never arrived reached the model")
+
+        guard = RequestGuard(model_app, paths=["/predict"], max_bytes=100_000, max_in_flight=1, deadline=0.2)
+        parts = iter([{"type": "http.request", "body": b"--xyz\r\n", "more_body": True}])
+
+        async def stalling_receive():
+            return next(parts, None) or await asyncio.Event().wait()
+
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/predict",
+                 "headers": [(b"content-type", b"multipart/form-data; boundary=xyz"), (b"content-length", b"100000")]}
+        await asyncio.wait_for(guard(scope, stalling_receive, send), 10)  # it waited for as long as the client did
+        headers = dict(sent[0]["headers"])
+        body = json.loads(b"".join(m.get("body", b"") for m in sent[1:]))
+        assert (sent[0]["status"], body["error"]["code"], headers[b"connection"]) == (408, "request_timeout", b"close")
+        assert guard.in_flight == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_request_frees_its_place_as_its_answer_goes_out():
+    """A keep-alive client's next request may arrive before the guard's own call returns: its answered request
+    must no longer count (one client per place got spurious 503s)."""
+    import asyncio
+
+    from serve.middleware import RequestGuard
+
+    async def scenario():
+        async def model_app(scope, receive, send):
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"{}"})
+
+        guard = RequestGuard(model_app, paths=["/predict"], max_bytes=1000, max_in_flight=1)
+        counted_when_sent = []
+
+        async def receive():
+            return {"type": "http.request", "body": b'{"image": "x"}', "more_body": False}
+
+        async def send(message):
+            if message["type"] == "http.response.body":
+                counted_when_sent.append(guard.in_flight)
+
+        await guard({"type": "http", "method": "POST", "path": "/predict",
+                     "headers": [(b"content-type", b"application/json")]}, receive, send)
+        assert counted_when_sent == [0] and guard.in_flight == 0
+
+    asyncio.run(scenario())
+
+
 def test_health_waits_on_a_pending_probe_and_replaces_it_once_past_the_deadline(monkeypatch):
     """A /health call while the last probe is still out must wait on it (it was a 500: the probe's start time was
     read before the handler had bound it), and past server.deadline a new probe replaces the lost one."""
@@ -323,3 +385,11 @@ def test_health_waits_on_a_pending_probe_and_replaces_it_once_past_the_deadline(
         time.sleep(1.0)  # past the deadline: the probe is lost and a new one is sent
         answer = client.get("/health")
         assert answer.status_code == 200 and FirstProbeLost.calls == 2, answer.text
+
+
+def test_a_data_url_is_read_whatever_the_case_of_its_scheme():
+    from serve.requests import _b64
+
+    payload = base64.b64encode(b"\x89PNG").decode()
+    for prefix in ("", "data:image/png;base64,", "DATA:image/png;base64,", "Data:image/png;base64,"):
+        assert _b64(prefix + payload, "image") == b"\x89PNG"
