@@ -42,7 +42,7 @@ def _upload_bytes(value) -> bytes:
 def _b64(value, field: str) -> bytes:
     if not isinstance(value, str):
         raise ServeError(422, "invalid_base64", f"'{field}' must be a base64 string, got {type(value).__name__}")
-    if value.startswith("data:") and "," in value:  # tolerate data URLs
+    if value[:5].lower() == "data:" and "," in value:  # tolerate data URLs (the scheme is case-insensitive)
         value = value.split(",", 1)[1]
     value = "".join(value.split())  # line-wrapped base64 (`base64` CLI, MIME) is still base64
     try:

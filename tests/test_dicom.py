@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pydicom
 import pytest
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -294,3 +295,17 @@ def test_a_compression_without_a_decoder_has_its_own_code():
     with pytest.raises(ImageDecodeError, match="High-Throughput JPEG 2000") as info:
         decode_image(labelled_htj2k(make_dicom(gradient16())))
     assert info.value.code == "unsupported_dicom_compression"
+
+
+def test_a_dicom_cut_short_in_its_compressed_pixel_data_is_called_truncated():
+    """pydicom drops encapsulated pixel data cut short with only a warning: it was reported as a file without any."""
+    from pydicom.uid import RLELossless
+
+    whole = make_dicom((np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 7) % 4096)
+    ds = pydicom.dcmread(io.BytesIO(whole))
+    ds.compress(RLELossless)
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    with pytest.raises(ImageDecodeError, match="pixel data is cut short") as info:
+        decode_image(buffer.getvalue()[:-300])
+    assert info.value.code == "invalid_image"

@@ -97,3 +97,10 @@ def test_mobilenet_heatmap_is_spatial():
     assert explainer.target_layers == [module.net.blocks]
     heatmap = explainer.explain(image(3), "pneumonia").heatmap
     assert heatmap.shape == (64, 64) and heatmap.std() > 0.01  # a 1x1 map would upsample to a constant
+
+
+@pytest.mark.parametrize("target", [-1, "-1", " 3 ", "12345678901234567890"])
+def test_an_index_out_of_range_is_named_as_such_whatever_its_sign(explainer, target):
+    with pytest.raises(KeyError, match=r"class index \S+ out of range 0\.\.2"):
+        explainer.class_index(target, np.zeros(3))
+    assert explainer.class_index("+1", np.zeros(3)) == 1

@@ -69,6 +69,10 @@ def to_uint8(pixels: np.ndarray) -> np.ndarray:
     return out.reshape(pixels.shape)
 
 
+# (7FE0,0010) as written in a little-endian data set, the encoding of nearly every DICOM file.
+PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"
+
+
 def is_dicom(data: bytes) -> bool:
     return len(data) >= DICOM_MAGIC_OFFSET + 4 and data[DICOM_MAGIC_OFFSET:DICOM_MAGIC_OFFSET + 4] == b"DICM"
 
@@ -127,6 +131,8 @@ def _decode_dicom(data: bytes, max_pixels: int) -> np.ndarray:
     except Exception as exc:  # pydicom raises many types for malformed files
         raise ImageDecodeError(f"unreadable DICOM file: {exc}") from exc
     if "PixelData" not in ds:
+        if PIXEL_DATA_TAG in data:  # pydicom drops pixel data cut short with only a warning
+            raise ImageDecodeError("the DICOM file's pixel data is cut short: truncated file?")
         raise ImageDecodeError("DICOM file has no pixel data", code="dicom_without_pixels")
     try:  # header values may be missing, multi-valued, of the wrong length or not numbers
         columns, rows = int(ds.get("Columns", 0)), int(ds.get("Rows", 0))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import numbers
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -105,13 +106,14 @@ class GradCamExplainer:
         names = self.classifier.class_names
         if target is None:
             return int(np.argmax(probabilities))
-        # ASCII digits only: "²".isdigit() is true, yet int("²") fails.
         integral = isinstance(target, numbers.Integral) and not isinstance(target, bool)  # np.argmax's too
-        if integral or (isinstance(target, str) and target.isascii() and target.isdigit()):
+        # ASCII digits only ("²".isdigit() is true, yet int("²") fails); a sign too: "-1" is an index out of range.
+        written = isinstance(target, str) and re.fullmatch(r"[+-]?[0-9]+", target.strip()) is not None
+        if integral or written:
             # Past 4300 digits int() raises: no index needs more than a few.
-            index = int(target) if integral or len(target) <= 9 else len(names)
+            index = int(target) if integral or len(target.strip()) <= 10 else len(names)
             if not 0 <= index < len(names):
-                raise KeyError(f"class index {str(target)[:20]} out of range 0..{len(names) - 1}")
+                raise KeyError(f"class index {str(target).strip()[:20]} out of range 0..{len(names) - 1}")
             return index
         label = canonical_label(target)  # as data labels are read: any case, spaces around, aliases (TB)
         if label not in names:
