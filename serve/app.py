@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
 import os
 import signal
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -168,8 +171,43 @@ def install_routes(server: ls.LitServer, predict: PredictAPI, info: dict, health
         return JSONResponse(info)
 
 
+STOPPING = threading.Event()  # the main process was told to stop (Ctrl-C, SIGTERM)
+HTTP_SERVER_CHECK_S = 1.0
+
+
 def _interrupt(signum, frame):
+    STOPPING.set()
     raise KeyboardInterrupt
+
+
+def stop_if_an_http_server_dies(server: ls.LitServer) -> threading.Event:
+    """LitServe restarts inference workers that die, never its HTTP server processes: one killed (the OOM killer
+    picks the process holding every upload) left a port that accepts connections and never answers. The main
+    process then stops the server instead, and exits 1 (main() checks the event returned), for its supervisor
+    (Docker, systemd, Kubernetes) to start it again."""
+    died = threading.Event()
+    start_server = server._start_server  # LitServe 0.2.19's; the tests fail if a release renames it
+
+    def start_and_watch(*args, **kwargs):
+        http_servers = start_server(*args, **kwargs)
+        processes = [p for p in http_servers.values() if isinstance(p, multiprocessing.process.BaseProcess)]
+        log.info("watching the HTTP server process(es) %s", [p.pid for p in processes])
+
+        def watch() -> None:
+            while not STOPPING.wait(HTTP_SERVER_CHECK_S):
+                dead = [p for p in processes if not p.is_alive()]
+                if dead and not STOPPING.wait(HTTP_SERVER_CHECK_S):  # not a shutdown under way
+                    log.error("the HTTP server process %d died (exit code %s): stopping, for the supervisor to start "
+                              "cxr-serve again", dead[0].pid, dead[0].exitcode)
+                    died.set()
+                    server._shutdown_event.set()
+                    return
+
+        threading.Thread(target=watch, name="cxr-http-server-watch", daemon=True).start()
+        return http_servers
+
+    server._start_server = start_and_watch
+    return died
 
 
 def _leave_stopping_to_the_main_process() -> None:
@@ -187,11 +225,16 @@ def main(cfg: DictConfig) -> None:
     log_config(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "server"]), log)
     log.info("server: %s", {k: ("***" if k == "api_key" and v else v) for k, v in cfg.server.items()})
     server = build_server(cfg)
-    # SIGTERM (docker stop, test teardown) takes LitServe's graceful path: workers are stopped too.
+    http_server_died = stop_if_an_http_server_dies(server)
+    # SIGTERM (docker stop, test teardown) and Ctrl-C take LitServe's graceful path: workers are stopped too.
     signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     os.register_at_fork(after_in_child=_leave_stopping_to_the_main_process)
     server.run(host=str(cfg.server.host), port=int(cfg.server.port), num_api_servers=int(cfg.server.num_api_servers),
                log_level=str(cfg.server.log_level), generate_client_file=False)
+    if http_server_died.is_set():
+        print("error: an HTTP server process died; cxr-serve stopped (see the log)", file=sys.stderr)
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import signal
 import struct
 import time
@@ -493,6 +494,17 @@ def test_a_worker_that_dies_is_restarted_and_the_server_keeps_serving(ckpt, tmp_
         answer = requests.post(server.url + "/predict", headers=AUTH, files={"file": ("a.png", png(), "image/png")},
                                timeout=30)
         assert answer.status_code == 200, answer.text
+
+
+def test_a_dead_http_server_process_stops_the_server_for_its_supervisor_to_restart(ckpt, tmp_path):
+    """LitServe restarts inference workers, not its HTTP server process: killed, it left a port that accepted
+    connections and never answered, with nothing restarted and no exit."""
+    with start_server(ckpt, tmp_path) as server:
+        watched = re.search(r"watching the HTTP server process\(es\) \[(\d+)\]", server.log())
+        assert watched, server.log()
+        os.kill(int(watched.group(1)), signal.SIGKILL)  # as the kernel's OOM killer would
+        assert server.proc.wait(timeout=60) == 1, server.log()
+        assert f"the HTTP server process {watched.group(1)} died" in server.log()
 
 
 @pytest.mark.parametrize("stop", ["kill -TERM", "Ctrl-C"])
