@@ -113,6 +113,9 @@ def build_server(cfg: DictConfig) -> ls.LitServer:
     return server
 
 
+PROBE_PATIENCE = 3  # health timeouts a /health probe may take before it is taken as lost
+
+
 def install_routes(server: ls.LitServer, predict: PredictAPI, info: dict, health_timeout: float,
                    deadline: float) -> None:
     app = server.app
@@ -138,8 +141,11 @@ def install_routes(server: ls.LitServer, predict: PredictAPI, info: dict, health
     app.router.routes = [r for r in app.router.routes if getattr(r, "path", None) not in replaced]
     handler = RegularRequestHandler(predict, server)
     # One probe at a time: a probe that outlasts health_timeout is left to finish (later /health calls wait on it
-    # instead of queueing more behind it) until the deadline of every model request (server.deadline): past it,
-    # the worker holding it has died without answering, and a new probe replaces it.
+    # instead of queueing more behind it), but not for ever: once it is PROBE_PATIENCE health timeouts old (or
+    # server.deadline, if shorter) it is taken as lost (held by a worker that died, or by one restarted in its
+    # place whose answer never comes back) and a new probe replaces it. One more probe every 30 s (the default)
+    # is no load even on a server behind on its queue.
+    lost_after = min(deadline, PROBE_PATIENCE * health_timeout)
     probe: asyncio.Task | None = None
     probe_started = 0.0
 
@@ -149,9 +155,9 @@ def install_routes(server: ls.LitServer, predict: PredictAPI, info: dict, health
         status = getattr(server, "workers_setup_status", None) or {}
         if not status or not all(v == ls.server.WorkerSetupStatus.READY for v in status.values()):
             return error_response(503, "not_ready", "model workers are still starting")
-        lost = probe is not None and not probe.done() and time.monotonic() - probe_started > deadline
+        lost = probe is not None and not probe.done() and time.monotonic() - probe_started > lost_after
         if lost:  # left pending, not cancelled: /health calls still waiting on it time out on their own
-            log.error("/health: the probe got no answer within server.deadline=%g s; sending a new one", deadline)
+            log.error("/health: the probe got no answer within %g s; sending a new one", lost_after)
         if probe is None or probe.done() or lost:
             probe, probe_started = asyncio.ensure_future(handler.handle_request(HealthProbe(), HealthProbe)), \
                 time.monotonic()

@@ -343,7 +343,8 @@ def test_a_request_frees_its_place_as_its_answer_goes_out():
 
 def test_health_waits_on_a_pending_probe_and_replaces_it_once_past_the_deadline(monkeypatch):
     """A /health call while the last probe is still out must wait on it (it was a 500: the probe's start time was
-    read before the handler had bound it), and past server.deadline a new probe replaces the lost one."""
+    read before the handler had bound it), and once it is 3 health timeouts old a new probe replaces it (waiting for
+    server.deadline, 120 s, kept /health failing for two minutes after a worker restart that lost the probe)."""
     import asyncio
     import time
 
@@ -376,13 +377,13 @@ def test_health_waits_on_a_pending_probe_and_replaces_it_once_past_the_deadline(
             return None
 
     monkeypatch.setattr(app_module, "RegularRequestHandler", FirstProbeLost)
-    app_module.install_routes(Server(), Predict(), {}, health_timeout=0.1, deadline=1.0)
+    app_module.install_routes(Server(), Predict(), {}, health_timeout=0.5, deadline=60.0)
     with TestClient(Server.app) as client:
         for _ in range(2):  # the first sends the probe; the second finds it out and waits on it
             answer = client.get("/health")
             assert (answer.status_code, answer.json()["error"]["code"]) == (503, "not_answering"), answer.text
         assert FirstProbeLost.calls == 1
-        time.sleep(1.0)  # past the deadline: the probe is lost and a new one is sent
+        time.sleep(1.5)  # 3 health timeouts after it was sent: the probe is lost and a new one is sent
         answer = client.get("/health")
         assert answer.status_code == 200 and FirstProbeLost.calls == 2, answer.text
 
