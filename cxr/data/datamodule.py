@@ -177,8 +177,7 @@ class ChestXrayDataModule(L.LightningDataModule):
         self.seed = seed
         self.split_seed = split_seed
         self.index: pd.DataFrame | None = None
-        self.drawn_split_images = 0  # images the data gave no split, split here by split_seed
-        self._drawn_paths: set[str] = set()
+        self._drawn_paths: set[str] = set()  # images the data gave no split, split here by split_seed
         self._datasets: dict[str, StandardizedImageDataset] = {}
 
     @classmethod
@@ -211,7 +210,7 @@ class ChestXrayDataModule(L.LightningDataModule):
         check_patient_leakage(index)
         check_subgroup_columns(index, self.subgroups, reserved=prediction_columns(self.class_names))
         unsplit = (index["split"] == "").to_numpy()
-        self.drawn_split_images = int(unsplit.sum())
+        n_unsplit = int(unsplit.sum())
         self._drawn_paths = set(index.loc[unsplit, "path"])
         given = set(index["split"]) - {""}
         if self.split != ALL_IMAGES:  # scoring every image as one set needs no split drawn
@@ -219,14 +218,14 @@ class ChestXrayDataModule(L.LightningDataModule):
                 # train/ and test/ only, a common layout: val is drawn from train (and from any images without a
                 # split, which the given test split then does not grow by), patient-grouped and seeded.
                 log.warning("no val split given: drawing %.0f%% of the train images%s as val", 100 * self.val_fraction,
-                            f" and of the {self.drawn_split_images} without a split" if self.drawn_split_images else "")
+                            f" and of the {n_unsplit} without a split" if n_unsplit else "")
                 index = assign_splits(index.assign(split=index["split"].replace("train", "")), self.val_fraction, 0.0,
                                       self.split_seed)
             index = assign_splits(index, self.val_fraction, self.test_fraction, self.split_seed)
-            if 0 < self.drawn_split_images < len(index):  # the splits given grow: say by how much
+            if 0 < n_unsplit < len(index):  # the splits given grow: say by how much
                 placed = index.loc[unsplit, "split"].value_counts().to_dict()
                 log.warning("%d image(s) have no split in the data and were placed: %s (with their patient's given "
-                            "split where it has one, else drawn with data.split_seed)", self.drawn_split_images, placed)
+                            "split where it has one, else drawn with data.split_seed)", n_unsplit, placed)
         check_patient_leakage(index)
         if self.holdout_sources:
             # Sources are one source whatever their case (index._one_spelling): so are the names held out.
@@ -288,11 +287,13 @@ class ChestXrayDataModule(L.LightningDataModule):
         how to take every image."""
         self.build_index()
         chosen_whole = split == ALL_IMAGES or (split == "test" and self.holdout_sources)  # held-out sources: all
-        drawn = int(self.split_frame(split)["path"].isin(self._drawn_paths).sum()) if not chosen_whole else 0
-        if drawn:
+        if chosen_whole:
+            return
+        paths = self.split_frame(split)["path"]
+        if drawn := int(paths.isin(self._drawn_paths).sum()):
             log.warning("%d images have no split in the data: %d of the %d images of the %r split used here are among "
                         "them, drawn with data.split_seed; to use every image (an external set), pass data.split=%s",
-                        self.drawn_split_images, drawn, len(self.split_frame(split)), split, ALL_IMAGES)
+                        len(self._drawn_paths), drawn, len(paths), split, ALL_IMAGES)
 
     def summary(self) -> dict:
         """Counts per split, source and label, and a fingerprint of which image is in which split: stored in
