@@ -2,10 +2,11 @@
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from conftest import make_tiny_checkpoint
 from cxr.explain import GradCamExplainer
-from cxr.inference import load_classifier
+from cxr.inference import Classifier, load_classifier
 from cxr.models.ensemble import PredictionEnsemble
 from cxr.models.soup import check_soup_members
 from cxr.soup import write_soup_checkpoint
@@ -72,3 +73,34 @@ def test_onnx_export_matches_torch(ensemble_ckpt, tmp_path):
     rng = np.random.default_rng(0)
     images = [(rng.random((70, 60)) * 255).astype(np.uint8) for _ in range(3)]
     assert max_probability_difference(classifier, path, images) < 1e-4
+
+
+class BrightnessMember(nn.Module):
+    """One feature map, `sign` x the image's brightness, 4x4-pooled; class 0's logit is `strength` x its mean."""
+
+    def __init__(self, sign: float, strength: float):
+        super().__init__()
+        self.features = nn.Conv2d(3, 1, 1, bias=False)
+        nn.init.constant_(self.features.weight, sign / 3)
+        self.pool = nn.AvgPool2d(4)
+        self.head = nn.Linear(1, 3, bias=False)
+        with torch.no_grad():
+            self.head.weight[:] = torch.tensor([[1.0], [-1.0], [0.0]]) * strength
+
+    def forward(self, x):
+        return self.head(self.pool(self.features(x)).mean((2, 3)))
+
+
+def test_gradcam_weighs_members_by_how_much_they_move_the_ensemble(ensemble_ckpt):
+    spec = {**load_classifier(ensemble_ckpt).spec, "ensemble_size": 2}
+    # The bright square decides the ensemble's score; a second member keyed to the dark background barely moves it.
+    decisive, negligible = BrightnessMember(+1, 5.0), BrightnessMember(-1, 5e-4)
+    ensemble = Classifier(net=PredictionEnsemble([decisive, negligible]), spec=spec)
+    gray = np.full((64, 64), 20, np.uint8)
+    gray[10:26, 36:52] = 240
+    explainer = GradCamExplainer(ensemble)
+    assert explainer.target_layers == [decisive.pool, negligible.pool]
+    heatmap = explainer.explain(gray, 0).heatmap
+    square = np.zeros(heatmap.shape, bool)
+    square[10:26, 36:52] = True
+    assert heatmap[square].mean() > 0.5 > 5 * heatmap[~square].mean()

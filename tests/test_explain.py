@@ -104,3 +104,13 @@ def test_an_index_out_of_range_is_named_as_such_whatever_its_sign(explainer, tar
     with pytest.raises(KeyError, match=r"class index \S+ out of range 0\.\.2"):
         explainer.class_index(target, np.zeros(3))
     assert explainer.class_index("+1", np.zeros(3)) == 1
+
+
+def test_explaining_leaves_no_hooks_or_gradients_on_the_classifier(tiny_checkpoint):
+    classifier = load_classifier(tiny_checkpoint)
+    explainer = GradCamExplainer(classifier)
+    explainer.explain(image(4))
+    # A hook left behind would keep a copy of every later prediction's activations.
+    assert not any(module._forward_hooks for module in classifier.net.modules())
+    assert all(param.grad is None for param in classifier.net.parameters())
+    assert explainer.explain(image(4)).heatmap.max() > 0  # and the next explanation still works

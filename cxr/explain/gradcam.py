@@ -14,6 +14,7 @@ import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 import torch
 from PIL import Image
@@ -83,6 +84,26 @@ def default_target_layers(net: nn.Module, input_size: int | None = None) -> list
     return [default_target_layer(member, input_size) for member in members]
 
 
+class MemberWeightedGradCAM(GradCAM):
+    """Grad-CAM whose target layers' maps are averaged before the one scaling to [0, 1].
+
+    pytorch-grad-cam scales each layer's map to [0, 1] before averaging, so with one layer per ensemble member a
+    member that barely moves the ensemble's output would still draw its share of the heatmap at full strength. Left
+    unscaled, each member's map counts by its gradients: by how much it moves the ensemble's score. With one layer
+    (a single network) the result is pytorch-grad-cam's.
+    """
+
+    def compute_cam_per_layer(self, input_tensor, targets, eigen_smooth):
+        width, height = self.get_target_width_height(input_tensor)
+        layers = zip(self.target_layers, self.activations_and_grads.activations, self.activations_and_grads.gradients)
+        cams = []
+        for layer, activations, gradients in layers:
+            cam = np.maximum(self.get_cam_image(input_tensor, layer, targets, activations.numpy(), gradients.numpy(),
+                                                eigen_smooth), 0)
+            cams.append(np.float32([cv2.resize(np.float32(image), (width, height)) for image in cam])[:, None])
+        return cams
+
+
 @dataclass
 class Explanation:
     target_index: int
@@ -100,7 +121,6 @@ class GradCamExplainer:
         self.alpha = alpha
         self.target_layers = [target_layer] if target_layer is not None else default_target_layers(
             classifier.net, classifier.preprocessing.image_size)
-        self.cam = GradCAM(model=classifier.net, target_layers=self.target_layers)
 
     def class_index(self, target: str | int | None, probabilities: np.ndarray) -> int:
         names = self.classifier.class_names
@@ -126,8 +146,14 @@ class GradCamExplainer:
         logits, distance = self.classifier.logits_and_distance(tensor)
         probabilities = self.classifier.calibration.probabilities(logits)[0].numpy()
         index = self.class_index(target, probabilities)
-        with torch.enable_grad():
-            heatmap = self.cam(input_tensor=tensor, targets=[ClassifierOutputTarget(index)])[0]
+        # Hooks only for this call: left on the network, they would keep a copy of every later forward pass's
+        # activations (the classifier's own predictions too). Gradients go with them.
+        try:
+            with MemberWeightedGradCAM(model=self.classifier.net, target_layers=self.target_layers) as cam, \
+                    torch.enable_grad():
+                heatmap = cam(input_tensor=tensor, targets=[ClassifierOutputTarget(index)])[0]
+        finally:
+            self.classifier.net.zero_grad(set_to_none=True)
         heatmap = np.nan_to_num(heatmap.astype(np.float32), nan=0.0).clip(0.0, 1.0)
         rgb = np.repeat(standardized[..., None], 3, axis=-1).astype(np.float32) / 255.0
         overlay = show_cam_on_image(rgb, heatmap, use_rgb=True, image_weight=1.0 - self.alpha)
