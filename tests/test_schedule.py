@@ -27,7 +27,8 @@ def test_cycles_restart_the_decay():
     decay = EpochCosineDecay(min_factor=0.1, cycle_epochs=3)
     lrs = []
     for epoch in range(7):
-        decay.on_train_epoch_start(SimpleNamespace(current_epoch=epoch, max_epochs=7, optimizers=[optimizer]), None)
+        decay.on_train_epoch_start(SimpleNamespace(current_epoch=epoch, max_epochs=7, global_step=epoch,
+                                                    optimizers=[optimizer]), None)
         lrs.append(optimizer.param_groups[0]["lr"])
     one_cycle = [cosine_factor(e, 3, min_factor=0.1) for e in range(3)]
     assert lrs == pytest.approx(one_cycle * 2 + one_cycle[:1])
@@ -73,3 +74,33 @@ def test_plateau_scheduler_must_watch_auroc_as_higher_is_better():
         module().configure_optimizers()
     config = module(mode="max").configure_optimizers()
     assert config["lr_scheduler"]["monitor"] == "val/auroc_macro" and config["lr_scheduler"]["scheduler"].mode == "max"
+
+
+class BatchLrRecorder(L.Callback):
+    def __init__(self):
+        self.lrs = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.lrs.append([g["lr"] for g in trainer.optimizers[0].param_groups])
+
+
+def test_groups_added_by_unfreezing_ramp_up_over_their_warmup(synthetic_manifest):
+    prep = Preprocessing(image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3)
+    dm = ChestXrayDataModule.from_manifest(str(synthetic_manifest), preprocessing=prep, batch_size=8)
+    model = ChestXrayClassifier("test_efficientnet", dm.class_names, prep, pretrained="none",
+                                optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2), backbone_lr_factor=0.5)
+    recorder = BatchLrRecorder()
+    trainer = L.Trainer(max_epochs=3, limit_train_batches=3, limit_val_batches=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        callbacks=[ProgressiveUnfreezing([1], [-1]),
+                                   EpochCosineDecay(min_factor=0.1, added_group_warmup_epochs=1), recorder])
+    trainer.fit(model, datamodule=dm)
+    factors = [cosine_factor(e, 3, min_factor=0.1) for e in range(3)]
+    head = trainer.optimizers[0].param_groups[0]["base_lr"]
+    assert [lrs[0] for lrs in recorder.lrs] == pytest.approx([head * factors[step // 3] for step in range(9)])
+    # The backbone group, unfrozen at epoch 1, ramps up over its first epoch (3 steps), then decays.
+    backbone = head * 0.5
+    assert [lrs[1] for lrs in recorder.lrs[3:]] == pytest.approx(
+        [backbone * factors[1] * ramp for ramp in (1 / 3, 2 / 3, 1)] + [backbone * factors[2]] * 3)
+    with pytest.raises(ValueError, match="added_group_warmup_epochs"):
+        EpochCosineDecay(added_group_warmup_epochs=-1)
