@@ -12,6 +12,7 @@ from pathlib import Path
 CHECKPOINT_KEY = "cxr"
 # The data_summary key under which a checkpoint keeps the pixel fingerprints of its training images.
 TRAIN_FINGERPRINTS = "train_image_sha256"
+FIT_FINGERPRINTS = "image_sha256"  # in calibration_fit: the pixel fingerprints of the images it was fitted on
 
 
 def file_sha256(path: str | Path) -> str:
@@ -65,6 +66,12 @@ def public_data_summary(spec: dict) -> dict:
     """The training-data summary to publish with a model (/model/info, ONNX metadata), without the training
     images' fingerprints: with them, anyone holding an X-ray could tell whether it was trained on."""
     return {k: v for k, v in (spec.get("data_summary") or {}).items() if k != TRAIN_FINGERPRINTS}
+
+
+def public_calibration_fit(spec: dict) -> dict | None:
+    """Where the operating point was fitted, to publish or report, without the fit images' fingerprints."""
+    fit = spec.get("calibration_fit")
+    return None if fit is None else {k: v for k, v in fit.items() if k != FIT_FINGERPRINTS}
 
 
 def write_checkpoint_with_spec(ckpt_path: str | Path, out_path: str | Path, entries: dict | None = None,

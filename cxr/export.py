@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from cxr.checkpoint import public_data_summary
+from cxr.checkpoint import public_calibration_fit, public_data_summary
 from cxr.config import CONFIG_DIR, configure_threads, log_config, user_errors
 from cxr.inference import Classifier, load_classifier
 
@@ -30,6 +30,7 @@ DISTANCE_NAME = "feature_distance"  # the second output, present when the checkp
 
 def onnx_metadata(classifier: Classifier) -> dict:
     return {**classifier.spec, "data_summary": public_data_summary(classifier.spec),
+            "calibration_fit": public_calibration_fit(classifier.spec),
             "checkpoint_sha256": classifier.sha256}
 
 

@@ -26,7 +26,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from cxr import __version__
-from cxr.checkpoint import file_sha256, public_data_summary, read_spec
+from cxr.checkpoint import file_sha256, public_calibration_fit, public_data_summary, read_spec
 from cxr.config import CONFIG_DIR, ConfigError, log_config, user_errors
 from serve.api import BatchAPI, ExplainAPI, PredictAPI, Settings
 from serve.audit import AuditLog
@@ -51,7 +51,7 @@ def model_info(spec: dict, settings: Settings, server_cfg) -> dict:
                   "preprocessing": pre},
         "temperature": float(spec.get("temperature", 1.0)),
         "logit_bias": spec.get("logit_bias"),
-        "calibration_fit": spec.get("calibration_fit"),
+        "calibration_fit": public_calibration_fit(spec),
         "thresholds": referral.thresholds or None,
         "feature_distance": spec.get("feature_distance"),
         "review_confidence": referral.review_confidence,

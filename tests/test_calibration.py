@@ -180,3 +180,35 @@ def test_an_operating_point_that_costs_accuracy_where_it_was_fitted_is_warned_ab
     record = {"split": "val", "n": 34, "accuracy_uncalibrated": 0.353, "accuracy_calibrated": 0.088}
     assert "lowers its accuracy from 35.3% to 8.8%" in accuracy_loss(record)
     assert accuracy_loss({**record, "accuracy_calibrated": 0.353}) is None
+
+
+@pytest.mark.parametrize("fit_split, overlap_in_report", [("all", "which holds {n} of the {n} images evaluated here"),
+                                                          ("val", "none of the images of the test split")])
+def test_the_report_says_whether_the_operating_point_was_fitted_on_the_images_it_scores(
+        synthetic_manifest, tmp_path, fit_split, overlap_in_report):
+    """Judged by the images, not by split names: a site's data calibrated as a whole (data.split=all), then scored on
+    its test split, is scored on images the operating point was tuned on."""
+    import json
+    from types import SimpleNamespace
+
+    from cxr.data.datamodule import ChestXrayDataModule
+    from cxr.evaluation.evaluate import evaluate
+    from cxr.evaluation.recalibrate import recalibrate_checkpoint
+    from cxr.inference import load_classifier
+    from serve.api import Settings
+    from serve.app import model_info
+    from tests.conftest import TINY_PREPROCESSING, make_tiny_checkpoint
+
+    datamodule = ChestXrayDataModule.from_manifest(str(synthetic_manifest), preprocessing=TINY_PREPROCESSING)
+    n_test = len(datamodule.split_frame("test"))
+    calibrated = recalibrate_checkpoint(make_tiny_checkpoint(tmp_path / "t.ckpt"), datamodule, fit_split,
+                                        "temperature", tmp_path / "calibrated.ckpt", warn_few=False)
+    metrics = evaluate(load_classifier(tmp_path / "calibrated.ckpt"), datamodule, "test", tmp_path / "eval")
+    assert metrics["calibration_fit"]["evaluated_images_in_fit"] == (n_test if fit_split == "all" else 0)
+    report = (tmp_path / "eval" / "report.md").read_text()
+    assert f"fitted on the {fit_split} split (n = {calibrated['n']}), {overlap_in_report.format(n=n_test)}" in report
+    # The fit's fingerprints stay in the checkpoint: not in the report, calibration.json or /model/info.
+    published = [json.loads((tmp_path / "eval" / "metrics.json").read_text())["calibration_fit"], calibrated,
+                 model_info(read_spec(tmp_path / "calibrated.ckpt"), Settings(ckpt_path=str(tmp_path / "calibrated.ckpt")),
+                            SimpleNamespace(max_payload_bytes=1000, max_in_flight=32))["calibration_fit"]]
+    assert all("image_sha256" not in fit for fit in published)

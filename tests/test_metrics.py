@@ -311,3 +311,24 @@ def test_the_drawn_roc_curve_encloses_the_auroc_its_legend_gives(tmp_path, monke
     plot_roc_curves(probs, targets, CLASSES, aurocs, tmp_path / "roc.png")
     fpr, tpr = drawn["pneumonia (AUC 0.950)"]
     assert np.trapezoid(tpr, fpr) == pytest.approx(0.95)
+
+
+def test_calibration_scores_and_their_report_line(tmp_path):
+    from cxr.evaluation.metrics import calibration_scores
+
+    probs = np.array([[0.9, 0.05, 0.05], [0.2, 0.7, 0.1]])
+    targets = np.array([0, 2])
+    scores = calibration_scores(probs, targets)
+    # ECE: confidence 0.9 right and 0.7 wrong, each in its own bin: (|1 - 0.9| + |0 - 0.7|) / 2
+    assert scores["ece"] == pytest.approx(0.4, abs=1e-6)
+    assert scores["brier"] == pytest.approx((0.1 ** 2 + 2 * 0.05 ** 2 + 0.2 ** 2 + 0.7 ** 2 + 0.9 ** 2) / 2)
+    assert scores["nll"] == pytest.approx(-(np.log(0.9) + np.log(0.1)) / 2)
+    assert calibration_scores(np.eye(3), np.arange(3)) == {"ece": 0.0, "brier": 0.0, "nll": 0.0}
+    frame = pd.DataFrame({"path": ["a.png", "b.png"], "label": ["normal", "tuberculosis"], "source": ["s", "s"],
+                          "patient_id": ["1", "2"], "target": targets})
+    raw = {"accuracy": 0.5, "macro_auroc": 0.5, "recall": dict(zip(CLASSES, (1.0, None, 0.0))),
+           "calibration": {"ece": 0.25, "brier": 0.5, "nll": 0.75}}
+    metrics = write_report(tmp_path, probs, frame, CLASSES, extra={"temperature": 2.0, "uncalibrated": raw})
+    assert metrics["calibration"] == scores
+    assert (f"expected calibration error 0.400, Brier score {scores['brier']:.3f}, NLL 1.204; the network's own "
+            "softmax: expected calibration error 0.250, Brier score 0.500, NLL 0.750.") in (tmp_path / "report.md").read_text()

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from cxr.calibration import Calibration
-from cxr.checkpoint import CheckpointError
+from cxr.checkpoint import FIT_FINGERPRINTS, CheckpointError, public_calibration_fit
 from cxr.config import ConfigError
 from cxr.data.datamodule import ChestXrayDataModule
 from cxr.evaluation.metrics import compute_metrics
@@ -46,6 +46,17 @@ def predict_logits(classifier: Classifier, datamodule: ChestXrayDataModule, spli
     return predict_logits_and_distances(classifier, datamodule, split)[0]
 
 
+def calibration_fit_seen_from(spec: dict, datamodule: ChestXrayDataModule, split: str) -> dict | None:
+    """The checkpoint's calibration_fit, with how many of `split`'s images it was fitted on (when it recorded its
+    images: checkpoints calibrated before it did are judged by split name in the report)."""
+    fit = public_calibration_fit(spec)
+    fitted_on = (spec.get("calibration_fit") or {}).get(FIT_FINGERPRINTS)
+    if fit is None or fitted_on is None:
+        return fit
+    fitted_on = set(fitted_on)
+    return {**fit, "evaluated_images_in_fit": sum(f in fitted_on for f in datamodule.fingerprints(split))}
+
+
 def evaluate(classifier: Classifier, datamodule: ChestXrayDataModule, split: str, out_dir: str | Path,
              title: str | None = None) -> dict:
     check_compatible(classifier, datamodule, split)
@@ -59,7 +70,7 @@ def evaluate(classifier: Classifier, datamodule: ChestXrayDataModule, split: str
         "checkpoint": str(classifier.path),
         "checkpoint_sha256": classifier.sha256,
         **classifier.calibration.to_spec(classifier.class_names),
-        "calibration_fit": classifier.spec.get("calibration_fit"),
+        "calibration_fit": calibration_fit_seen_from(classifier.spec, datamodule, split),
         "holdout_sources": datamodule.holdout_sources,
         "images_per_second": len(frame) / seconds if seconds > 0 else None,
     }
@@ -68,7 +79,8 @@ def evaluate(classifier: Classifier, datamodule: ChestXrayDataModule, split: str
         raw = compute_metrics(Calibration().probabilities(logits).numpy(), frame["target"].to_numpy(),
                               classifier.class_names)
         extra["uncalibrated"] = {"accuracy": raw["accuracy"], "macro_auroc": raw["macro_auroc"],
-                                 "recall": {name: raw["per_class"][name]["recall"] for name in classifier.class_names}}
+                                 "recall": {name: raw["per_class"][name]["recall"] for name in classifier.class_names},
+                                 "calibration": raw["calibration"]}
     unlike = None if distances is None else (distances.numpy(), classifier.spec[SPEC_KEY])
     return write_report(out_dir, probs, frame, classifier.class_names, title or f"{split} split", extra,
                         subgroups=datamodule.subgroups, feature_distances=unlike)

@@ -6,7 +6,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from torchmetrics.functional.classification import multiclass_confusion_matrix
+from torchmetrics.functional.classification import multiclass_calibration_error, multiclass_confusion_matrix
 
 
 def _auroc(scores: np.ndarray, positive: np.ndarray) -> float | None:
@@ -40,6 +40,17 @@ def pneumonia_vs_normal_auroc(probs: np.ndarray, targets: np.ndarray, class_name
 
 def _ratio(numerator: float, denominator: float) -> float | None:
     return float(numerator / denominator) if denominator else None
+
+
+def calibration_scores(probs: np.ndarray, targets: np.ndarray) -> dict:
+    """How far the probabilities are from the frequencies they claim: expected calibration error (top-label
+    confidence, 15 equal-width bins: torchmetrics'), Brier score (squared distance to the one-hot label, summed over
+    classes) and negative log-likelihood, each a mean over images; lower is better."""
+    k = probs.shape[1]
+    ece = multiclass_calibration_error(torch.as_tensor(probs), torch.as_tensor(targets), k, n_bins=15)
+    truth = probs[np.arange(len(targets)), targets]
+    return {"ece": float(ece), "brier": float(((probs - np.eye(k)[targets]) ** 2).sum(axis=1).mean()),
+            "nll": float(-np.log(np.maximum(truth, np.finfo(np.float64).tiny)).mean())}
 
 
 def compute_metrics(probs: np.ndarray, targets: np.ndarray, class_names: Sequence[str]) -> dict:
@@ -86,6 +97,7 @@ def compute_metrics(probs: np.ndarray, targets: np.ndarray, class_names: Sequenc
         "macro_avg": {stat: macro(stat) for stat in ("precision", "recall", "f1")},
         "per_class": per_class,
         "confusion_matrix": confusion.tolist(),
+        "calibration": calibration_scores(probs, targets) if len(targets) else None,
     }
 
 

@@ -8,7 +8,7 @@ import torch
 
 from cxr.calibration import (TEMPERATURE_ONLY, Calibration, check_calibration_targets, fit_calibration,
                              negative_log_likelihood)
-from cxr.checkpoint import write_checkpoint_with_spec
+from cxr.checkpoint import FIT_FINGERPRINTS, write_checkpoint_with_spec
 from cxr.config import ConfigError
 from cxr.data.datamodule import ChestXrayDataModule
 from cxr.evaluation.evaluate import check_compatible, predict_logits
@@ -48,8 +48,11 @@ def recalibrate_checkpoint(ckpt_path: str | Path, datamodule: ChestXrayDataModul
         probs = candidate.probabilities(logits)
         record[f"nll_{name}"] = negative_log_likelihood(probs, targets)
         record[f"accuracy_{name}"] = float((probs.argmax(dim=1) == targets).float().mean())
+    # So that an evaluation can tell whether it scores images the operating point was tuned on (a site's data
+    # split two ways, or data.split=all) rather than trust split names.
+    fingerprints = sorted(datamodule.fingerprints(split))
     write_checkpoint_with_spec(ckpt_path, out_path, **calibration.to_spec(classifier.class_names),
-                               calibration_fit=record)
+                               calibration_fit={**record, FIT_FINGERPRINTS: fingerprints})
     log.info("calibration on %s (n=%d): %s; NLL %.4f -> %.4f, accuracy %.4f -> %.4f -> %s", split, len(targets),
              calibration.to_spec(classifier.class_names), record["nll_uncalibrated"], record["nll_calibrated"],
              record["accuracy_uncalibrated"], record["accuracy_calibrated"], out_path)

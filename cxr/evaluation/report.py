@@ -58,6 +58,12 @@ def operating_point_lines(metrics: dict) -> list[str]:
     method = fit["method"] if fit else "not fitted by cxr"
     if not fit:
         where = "the checkpoint does not record where it came from."
+    elif "evaluated_images_in_fit" in fit:
+        overlap = fit["evaluated_images_in_fit"]
+        where = (f"fitted on the {fit['split']} split (n = {fit['n']}), " + (
+            f"which holds {overlap} of the {metrics['n']} images evaluated here: the operating point was tuned on "
+            "them, so accuracy, precision and recall are optimistic." if overlap else
+            f"none of the images of the {metrics.get('split')} split evaluated here."))
     elif fit["split"] == metrics.get("split"):
         where = (f"fitted on a {fit['split']} split (n = {fit['n']}), the split evaluated here: if these are the same "
                  "images, the operating point was tuned on them and accuracy, precision and recall are optimistic.")
@@ -70,6 +76,21 @@ def operating_point_lines(metrics: dict) -> list[str]:
         lines.append(f"The network's own softmax (no temperature, no bias): accuracy {percent(raw['accuracy'])}; "
                      f"macro AUROC {number(raw['macro_auroc'])}; recall {recalls}.")
     return lines
+
+
+def calibration_lines(metrics: dict) -> list[str]:
+    """Whether the probabilities can be read as probabilities on these images, beside the network's own when an
+    operating point was applied: the fit on another split is only worth keeping if it helps here too."""
+    if not metrics.get("calibration"):
+        return []
+
+    def scores(c: dict) -> str:
+        return f"expected calibration error {c['ece']:.3f}, Brier score {c['brier']:.3f}, NLL {c['nll']:.3f}"
+
+    raw = (metrics.get("uncalibrated") or {}).get("calibration")
+    return ["", f"Calibration on these images (lower is better; ECE over 15 equal-width bins of the top class's "
+                f"probability): {scores(metrics['calibration'])}"
+            + (f"; the network's own softmax: {scores(raw)}." if raw else ".")]
 
 
 def group_table_lines(heading: str, key: str, groups: dict, classes: list[str]) -> list[str]:
@@ -194,6 +215,7 @@ def markdown_report(metrics: dict, title: str) -> str:
     lines += interval_lines(metrics)
     lines += selection_lines(metrics)
     lines += operating_point_lines(metrics)
+    lines += calibration_lines(metrics)
     lines += ["", "Confusion matrix (rows = true, columns = predicted):", "",
               "| true \\ predicted | " + " | ".join(metrics["classes"]) + " |",
               "|---|" + "---|" * len(metrics["classes"])]
