@@ -373,7 +373,7 @@ def test_train_fits_the_operating_point_on_val_and_evaluation_applies_it(trained
     assert len(fit.pop("image_sha256")) == fit["n"]  # kept in the checkpoint only
     assert metrics["logit_bias"] == spec["logit_bias"]
     assert metrics["calibration_fit"] == {**fit, "evaluated_images_in_fit": 0}
-    assert set(metrics["uncalibrated"]) == {"accuracy", "macro_auroc", "recall"}
+    assert set(metrics["uncalibrated"]) == {"accuracy", "macro_auroc", "recall", "calibration"}
 
 
 def test_calibrate_writes_a_new_checkpoint_and_never_overwrites(trained_run, tmp_path):
