@@ -63,12 +63,13 @@ def train(cfg: DictConfig) -> dict:
     # not after the fit (a refit trains on val, and then must not calibrate there).
     held_out = ({"val", datamodule.split} if test_after_fit else {"val"}) - set(datamodule.train_splits)
     check_calibration_plan(calibration, datamodule, datamodule.split if test_after_fit else None, "run")
-    for split in sorted(held_out | ({calibration["split"]} if calibration["method"] != "none" else set())):
-        datamodule.check_unseen(split, data_summary, whose="the model", before_training=True)
     feature_distance = cfg.get("feature_distance")
     if feature_distance:
         check_feature_distance_config(datamodule, feature_distance.split, float(feature_distance.pass_rate),
                                       datamodule.split if test_after_fit else None)
+    for split in sorted(held_out | ({calibration["split"]} if calibration["method"] != "none" else set())
+                        | ({feature_distance.split} if feature_distance else set())):
+        datamodule.check_unseen(split, data_summary, whose="the model", before_training=True)
     weights = datamodule.class_weights()
     model = instantiate(cfg.model, _partial_=True)(class_names=datamodule.class_names, preprocessing=preprocessing,
                                                    class_weights=None if weights is None else weights.tolist())

@@ -343,6 +343,14 @@ def test_a_sweep_job_resumed_on_its_own_adds_its_row_to_the_sweep_summary(tmp_pa
     assert resumed["selected_score"] == pytest.approx(results["selection"]["best"])
 
 
+@pytest.mark.parametrize("setting", ["feature_distance.split=all", "calibration.split=all"])
+def test_a_split_holding_the_training_images_is_refused_before_training(tmp_path, setting):
+    stderr = failing_run("cxr.train", "debug=fast_dev_run", *TINY, setting, f"paths.output_dir={tmp_path / 'run'}",
+                         cache_dir=tmp_path / "cache")
+    assert "the 'all' split holds the images the model trained on" in stderr, stderr[-2000:]
+    assert not (tmp_path / "run" / "checkpoints").exists()  # refused before the fit, not after
+
+
 def test_a_refit_may_not_choose_on_val(tmp_path):
     """Training on val too, a checkpoint chosen (or a run stopped) by val scores would be chosen in-sample."""
     stderr = failing_run("cxr.train", "debug=fast_dev_run", *TINY, "data.train_splits=[train,val]",

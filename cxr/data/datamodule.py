@@ -313,9 +313,12 @@ class ChestXrayDataModule(L.LightningDataModule):
         when images of `split` have the pixels of its training images (`before_training`: this data's own train
         split, which the refusal then names)."""
         trained_on = data_summary.get("train_splits", ["train"])
-        if split in trained_on and data_summary.get("split_sha256") == split_fingerprint(self.build_index()):
-            raise LeakageError(f"{whose} trained on the {split!r} split (data.train_splits={trained_on}): numbers "
-                               "computed there would be in-sample; use a split it does not train on")
+        if ((split in trained_on or split == "all")
+                and data_summary.get("split_sha256") == split_fingerprint(self.build_index())):
+            where = (f"the 'all' split holds the images {whose} trained on" if split == "all"
+                     else f"{whose} trained on the {split!r} split")
+            raise LeakageError(f"{where} (data.train_splits={trained_on}): numbers computed there would be in-sample; "
+                               "use a split it does not train on")
         self.check_not_trained_on(split, data_summary.get(TRAIN_FINGERPRINTS, []), whose, before_training)
 
     def fingerprints(self, split: str) -> list[str]:
