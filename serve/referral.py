@@ -60,6 +60,7 @@ class Referral:
                 reasons.append("threshold_disagreement: " + ", ".join(
                     f"{c} {p[c]:.3f} >= threshold {self.thresholds[c]}" for c in others))
         if self.feature_distance and feature_distance is not None and feature_distance > self.feature_distance["threshold"]:
-            reasons.append(f"unlike_training_data: feature distance {feature_distance:.1f} > "
-                           f"{self.feature_distance['threshold']:.1f}")
+            # Enough digits to tell the two apart however close
+            reasons.append(f"unlike_training_data: feature distance {feature_distance:.8g} > "
+                           f"{self.feature_distance['threshold']:.8g}")
         return label, confidence, bool(reasons), "; ".join(reasons) or None

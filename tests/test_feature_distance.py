@@ -197,7 +197,8 @@ def test_referral_flags_images_beyond_the_threshold():
     confident = np.array([0.9, 0.05, 0.05])
     assert referral.decide(confident, 49.0)[2:] == (False, None)
     label, _, needs_review, reason = referral.decide(confident, 51.0)
-    assert label == "normal" and needs_review and reason == "unlike_training_data: feature distance 51.0 > 50.0"
+    assert label == "normal" and needs_review and reason == "unlike_training_data: feature distance 51 > 50"
+    assert referral.decide(confident, 50.0003)[3] == "unlike_training_data: feature distance 50.0003 > 50"
     assert referral.decide(confident, None)[2] is False
     assert "unlike_training_data" in referral.describe() and "95% of the val split" in referral.describe()
     plain = Referral.from_spec({"class_names": CLASS_NAMES}, review_confidence=0.5)

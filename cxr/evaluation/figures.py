@@ -96,7 +96,7 @@ def plot_feature_distances(distances: np.ndarray, sources: np.ndarray, threshold
     ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0) if bins[-1] / bins[0] < 100 else (1.0,)))
     ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
     ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.set_xlabel("feature distance to the nearest training class (Mahalanobis)")
+    ax.set_xlabel("feature distance to the nearest training class (squared Mahalanobis)")
     ax.set_ylabel("share of the source's images")
     set_title(ax, title or "Feature distance per source")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the plot: the curves fill it

@@ -24,7 +24,7 @@ from cxr.models.feature_distance import (SPEC_KEY, TENSORS_KEY, FeatureDistance,
 
 log = logging.getLogger(__name__)
 FEW_THRESHOLD_IMAGES = 100
-METHOD = "Mahalanobis distance of pooled features to the nearest training-class mean (Lee et al. 2018), " \
+METHOD = "Squared Mahalanobis distance of pooled features to the nearest training-class mean (Lee et al. 2018), " \
          "Ledoit-Wolf shared covariance"
 
 

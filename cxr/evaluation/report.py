@@ -189,7 +189,7 @@ def unlike_training_lines(metrics: dict) -> list[str]:
             if unlike["fit_split"] == metrics.get("split") else "")
     lines = ["", "## Unlike the training data", "",
              f"Flagged: images whose features lie farther from the training images' than {percent(unlike['pass_rate'])} of "
-             f"the {unlike['fit_split']} split's do (Mahalanobis feature distance > {unlike['threshold']:.1f}). About "
+             f"the {unlike['fit_split']} split's do (squared Mahalanobis feature distance > {unlike['threshold']:.1f}). About "
              f"{percent(expected)} of images like the {unlike['fit_split']} split's are flagged.{same} A much larger share "
              "means these images differ from what the model was trained on (another hospital, scanner, population): "
              "its numbers may not hold on them. cxr-serve marks flagged images needs_review (unlike_training_data). "
