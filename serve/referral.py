@@ -60,7 +60,7 @@ class Referral:
                 reasons.append("threshold_disagreement: " + ", ".join(
                     f"{c} {p[c]:.3f} >= threshold {self.thresholds[c]}" for c in others))
         if self.feature_distance and feature_distance is not None and feature_distance > self.feature_distance["threshold"]:
-            # Enough digits to tell the two apart however close
-            reasons.append(f"unlike_training_data: feature distance {feature_distance:.8g} > "
-                           f"{self.feature_distance['threshold']:.8g}")
+            # 9 significant digits tell any two float32 values apart
+            reasons.append(f"unlike_training_data: feature distance {feature_distance:.9g} > "
+                           f"{self.feature_distance['threshold']:.9g}")
         return label, confidence, bool(reasons), "; ".join(reasons) or None
