@@ -38,30 +38,49 @@ def test_cycles_restart_the_decay():
 
 
 class LrRecorder(L.Callback):
-    def __init__(self):
+    """Every parameter group's rate at the start of each epoch, or of each batch with `per_batch`."""
+
+    def __init__(self, per_batch: bool = False):
+        self.per_batch = per_batch
         self.lrs = []
 
-    def on_train_epoch_start(self, trainer, pl_module):
+    def record(self, trainer):
         self.lrs.append([g["lr"] for g in trainer.optimizers[0].param_groups])
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if not self.per_batch:
+            self.record(trainer)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.per_batch:
+            self.record(trainer)
+
+
+def fit_recording_rates(manifest, decay: EpochCosineDecay, unfreeze_at: int, backbone_lr_factor: float,
+                        max_epochs: int, train_batches: int, per_batch: bool = False) -> tuple[float, list]:
+    """Fit a tiny model whose whole backbone opens at `unfreeze_at`; (the head's base rate, the recorded rates)."""
+    prep = Preprocessing(image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3)
+    dm = ChestXrayDataModule.from_manifest(str(manifest), preprocessing=prep, batch_size=8)
+    model = ChestXrayClassifier("test_efficientnet", dm.class_names, prep, pretrained="none",
+                                optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2),
+                                backbone_lr_factor=backbone_lr_factor)
+    recorder = LrRecorder(per_batch)
+    trainer = L.Trainer(max_epochs=max_epochs, limit_train_batches=train_batches, limit_val_batches=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        callbacks=[ProgressiveUnfreezing([unfreeze_at], [-1]), decay, recorder])
+    trainer.fit(model, datamodule=dm)
+    return trainer.optimizers[0].param_groups[0]["base_lr"], recorder.lrs
 
 
 def test_decay_covers_groups_added_by_unfreezing(synthetic_manifest):
-    prep = Preprocessing(image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3)
-    dm = ChestXrayDataModule.from_manifest(str(synthetic_manifest), preprocessing=prep, batch_size=8)
-    model = ChestXrayClassifier("test_efficientnet", dm.class_names, prep, pretrained="none",
-                                optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2), backbone_lr_factor=0.1)
-    recorder = LrRecorder()
-    trainer = L.Trainer(max_epochs=4, limit_train_batches=1, limit_val_batches=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, callbacks=[ProgressiveUnfreezing([2], [-1]),
-                                                              EpochCosineDecay(min_factor=0.1), recorder])
-    trainer.fit(model, datamodule=dm)
-    head = trainer.optimizers[0].param_groups[0]["base_lr"]
+    head, recorded = fit_recording_rates(synthetic_manifest, EpochCosineDecay(min_factor=0.1), unfreeze_at=2,
+                                    backbone_lr_factor=0.1, max_epochs=4, train_batches=1)
     expected_head = [head * cosine_factor(e, 4, min_factor=0.1) for e in range(4)]
-    assert [lrs[0] for lrs in recorder.lrs] == pytest.approx(expected_head)
-    assert len(recorder.lrs[1]) == 1 and len(recorder.lrs[2]) == 2
+    assert [lrs[0] for lrs in recorded] == pytest.approx(expected_head)
+    assert len(recorded[1]) == 1 and len(recorded[2]) == 2
     # The backbone group starts at base * factor(epoch 2) and keeps decaying with the head.
     for epoch in (2, 3):
-        assert recorder.lrs[epoch][1] == pytest.approx(head * 0.1 * cosine_factor(epoch, 4, min_factor=0.1))
+        assert recorded[epoch][1] == pytest.approx(head * 0.1 * cosine_factor(epoch, 4, min_factor=0.1))
 
 
 def test_plateau_scheduler_must_watch_auroc_as_higher_is_better():
@@ -76,31 +95,15 @@ def test_plateau_scheduler_must_watch_auroc_as_higher_is_better():
     assert config["lr_scheduler"]["monitor"] == "val/auroc_macro" and config["lr_scheduler"]["scheduler"].mode == "max"
 
 
-class BatchLrRecorder(L.Callback):
-    def __init__(self):
-        self.lrs = []
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.lrs.append([g["lr"] for g in trainer.optimizers[0].param_groups])
-
-
 def test_groups_added_by_unfreezing_ramp_up_over_their_warmup(synthetic_manifest):
-    prep = Preprocessing(image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3)
-    dm = ChestXrayDataModule.from_manifest(str(synthetic_manifest), preprocessing=prep, batch_size=8)
-    model = ChestXrayClassifier("test_efficientnet", dm.class_names, prep, pretrained="none",
-                                optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2), backbone_lr_factor=0.5)
-    recorder = BatchLrRecorder()
-    trainer = L.Trainer(max_epochs=3, limit_train_batches=3, limit_val_batches=1, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False,
-                        callbacks=[ProgressiveUnfreezing([1], [-1]),
-                                   EpochCosineDecay(min_factor=0.1, added_group_warmup_epochs=1), recorder])
-    trainer.fit(model, datamodule=dm)
+    decay = EpochCosineDecay(min_factor=0.1, added_group_warmup_epochs=1)
+    head, recorded = fit_recording_rates(synthetic_manifest, decay, unfreeze_at=1, backbone_lr_factor=0.5,
+                                         max_epochs=3, train_batches=3, per_batch=True)
     factors = [cosine_factor(e, 3, min_factor=0.1) for e in range(3)]
-    head = trainer.optimizers[0].param_groups[0]["base_lr"]
-    assert [lrs[0] for lrs in recorder.lrs] == pytest.approx([head * factors[step // 3] for step in range(9)])
+    assert [lrs[0] for lrs in recorded] == pytest.approx([head * factors[step // 3] for step in range(9)])
     # The backbone group, unfrozen at epoch 1, ramps up over its first epoch (3 steps), then decays.
     backbone = head * 0.5
-    assert [lrs[1] for lrs in recorder.lrs[3:]] == pytest.approx(
+    assert [lrs[1] for lrs in recorded[3:]] == pytest.approx(
         [backbone * factors[1] * ramp for ramp in (1 / 3, 2 / 3, 1)] + [backbone * factors[2]] * 3)
     with pytest.raises(ValueError, match="added_group_warmup_epochs"):
         EpochCosineDecay(added_group_warmup_epochs=-1)
