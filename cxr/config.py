@@ -20,6 +20,11 @@ class ConfigError(ValueError):
     """Settings that contradict each other or would make a reported number dishonest; the message says which."""
 
 
+def is_whole_number(value) -> bool:
+    """An int as YAML or a command line gives it; bool is an int to Python but `true` is no count."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def instantiate_optional(node):
     """instantiate() for a group that may be switched off (`augment=none` composes to an empty node)."""
     from hydra.utils import instantiate

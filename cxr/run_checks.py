@@ -5,15 +5,15 @@ from __future__ import annotations
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 
-from cxr.config import ConfigError
+from cxr.config import ConfigError, is_whole_number
 
 
 def check_run_settings(cfg: DictConfig) -> None:
     """Settings that would otherwise fail deep inside a library, after every image is decoded, or not at all."""
-    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
+    if not is_whole_number(cfg.seed):
         raise ConfigError(f"seed={cfg.seed!r}: give a whole number")
     epochs = cfg.trainer.get("max_epochs")
-    if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < -1 or epochs == 0):
+    if epochs is not None and (not is_whole_number(epochs) or epochs < -1 or epochs == 0):
         raise ConfigError(f"trainer.max_epochs={epochs!r}: give a whole number of epochs, 1 or more (-1: no limit)")
     if cfg.trainer.get("limit_train_batches") == 0 or cfg.trainer.get("max_steps") == 0:
         raise ConfigError("trainer.limit_train_batches=0 or trainer.max_steps=0 trains nothing: the untrained weights "

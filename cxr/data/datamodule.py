@@ -16,6 +16,7 @@ from lightning.fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import DataLoader, WeightedRandomSampler, get_worker_info
 
 from cxr.checkpoint import TRAIN_FINGERPRINTS
+from cxr.config import is_whole_number
 from cxr.data.dataset import StandardizedImageDataset, image_fingerprints, load_standardized
 from cxr.data.index import (CLASS_NAMES, TARGET, DataConfigError, LeakageError, assign_splits, canonical_label,
                             check_patient_leakage, check_subgroup_columns, index_folder, index_manifest)
@@ -151,7 +152,7 @@ class ChestXrayDataModule(L.LightningDataModule):
         self.class_names = list(CLASS_NAMES) if class_names is None else checked_class_names(class_names)
         self.augment = augment
         for name, size in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size or batch_size)):
-            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            if not is_whole_number(size) or size < 1:
                 raise DataConfigError(f"data.{name}={size!r}: give a whole number of images, 1 or more")
         if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
             raise DataConfigError(f"data.val_fraction={val_fraction} and data.test_fraction={test_fraction}: each "
