@@ -196,3 +196,58 @@ def test_scaling_a_16_bit_image_needs_no_whole_image_float64_temporaries():
     assert np.array_equal(scaled, expected.astype(np.uint8))
     ties = np.arange(15, dtype=np.uint16).reshape(3, 5)  # 7 * 255 / 14 = 127.5: a tie, rounded as numpy rounds it
     assert np.array_equal(to_uint8(ties), np.round(ties * (255.0 / 14)).astype(np.uint8))
+
+
+def tiff(pixels: np.ndarray, **kwargs) -> bytes:
+    """TIFF layouts Pillow cannot write (16-bit colour, 16-bit WhiteIsZero, half-float), as tifffile writes them."""
+    tifffile = pytest.importorskip("tifffile")
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, pixels, **kwargs)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("channels", [3, 4], ids=["RGB", "RGBA"])
+def test_16_bit_colour_tiffs_keep_all_16_bits(channels):
+    values = np.tile(np.linspace(1000, 4000, 50), (10, 1)).astype(np.uint16)  # Pillow alone would give 3..15
+    layers = [values] * 3 + [np.full_like(values, 65535)] * (channels - 3)
+    extra = {"extrasamples": ["unassalpha"]} if channels == 4 else {}
+    expected = decode_image(encode(Image.fromarray(values), "PNG"))
+    out = decode_image(tiff(np.dstack(layers), photometric="rgb", **extra))
+    assert out.max() == 255 and np.abs(out.astype(int) - expected).max() <= 1
+
+
+@pytest.mark.parametrize("byteorder", ["<", ">"])
+def test_a_16_bit_white_is_zero_tiff_is_inverted_like_an_8_bit_one(byteorder):
+    values = np.tile(np.linspace(0, 4095, 64), (8, 1)).astype(np.uint16)  # stored 0 is white
+    eight_bit = decode_image(tiff((values >> 4).astype(np.uint8), photometric="miniswhite"))
+    assert eight_bit[0, 0] == 255 and eight_bit[0, -1] == 0
+    try:
+        sixteen_bit = decode_image(tiff(values, photometric="miniswhite", byteorder=byteorder))
+    except ImageDecodeError as exc:  # Pillow opens only the little-endian layout: the other is refused as such
+        assert byteorder == ">" and "a TIFF file whose header cannot be read" in str(exc)
+    else:
+        assert np.abs(sixteen_bit.astype(int) - eight_bit).max() <= 1
+
+
+def test_16_bit_colour_png_orientation_is_read_wherever_the_file_keeps_it():
+    values = np.full((30, 50), 4000, np.uint16)
+    values[:, :10] = 1000  # a dark stripe on the left
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise for display
+    xmp = ('<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+           '<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>')
+    plain = png_16_bit([values] * 3)
+    iend = len(plain) - 12
+    after_pixels = plain[:iend] + png_chunk(b"eXIf", exif.tobytes()[6:]) + plain[iend:]
+    ihdr_end = len(PNG_SIGNATURE) + 25
+    as_xmp = plain[:ihdr_end] + png_chunk(b"iTXt", b"XML:com.adobe.xmp\0\0\0\0\0" + xmp.encode()) + plain[ihdr_end:]
+    for data in (after_pixels, as_xmp):
+        out = decode_image(data)
+        assert out.shape == (50, 30) and out[:10].max() == 0 and out[10:].min() == 255  # the stripe is now on top
+
+
+@pytest.mark.parametrize("kind", ["TIFF", "PNG"])
+def test_an_accepted_format_in_a_layout_pillow_cannot_open_is_named_as_that_format(kind):
+    data = tiff(np.ones((8, 8), np.float16)) if kind == "TIFF" else encode(Image.fromarray(gradient()), "PNG")[:40]
+    with pytest.raises(ImageDecodeError, match=f"a {kind} file whose header cannot be read"):
+        decode_image(data)

@@ -309,3 +309,34 @@ def test_a_dicom_cut_short_in_its_compressed_pixel_data_is_called_truncated():
     with pytest.raises(ImageDecodeError, match="pixel data is cut short") as info:
         decode_image(buffer.getvalue()[:-300])
     assert info.value.code == "invalid_image"
+
+
+def test_a_colour_dicom_ignores_the_greyscale_window_tags():
+    rgb = np.dstack([np.tile(np.linspace(0, 255, 64), (32, 1)).astype(np.uint8)] * 3)
+    np.testing.assert_array_equal(decode_image(make_dicom(rgb, "RGB", window=(128, 20))),
+                                  decode_image(make_dicom(rgb, "RGB")))
+
+
+def test_a_palette_colour_dicom_is_read_through_its_palette():
+    indices = np.tile(np.arange(256, dtype=np.uint8), (16, 1))
+    ds = pydicom.dcmread(io.BytesIO(make_dicom(indices, "PALETTE COLOR")))
+    reversed_grey = (np.arange(256)[::-1].astype("<u2") * 257).tobytes()
+    for channel in range(3):  # red, green, blue: descriptor (256 entries, from 0, 16 bits) and data
+        ds.add_new(0x00281101 + channel, "US", [256, 0, 16])
+        ds.add_new(0x00281201 + channel, "OW", reversed_grey)
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    np.testing.assert_array_equal(decode_image(buffer.getvalue()), 255 - indices)  # stored 0 shows white
+
+
+def test_a_dicom_without_its_preamble_decodes_as_with_it():
+    with_preamble = make_dicom(gradient16())
+    expected = decode_image(with_preamble)
+    np.testing.assert_array_equal(decode_image(with_preamble[132:]), expected)  # bare file meta, then the data set
+    ds = pydicom.dcmread(io.BytesIO(with_preamble))
+    del ds.file_meta
+    ds.preamble = None
+    bare = io.BytesIO()
+    pydicom.dcmwrite(bare, ds, implicit_vr=True, little_endian=True, enforce_file_format=False)
+    assert bare.getvalue()[:2] == b"\x08\x00"
+    np.testing.assert_array_equal(decode_image(bare.getvalue()), expected)

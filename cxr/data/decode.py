@@ -9,12 +9,14 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 # Bumped whenever a change to decoding changes what any file decodes to (its pixels, or whether it is refused):
 # image caches are keyed by it, so none serves what an older decoder made. 2: 16-bit colour PNGs keep all 16
-# bits; 3: images of one value, and formats other than RASTER_FORMATS, are refused.
-DECODER_VERSION = 3
+# bits; 3: images of one value, and formats other than RASTER_FORMATS, are refused; 4: 16-bit colour TIFFs keep all
+# 16 bits, 16-bit WhiteIsZero TIFFs are inverted, PALETTE COLOR DICOMs are read through their palette, colour DICOMs
+# ignore the rescale and window tags (which describe greyscale images), DICOMs without a preamble are read.
+DECODER_VERSION = 4
 # Refuse decompression bombs by the size the header declares, before any pixel is decoded.
 DEFAULT_MAX_PIXELS = 50_000_000
 DICOM_MAGIC_OFFSET = 128
@@ -22,6 +24,13 @@ DICOM_MAGIC_OFFSET = 128
 # to uploads.
 RASTER_FORMATS = ("PNG", "JPEG", "TIFF", "BMP")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# How each of RASTER_FORMATS begins: a file that does but that Pillow cannot open is a layout it does not read.
+RASTER_SIGNATURES = {"PNG": (PNG_SIGNATURE,), "JPEG": (b"\xff\xd8",), "TIFF": (b"II*\x00", b"MM\x00*"),
+                     "BMP": (b"BM",)}
+# Photometric interpretation 0 (TIFF tag 262): the TIFF form of DICOM's MONOCHROME1. Pillow inverts 8-bit ones only.
+TIFF_PHOTOMETRIC_TAG, TIFF_WHITE_IS_ZERO = 262, 0
+TIFF_BITS_PER_SAMPLE_TAG = 258
+WIDE_GREY_MODES = ("I;16", "I;16B", "I;16L", "I", "F")
 DEFLATED_TRANSFER_SYNTAX = "1.2.840.10008.1.2.1.99"
 # Seconds a child process may take to decode one compressed DICOM frame (see _first_frame_in_a_child_process).
 COMPRESSED_DECODE_TIMEOUT_S = 60
@@ -74,7 +83,11 @@ PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"
 
 
 def is_dicom(data: bytes) -> bool:
-    return len(data) >= DICOM_MAGIC_OFFSET + 4 and data[DICOM_MAGIC_OFFSET:DICOM_MAGIC_OFFSET + 4] == b"DICM"
+    """A DICOM file: with its 128-byte preamble and "DICM", or (as older archives and some PACS exports write
+    them) a bare data set opening with a little-endian group 0002 (file meta) or 0008 element, which no raster
+    format's signature does."""
+    with_preamble = len(data) >= DICOM_MAGIC_OFFSET + 4 and data[DICOM_MAGIC_OFFSET:DICOM_MAGIC_OFFSET + 4] == b"DICM"
+    return with_preamble or data[:2] in (b"\x02\x00", b"\x08\x00") and len(data) > DICOM_MAGIC_OFFSET
 
 
 def _check_deflated_size(data: bytes, max_pixels: int) -> None:
@@ -85,7 +98,7 @@ def _check_deflated_size(data: bytes, max_pixels: int) -> None:
 
     stream = io.BytesIO(data)
     try:
-        read_preamble(stream, False)
+        read_preamble(stream, True)  # force: a data set without preamble is read from its first byte
         meta = _read_file_meta_info(stream)
         transfer_syntax = meta.get("TransferSyntaxUID")  # elements are parsed lazily: a damaged one raises here
     except Exception as exc:
@@ -108,8 +121,6 @@ def _check_decoder_for(transfer_syntax) -> None:
     from pydicom.pixels import get_decoder
     from pydicom.uid import UID
 
-    if not transfer_syntax:  # no file meta: pydicom guesses an uncompressed encoding
-        return
     try:
         available = get_decoder(transfer_syntax).is_available
     except NotImplementedError:  # no decoder at all for this transfer syntax
@@ -122,12 +133,12 @@ def _check_decoder_for(transfer_syntax) -> None:
 
 def _decode_dicom(data: bytes, max_pixels: int) -> np.ndarray:
     import pydicom
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
-    from pydicom.uid import UID
+    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, pixel_array
+    from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
     _check_deflated_size(data, max_pixels)
     try:
-        ds = pydicom.dcmread(io.BytesIO(data))
+        ds = pydicom.dcmread(io.BytesIO(data), force=True)  # is_dicom decided: with or without preamble
     except Exception as exc:  # pydicom raises many types for malformed files
         raise ImageDecodeError(f"unreadable DICOM file: {exc}") from exc
     if "PixelData" not in ds:
@@ -139,26 +150,37 @@ def _decode_dicom(data: bytes, max_pixels: int) -> np.ndarray:
     except Exception as exc:
         raise ImageDecodeError(f"unreadable DICOM Rows/Columns: {type(exc).__name__}: {exc}") from exc
     _check_pixels(columns, rows, max_pixels)
-    transfer_syntax = ds.file_meta.get("TransferSyntaxUID")
+    if not ds.file_meta.get("TransferSyntaxUID"):  # no file meta: uncompressed, in the encoding pydicom read it in
+        implicit_vr, little_endian = ds.original_encoding
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit_vr else \
+            ExplicitVRLittleEndian if little_endian else ExplicitVRBigEndian
+    transfer_syntax = ds.file_meta.TransferSyntaxUID
     _check_decoder_for(transfer_syntax)
     # Only the first frame is decoded: the pixel limit then bounds the work whatever NumberOfFrames says.
-    if transfer_syntax and UID(str(transfer_syntax)).is_compressed:
+    if UID(str(transfer_syntax)).is_compressed:
         pixels = _first_frame_in_a_child_process(data)
     else:
         try:
             pixels = pixel_array(ds, index=0)
         except Exception as exc:
             raise ImageDecodeError(f"cannot decode DICOM pixel data: {exc}") from exc
-    if pixels.ndim == 3:
+    photometric = str(ds.get("PhotometricInterpretation", "")).upper()
+    if photometric == "PALETTE COLOR":  # the stored values index the palette's colours
+        try:
+            pixels = apply_color_lut(pixels, ds)
+        except Exception as exc:
+            raise ImageDecodeError(f"cannot apply the DICOM palette: {type(exc).__name__}: {exc}") from exc
+    if pixels.ndim == 3:  # colour: the rescale and window modules describe greyscale images only
         pixels = pixels.mean(axis=-1)
-    try:  # rescale and window come from header values that may be missing, zero or not numbers
-        pixels = np.asarray(apply_voi_lut(apply_modality_lut(pixels, ds), ds, index=0))
-    except Exception as exc:
-        raise ImageDecodeError(f"cannot apply the DICOM rescale/window: {type(exc).__name__}: {exc}") from exc
+    else:
+        try:  # rescale and window come from header values that may be missing, zero or not numbers
+            pixels = np.asarray(apply_voi_lut(apply_modality_lut(pixels, ds), ds, index=0))
+        except Exception as exc:
+            raise ImageDecodeError(f"cannot apply the DICOM rescale/window: {type(exc).__name__}: {exc}") from exc
     if pixels.size and np.ptp(pixels) == 0:  # e.g. RescaleSlope 0: nothing of the image is left
         raise ImageDecodeError("the DICOM rescale/window leaves every pixel at one value")
     gray = to_uint8(pixels)
-    if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+    if photometric == "MONOCHROME1":
         gray = 255 - gray
     return gray
 
@@ -212,8 +234,8 @@ def _decode_raster(data: bytes, max_pixels: int) -> np.ndarray:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=RASTER_FORMATS)
             _check_pixels(*image.size, max_pixels)
-            if is_16_bit_colour_png(data):
-                return _decode_16_bit_colour_png(data, image)
+            if is_16_bit_colour(data, image):
+                return _decode_16_bit_colour(data, image)
             image.load()
     except ImageDecodeError:
         raise
@@ -221,45 +243,61 @@ def _decode_raster(data: bytes, max_pixels: int) -> np.ndarray:
         raise ImageDecodeError(f"image is over the limit of {max_pixels} pixels ({exc})", code="image_too_large") \
             from exc
     except UnidentifiedImageError as exc:
+        kind = next((name for name, signatures in RASTER_SIGNATURES.items() if data.startswith(signatures)), None)
+        if kind:
+            raise ImageDecodeError(f"a {kind} file whose header cannot be read: a {kind} layout this decoder does not "
+                                   "support (a TIFF of 16-bit grey+alpha or of half-floats, say), or a file cut short "
+                                   "in its header; send it as an 8- or 16-bit grey PNG") from exc
         raise ImageDecodeError(f"not a recognised image format (expected {', '.join(RASTER_FORMATS)} or DICOM)") \
             from exc
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ... for broken files
         raise ImageDecodeError(f"not a decodable image ({type(exc).__name__}: {exc})") from exc
     try:  # a readable file can still hold what PIL cannot rotate or convert (a CIELab TIFF, a broken EXIF)
-        return _to_gray(ImageOps.exif_transpose(image))
+        gray = _to_gray(ImageOps.exif_transpose(image))
+        return 255 - gray if _is_wide_white_is_zero(image) else gray
     except ImageDecodeError:
         raise
     except Exception as exc:
         raise ImageDecodeError(f"cannot convert the image to greyscale ({type(exc).__name__}: {exc})") from exc
 
 
-def is_16_bit_colour_png(data: bytes) -> bool:
-    """A 16-bit PNG of colour type grey+alpha, RGB or RGBA (from its IHDR chunk): Pillow reads those as 8-bit,
-    keeping each sample's high byte, so a 12-bit detector image would come out in 0..15."""
+def is_16_bit_colour(data: bytes, header: Image.Image) -> bool:
+    """A 16-bit PNG of colour type grey+alpha, RGB or RGBA (from its IHDR chunk), or a TIFF of 16-bit colour
+    samples: Pillow reads those as 8-bit, keeping each sample's high byte, so a 12-bit detector image would come
+    out in 0..15."""
+    if header.format == "TIFF":
+        bits = header.tag_v2.get(TIFF_BITS_PER_SAMPLE_TAG, 8)
+        return header.mode in ("RGB", "RGBA") and max(bits if isinstance(bits, tuple) else (bits,)) > 8
     return data[:8] == PNG_SIGNATURE and data[12:16] == b"IHDR" and len(data) > 25 and data[24] == 16 \
         and data[25] in (2, 4, 6)
 
 
-def _decode_16_bit_colour_png(data: bytes, header: Image.Image) -> np.ndarray:
+def _decode_16_bit_colour(data: bytes, header: Image.Image) -> np.ndarray:
     """OpenCV keeps all 16 bits (as BGR or BGRA; grey+alpha comes as BGRA too). The grey is Pillow's L weighting,
-    alpha composited over black as for 8-bit images, then scaled over its range like a 16-bit grey PNG; the EXIF
-    orientation of `header` (the same file opened by Pillow) is applied last."""
+    alpha composited over black as for 8-bit images, then scaled over its range like a 16-bit grey image; the
+    orientation `header` (the same file opened by Pillow) declares in any of its places (EXIF before or after the
+    pixels, a raw profile, XMP) is applied last."""
     import cv2
 
     pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if pixels is None or pixels.ndim != 3 or pixels.shape[2] not in (3, 4):
-        raise ImageDecodeError("not a decodable 16-bit PNG")
+        raise ImageDecodeError(f"not a decodable 16-bit colour {header.format}")
     gray = pixels[..., 2] * np.float32(0.299) + pixels[..., 1] * np.float32(0.587) + pixels[..., 0] * np.float32(0.114)
     if pixels.shape[2] == 4:
         gray *= pixels[..., 3] / np.float32(65535)
+    orientation = header.getexif().get(ExifTags.Base.Orientation, 1)  # a PNG's chunks after its pixels load here
     oriented = Image.fromarray(to_uint8(gray))
-    if "exif" in header.info:
-        oriented.info["exif"] = header.info["exif"]
+    oriented.getexif()[ExifTags.Base.Orientation] = orientation
     return np.asarray(ImageOps.exif_transpose(oriented))
 
 
+def _is_wide_white_is_zero(image: Image.Image) -> bool:
+    return image.format == "TIFF" and image.mode in WIDE_GREY_MODES \
+        and image.tag_v2.get(TIFF_PHOTOMETRIC_TAG) == TIFF_WHITE_IS_ZERO
+
+
 def _to_gray(image: Image.Image) -> np.ndarray:
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+    if image.mode in WIDE_GREY_MODES:
         return to_uint8(np.asarray(image))
     if image.mode == "P" and "transparency" not in image.info:
         return np.asarray(image.convert("L"))  # the same grey as via RGBA, without 13 bytes a pixel of temporaries
