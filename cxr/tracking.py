@@ -59,8 +59,7 @@ def wandb_identity(logger_cfg: DictConfig, cfg: DictConfig) -> dict:
 def headline(metrics: dict) -> dict:
     """The numbers of an evaluation (metrics.json) that results.json and the dashboard carry."""
     out = {k: metrics[k] for k in ("n", "accuracy", "macro_auroc", "pneumonia_vs_normal_auroc")}
-    if "uncalibrated" in metrics:
-        out["uncalibrated"] = metrics["uncalibrated"]
+    out.update({k: metrics[k] for k in ("calibration", "uncalibrated") if k in metrics})
     return out
 
 
@@ -71,10 +70,19 @@ def run_summary(results: dict, split: str) -> dict:
     if selection := results.get("selection"):
         summary[f"summary/selected_{selection['monitor'].replace('/', '_')}"] = selection["best"]
     evaluated = dict(results.get("eval") or {})
-    uncalibrated = evaluated.pop("uncalibrated", {})
-    summary.update({f"summary/{split}_{k}": v for k, v in evaluated.items()})
-    summary.update({f"summary/{split}_uncalibrated_{k}": v for k, v in uncalibrated.items() if k != "recall"})
+    uncalibrated = {k: v for k, v in evaluated.pop("uncalibrated", {}).items() if k != "recall"}
+    summary.update(flat_numbers(evaluated, f"summary/{split}_"))
+    summary.update(flat_numbers(uncalibrated, f"summary/{split}_uncalibrated_"))
     return {k: v for k, v in summary.items() if v is not None}
+
+
+def flat_numbers(values: dict, prefix: str) -> dict:
+    """One key per number, `{"calibration": {"ece": x}}` as `<prefix>calibration_ece`: a CSV column holds numbers,
+    not a dict's text."""
+    flat = {}
+    for key, value in values.items():
+        flat.update(flat_numbers(value, f"{prefix}{key}_") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return flat
 
 
 EVAL_FIGURES = (("confusion_matrix", "rows = true class"), ("roc_curves", "one-vs-rest"),

@@ -223,3 +223,16 @@ def test_the_gpu_trainer_without_a_gpu_is_refused_before_the_data_is_read():
 
     with pytest.raises(ConfigError, match="trainer=gpu.*torch sees no CUDA GPU here"):
         check_run_settings(compose_train("trainer=gpu"))
+
+
+def test_the_dashboard_summary_holds_one_number_per_key():
+    from cxr.tracking import run_summary
+
+    calibration = {"ece": 0.1, "brier": 0.2, "nll": 0.3}
+    results = {"selection": {"monitor": "val/auroc_macro", "best": 0.9},
+               "eval": {"n": 10, "accuracy": 0.8, "calibration": calibration,
+                        "uncalibrated": {"accuracy": 0.7, "recall": {"normal": 1.0}, "calibration": calibration}}}
+    summary = run_summary(results, "test")
+    assert summary["summary/test_calibration_ece"] == 0.1 and summary["summary/test_uncalibrated_calibration_nll"] == 0.3
+    assert summary["summary/selected_val_auroc_macro"] == 0.9 and summary["summary/test_uncalibrated_accuracy"] == 0.7
+    assert all(isinstance(value, (int, float)) for value in summary.values()), summary
