@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -89,12 +90,14 @@ def log_config(cfg: DictConfig, log: logging.Logger) -> None:
 def user_errors(main):
     """Wrap an entry point: an expected error (unreadable or leaking data, a missing file or checkpoint, weights
     that cannot be had, a required override left out) is printed as its message on stderr with exit status 1,
-    not as a traceback; any other exception keeps its traceback. Either way the run's log file ends with it.
+    not as a traceback; any other exception keeps its traceback. Either way the run's log file ends with it. A run
+    stopped by Ctrl-C or SIGTERM ends its log with "interrupted" and exits non-zero (SIGTERM: 128 + 15).
     In a sweep (-m) the error is re-raised instead, so Hydra marks that job failed and still runs the others."""
     @functools.wraps(main)
     def wrapper(cfg: DictConfig):
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
         from omegaconf.errors import MissingMandatoryValue
 
         from cxr.checkpoint import CheckpointError
@@ -115,6 +118,14 @@ def user_errors(main):
             raise SystemExit(1) from None
         except KeyboardInterrupt:
             log_to_run_files(log, logging.ERROR, "interrupted")
+            raise
+        except SIGTERMException:
+            # Lightning's own exit for SIGTERM carries no status, so the process would end with 0, a success
+            log_to_run_files(log, logging.ERROR, "interrupted by SIGTERM")
+            raise SystemExit(128 + signal.SIGTERM) from None
+        except SystemExit as exc:  # Lightning ends a fit or test stopped by Ctrl-C with exit status 1
+            if exc.code not in (0, None):
+                log_to_run_files(log, logging.ERROR, f"interrupted (exit status {exc.code})")
             raise
         except Exception:
             log_to_run_files(log, logging.ERROR, "failed", exc_info=sys.exc_info())

@@ -1,6 +1,7 @@
 """The command-line round trip: cxr-train (fast_dev_run) -> best.ckpt -> cxr-eval gives the same numbers."""
 import json
 import os
+import signal
 import subprocess
 import sys
 import uuid
@@ -181,6 +182,7 @@ def test_an_interrupted_run_resumes_where_it_stopped_and_only_with_its_own_confi
                  "+callbacks.interrupt._target_=tests.interrupt.InterruptOnce", "+callbacks.interrupt.at_epoch=2",
                  f"+callbacks.interrupt.marker={tmp_path / 'interrupted'}"]
     failing_run("cxr.train", *overrides, cache_dir=cache)  # Ctrl-C at the start of epoch 2
+    assert (out / "train.log").read_text().rstrip().endswith("interrupted (exit status 1)")
     last = out / "checkpoints" / "last.ckpt"
     assert last.is_file() and not (out / "results.json").exists()
 
@@ -208,6 +210,18 @@ def test_an_interrupted_run_resumes_where_it_stopped_and_only_with_its_own_confi
     assert set(curves[1]["epoch"].dropna()) == {0, 1} and set(curves[0]["epoch"].dropna()) >= {2}
     stderr = failing_run("cxr.train", *overrides, "resume=true", cache_dir=cache)
     assert "holds a finished run" in stderr and "nothing to resume" in stderr, stderr[-2000:]
+
+
+def test_a_run_stopped_by_sigterm_exits_with_its_status_and_says_so(tmp_path):
+    out = tmp_path / "run"
+    overrides = ("debug=smoke", *TINY, "trainer.max_epochs=3", f"hydra.run.dir={out}",
+                 "+callbacks.interrupt._target_=tests.interrupt.InterruptOnce", "+callbacks.interrupt.at_epoch=1",
+                 "+callbacks.interrupt.by_sigterm=true", f"+callbacks.interrupt.marker={tmp_path / 'interrupted'}")
+    proc = subprocess.run(command("cxr.train", overrides, tmp_path / "cache"), cwd=PROJECT_ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-2000:]  # Lightning alone exits 0, as a success
+    assert (out / "train.log").read_text().rstrip().endswith("interrupted by SIGTERM")
+    assert (out / "checkpoints" / "last.ckpt").is_file() and not (out / "results.json").exists()
 
 
 def test_a_checkpoint_that_validation_cannot_choose_is_refused_before_the_fit(tmp_path, synthetic_manifest):
