@@ -106,14 +106,34 @@ def added_without_effect(key: str, value) -> bool:
     return False
 
 
+EARLIER_CURVES = "metrics.epochs-0-{last}.csv"
+
+
 def keep_earlier_curves(loggers: list, completed: int) -> None:
-    """Lightning's CSVLogger starts metrics.csv afresh: the curves from before the interruption are kept beside it."""
+    """Lightning's CSVLogger starts metrics.csv afresh: the rows of the `completed` epochs from before this
+    interruption and any earlier one go into one file beside it, metrics.epochs-0-<completed - 1>.csv. Rows of an
+    epoch cut short are left out: it is trained again."""
+    import pandas as pd
     from lightning.pytorch.loggers import CSVLogger
 
     for logger in loggers:
-        earlier = Path(logger.log_dir) / "metrics.csv" if isinstance(logger, CSVLogger) else None
-        if earlier is not None and earlier.is_file():
-            earlier.rename(earlier.with_name(f"metrics.epochs-0-{completed - 1}.csv"))
+        if not isinstance(logger, CSVLogger):
+            continue
+        folder = Path(logger.log_dir)
+        earlier = sorted(folder.glob(EARLIER_CURVES.format(last="*")), key=lambda p: int(p.stem.rsplit("-", 1)[1]))
+        parts = [p for p in [*earlier, folder / "metrics.csv"] if p.is_file()]
+        if not parts:
+            continue
+        curves = pd.concat([pd.read_csv(p) for p in parts], ignore_index=True)
+        # drop_duplicates: a merge cut short by a kill may have left its rows in both the new file and the old ones
+        curves = curves[curves["epoch"] < completed].drop_duplicates()
+        kept = folder / EARLIER_CURVES.format(last=completed - 1)
+        partial = kept.with_suffix(".csv.partial")
+        curves.to_csv(partial, index=False)
+        partial.replace(kept)
+        for part in parts:
+            if part != kept:
+                part.unlink()
 
 
 class RecordRunConfig(L.Callback):
@@ -126,10 +146,17 @@ class RecordRunConfig(L.Callback):
         checkpoint[RUN_CONFIG_KEY] = self.config
 
 
+def resume_point_last(callbacks: list) -> list:
+    """`callbacks` with ResumeCheckpoint moved behind every other: Lightning runs checkpoint callbacks in list order,
+    and last.ckpt marks an epoch done, so every other checkpoint of that epoch (best.ckpt, a snapshot) must be on
+    disk before it. A run stopped between the two writes trains that epoch again and writes them again."""
+    return sorted(callbacks, key=lambda callback: isinstance(callback, ResumeCheckpoint))
+
+
 class ResumeCheckpoint(ModelCheckpoint):
     """Writes `checkpoints/last.ckpt` at every epoch end (ModelCheckpoint's save_last only follows improvements
     of the monitored score); its state is kept apart from every other ModelCheckpoint's, such as the
-    snapshots' that also save each epoch."""
+    snapshots' that also save each epoch. Place it last (resume_point_last)."""
 
     def __init__(self, dirpath: str):
         super().__init__(dirpath=dirpath, filename=RESUME_CHECKPOINT.stem, monitor=None, save_top_k=1,
@@ -146,3 +173,30 @@ class ResumeCheckpoint(ModelCheckpoint):
         # again after training one more epoch.
         if any(c.stopping_reason != EarlyStoppingReason.NOT_STOPPED for c in trainer.early_stopping_callbacks):
             trainer.should_stop = True
+        if trainer.ckpt_path:
+            adopt_best_of_unfinished_epoch(trainer)
+
+
+def adopt_best_of_unfinished_epoch(trainer: L.Trainer) -> None:
+    """A run stopped after an epoch wrote best.ckpt but before it wrote last.ckpt resumes with the monitoring
+    checkpoint's state of the epoch before, while best.ckpt holds the later epoch's weights (the earlier best is
+    overwritten): take the state best.ckpt was written with, so the score reported and the weights kept belong
+    together. The epoch is trained again and replaces them only if it scores higher."""
+    import logging
+
+    from cxr.checkpoint import read_checkpoint
+
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, ResumeCheckpoint) or callback.monitor is None or "{" in (callback.filename or "{"):
+            continue
+        path = Path(callback.dirpath) / f"{callback.filename}{callback.FILE_EXTENSION}"
+        if not path.is_file():
+            continue
+        written, _ = read_checkpoint(path)
+        state = (written.get("callbacks") or {}).get(callback.state_key)
+        if written.get("epoch", -1) >= trainer.current_epoch and state:
+            callback.load_state_dict(state)
+            logging.getLogger(__name__).warning(
+                f"{path.name} was written by epoch {written['epoch']}, which the interruption cut short before "
+                f"{RESUME_CHECKPOINT.name}: it stays the best so far ({callback.monitor} = "
+                f"{float(callback.best_model_score):.4f})")

@@ -27,7 +27,8 @@ from cxr.evaluation.recalibrate import check_calibration_plan, recalibrate_check
 from cxr.inference import load_classifier
 from cxr.models.backbone import input_mismatch
 from cxr.models.unfreeze import ProgressiveUnfreezing
-from cxr.resume import RESUME_CHECKPOINT, RecordRunConfig, check_resume, check_same_data, keep_earlier_curves
+from cxr.resume import (RESUME_CHECKPOINT, RecordRunConfig, check_resume, check_same_data, keep_earlier_curves,
+                        resume_point_last)
 from cxr.run_checks import check_model_selection, check_run_settings
 from cxr.tracking import (code_version, headline, instantiate_loggers, log_config_to, log_results, run_summary,
                           wandb_run_finished)
@@ -89,7 +90,7 @@ def train(cfg: DictConfig) -> dict:
     if resume_from:
         keep_earlier_curves(loggers, first_epoch)
     log_config_to(loggers, cfg)
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=resume_point_last(callbacks), logger=loggers or False)
 
     code = code_version()  # before the fit: files may change while it runs
     start = time.perf_counter()
