@@ -121,7 +121,7 @@ def keep_earlier_curves(loggers: list, completed: int) -> None:
             continue
         folder = Path(logger.log_dir)
         earlier = sorted(folder.glob(EARLIER_CURVES.format(last="*")), key=lambda p: int(p.stem.rsplit("-", 1)[1]))
-        parts = [p for p in [*earlier, folder / "metrics.csv"] if p.is_file()]
+        parts = [p for p in [*earlier, folder / "metrics.csv"] if p.is_file() and p.stat().st_size]
         if not parts:
             continue
         curves = pd.concat([pd.read_csv(p) for p in parts], ignore_index=True)
@@ -187,7 +187,8 @@ def adopt_best_of_unfinished_epoch(trainer: L.Trainer) -> None:
     from cxr.checkpoint import read_checkpoint
 
     for callback in trainer.checkpoint_callbacks:
-        if isinstance(callback, ResumeCheckpoint) or callback.monitor is None or "{" in (callback.filename or "{"):
+        templated = not callback.filename or "{" in callback.filename  # a new file each time: nothing overwritten
+        if isinstance(callback, ResumeCheckpoint) or callback.monitor is None or templated:
             continue
         path = Path(callback.dirpath) / f"{callback.filename}{callback.FILE_EXTENSION}"
         if not path.is_file():
