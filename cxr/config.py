@@ -103,6 +103,7 @@ def user_errors(main):
         from cxr.checkpoint import CheckpointError
         from cxr.data.dataset import DataCheckError
         from cxr.data.index import DataConfigError, LeakageError
+        from cxr.export import ExportError
         from cxr.models.backbone import PretrainedWeightsError
         from cxr.resume import ResumeError
 
@@ -110,7 +111,7 @@ def user_errors(main):
         try:
             return main(cfg)
         except (DataCheckError, DataConfigError, LeakageError, PretrainedWeightsError, CheckpointError, ResumeError,
-                ConfigError, FileNotFoundError, FileExistsError, MissingMandatoryValue) as exc:
+                ConfigError, ExportError, FileNotFoundError, FileExistsError, MissingMandatoryValue) as exc:
             print(f"error: {exc}", file=sys.stderr)
             log_to_run_files(log, logging.ERROR, f"error: {exc}")  # the run's folder says why it stopped
             if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:

@@ -3,8 +3,10 @@ with its inference spec.
 
     cxr-export ckpt_path=PATH [output=model.onnx] [opset=17]
 
-The spec (classes, preprocessing, calibration, ...) is embedded in the ONNX metadata under
-`cxr_spec` and written beside it as `<output>.json`, so an ONNX Runtime server needs nothing else.
+The spec (classes, preprocessing and its steps in words, calibration, ...) is embedded in the ONNX metadata under
+`cxr_spec` and written beside it as `<output>.json`, so an ONNX Runtime server needs nothing else. An existing file
+is never overwritten; the model is checked in ONNX Runtime against the checkpoint before it is put in place, and a
+failed export leaves nothing at the output.
 """
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ import torch
 from omegaconf import DictConfig
 
 from cxr.checkpoint import public_calibration_fit, public_data_summary
-from cxr.config import CONFIG_DIR, configure_threads, log_config, user_errors
+from cxr.config import CONFIG_DIR, ConfigError, configure_threads, is_whole_number, log_config, user_errors
+from cxr.data.preprocess import Preprocessing
 from cxr.inference import Classifier, load_classifier
 
 log = logging.getLogger("cxr.export")
@@ -26,36 +29,71 @@ METADATA_KEY = "cxr_spec"
 INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
 DISTANCE_NAME = "feature_distance"  # the second output, present when the checkpoint has a feature distance fitted
+# Largest |p_torch - p_onnx| on random images for which an export is kept (measured: below 1e-5, sharp
+# temperatures included).
+MAX_PROBABILITY_DIFFERENCE = 1e-3
+
+
+class ExportError(ValueError):
+    """The model cannot be exported, written or run as exported; the message says why."""
 
 
 def onnx_metadata(classifier: Classifier) -> dict:
-    return {**classifier.spec, "data_summary": public_data_summary(classifier.spec),
-            "calibration_fit": public_calibration_fit(classifier.spec),
-            "checkpoint_sha256": classifier.sha256}
+    spec = classifier.spec
+    metadata = {**spec, "data_summary": public_data_summary(spec), "calibration_fit": public_calibration_fit(spec),
+                "preprocessing_steps": Preprocessing.from_dict(spec["preprocessing"]).steps(),
+                "checkpoint_sha256": classifier.sha256}
+    if spec.get("soup"):  # the members by hash and score, not by where they lay on the machine that made them
+        metadata["soup"] = {**spec["soup"], "members": [{k: v for k, v in member.items() if k != "path"}
+                                                        for member in spec["soup"].get("members", [])]}
+    return metadata
+
+
+def sidecar_path(output: Path) -> Path:
+    return output.with_name(output.name + ".json")
 
 
 def export_onnx(classifier: Classifier, output: str | Path, opset: int = 17) -> Path:
+    """Write `output` and its sidecar; both are written and the model checked in ONNX Runtime (parity with the
+    checkpoint on random images) before either is put in place."""
     import onnx
 
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
+    staged = [output.with_name(output.name + ".tmp"), sidecar_path(output).with_name(sidecar_path(output).name + ".tmp")]
     size = classifier.preprocessing.image_size
     dummy = torch.zeros(1, classifier.preprocessing.in_chans, size, size)
-    tmp = output.with_name(output.name + ".tmp")
     network, outputs = ((classifier.net, [OUTPUT_NAME]) if classifier.scored is None
                         else (classifier.scored, [OUTPUT_NAME, DISTANCE_NAME]))
-    with torch.no_grad():
-        torch.onnx.export(network, (dummy,), str(tmp), input_names=[INPUT_NAME], output_names=outputs,
-                          dynamic_axes={name: {0: "batch"} for name in [INPUT_NAME, *outputs]}, opset_version=opset,
-                          dynamo=False)
-    model = onnx.load(str(tmp))
-    meta = model.metadata_props.add()
-    meta.key, meta.value = METADATA_KEY, json.dumps(onnx_metadata(classifier))
-    onnx.checker.check_model(model)
-    onnx.save(model, str(tmp))
-    tmp.replace(output)  # atomic: a reader never sees a half-written model
-    sidecar = output.with_name(output.name + ".json")
-    sidecar.write_text(json.dumps(onnx_metadata(classifier), indent=2))
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        with torch.no_grad():
+            torch.onnx.export(network, (dummy,), str(staged[0]), input_names=[INPUT_NAME], output_names=outputs,
+                              dynamic_axes={name: {0: "batch"} for name in [INPUT_NAME, *outputs]},
+                              opset_version=opset, dynamo=False)
+        model = onnx.load(str(staged[0]))
+        meta = model.metadata_props.add()
+        meta.key, meta.value = METADATA_KEY, json.dumps(onnx_metadata(classifier))
+        onnx.checker.check_model(model)
+        onnx.save(model, str(staged[0]))
+        staged[1].write_text(json.dumps(onnx_metadata(classifier), indent=2))
+        rng = np.random.default_rng(0)
+        check = [rng.integers(0, 256, (300, 280), dtype=np.uint8) for _ in range(2)]
+        difference = onnx_differences(classifier, staged[0], check)["probability"]
+        if not difference <= MAX_PROBABILITY_DIFFERENCE:
+            raise ExportError(f"the exported model's probabilities differ from the checkpoint's by {difference:.2e} "
+                              f"on random images (more than {MAX_PROBABILITY_DIFFERENCE}): not kept")
+        staged[0].replace(output)  # each rename is atomic: a reader never sees a half-written file
+        staged[1].replace(sidecar_path(output))
+    except ExportError:
+        raise
+    except OSError as exc:
+        raise ExportError(f"cannot write {output}: {exc.strerror or exc}") from exc
+    except Exception as exc:  # torch.onnx, onnx's checker and ONNX Runtime raise many types
+        raise ExportError(f"cannot export the model as ONNX (opset={opset}): {type(exc).__name__}: "
+                          f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from exc
+    finally:
+        for path in staged:
+            path.unlink(missing_ok=True)
     return output
 
 
@@ -97,14 +135,17 @@ def main(cfg: DictConfig) -> None:
     log_config(cfg, log)
     configure_threads(cfg)
     ckpt = Path(cfg.ckpt_path).expanduser()
-    classifier = load_classifier(ckpt)
     output = Path(cfg.output).expanduser() if cfg.get("output") else ckpt.with_suffix(".onnx")
-    export_onnx(classifier, output, opset=int(cfg.opset))
-    rng = np.random.default_rng(0)
-    check = [rng.integers(0, 256, (300, 280), dtype=np.uint8) for _ in range(2)]
-    diff = onnx_differences(classifier, output, check)
-    log.info("exported %s (on random images: max |p_torch - p_onnx| %.2e, feature distance relative difference %s)",
-             output, diff["probability"], diff["feature_distance"])
+    if not is_whole_number(cfg.opset):
+        raise ConfigError(f"opset={cfg.opset!r}: give an ONNX opset number, e.g. 17")
+    if output.resolve() == ckpt.resolve():
+        raise ConfigError(f"output={output} is the checkpoint itself: choose another output=")
+    for path in (output, sidecar_path(output)):
+        if path.exists():
+            raise FileExistsError(f"{path} exists; choose another output=")
+    classifier = load_classifier(ckpt)
+    export_onnx(classifier, output, opset=cfg.opset)
+    log.info("exported %s (checked in ONNX Runtime against the checkpoint)", output)
     print(output)
 
 

@@ -5,6 +5,7 @@ import csv
 import json
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -129,6 +130,34 @@ def test_cli(tmp_path):
     assert read_onnx_spec(output)["checkpoint_sha256"] == file_sha256(ckpt)
 
 
+def test_cli_never_overwrites_and_a_failed_export_leaves_nothing(tmp_path):
+    ckpt = make_tiny_checkpoint(tmp_path / "cli.ckpt")
+    exe = Path(sys.executable).with_name("cxr-export")
+
+    def export(output, *extra):
+        return subprocess.run([str(exe), f"ckpt_path={ckpt}", f"output={output}", *extra,
+                               f"hydra.run.dir={tmp_path}/run-{uuid.uuid4().hex}"], capture_output=True, text=True,
+                              timeout=120)
+
+    checkpoint_bytes = ckpt.read_bytes()
+    refused = export(ckpt)
+    assert refused.returncode == 1 and "is the checkpoint itself" in refused.stderr, refused.stderr[-2000:]
+    existing = tmp_path / "existing.onnx"
+    existing.write_bytes(b"an earlier export")
+    refused = export(existing)
+    assert refused.returncode == 1 and "exists; choose another output=" in refused.stderr, refused.stderr[-2000:]
+    failed = export(tmp_path / "old.onnx", "opset=6")  # no BatchNormalization at opset 6: not exportable or not runnable
+    assert failed.returncode == 1 and "cannot export the model as ONNX (opset=6)" in failed.stderr, failed.stderr[-2000:]
+    assert "Traceback" not in failed.stderr
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    unwritable = export(blocked / "model.onnx")
+    assert unwritable.returncode == 1 and f"cannot write {blocked / 'model.onnx'}" in unwritable.stderr
+    assert ckpt.read_bytes() == checkpoint_bytes and existing.read_bytes() == b"an earlier export"
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("run-")) == \
+        ["a-file", "cli.ckpt", "existing.onnx"]
+
+
 def test_metadata_leaves_out_training_image_fingerprints(sharp_checkpoint):
     from types import SimpleNamespace
 
@@ -136,5 +165,7 @@ def test_metadata_leaves_out_training_image_fingerprints(sharp_checkpoint):
 
     spec = load_classifier(sharp_checkpoint).spec
     summary = {**spec["data_summary"], "train_image_sha256": ["0123456789abcdef"]}
-    meta = onnx_metadata(SimpleNamespace(spec={**spec, "data_summary": summary}, sha256="abc"))
+    soup = {"method": "ensemble", "members": [{"path": "/home/someone/run/best.ckpt", "sha256": "fedcba"}]}
+    meta = onnx_metadata(SimpleNamespace(spec={**spec, "data_summary": summary, "soup": soup}, sha256="abc"))
     assert meta["data_summary"] == spec["data_summary"] and "0123456789abcdef" not in json.dumps(meta)
+    assert meta["soup"]["members"] == [{"sha256": "fedcba"}] and "/home/someone" not in json.dumps(meta)

@@ -63,3 +63,23 @@ def test_input_region_is_the_box_of_the_original_that_the_model_sees(crop_border
     cropped = crop(image=image)["image"] if crop_border else image
     box = preprocessing.input_region(height, width)
     assert np.array_equal(cropped, image[box["y"]:box["y"] + box["height"], box["x"]:box["x"] + box["width"]])
+
+
+@pytest.mark.parametrize("equalize", ["clahe", "histogram"])
+def test_the_steps_in_words_are_what_the_pipeline_does(equalize):
+    """Code outside Python feeds an exported model by the words of `steps()` (ONNX metadata, /model/info):
+    followed literally with OpenCV and numpy, they must give the pipeline's tensor."""
+    import cv2
+
+    pre = Preprocessing(image_size=48, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3), crop_border=0.07, effective_size=64,
+                        equalize=equalize, clahe_clip_limit=3.0, clahe_tile_grid=4)
+    steps = pre.steps()
+    assert len(steps) == 5 and "int(0.07 * side)" in steps[0] and "64 x 64" in steps[1] and "48 x 48" in steps[2]
+    gray = np.random.default_rng(0).integers(0, 256, (301, 257), dtype=np.uint8)
+    top, left = int(0.07 * 301), int(0.07 * 257)
+    image = gray[top:301 - top, left:257 - left]
+    for size in (64, 48):
+        image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+    image = cv2.createCLAHE(3.0, (4, 4)).apply(image) if equalize == "clahe" else cv2.equalizeHist(image)
+    channels = np.stack([(image / 255 - m) / s for m, s in zip(pre.mean, pre.std)]).astype(np.float32)
+    np.testing.assert_allclose(pre(gray).numpy(), channels, atol=1e-5)

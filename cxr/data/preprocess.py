@@ -74,6 +74,21 @@ class Preprocessing:
         # Grey input is normalised per output channel after replication, so mean/std stay per channel.
         return A.Compose([A.Normalize(mean=self.mean, std=self.std, max_pixel_value=255.0), ToTensorV2()])
 
+    def steps(self) -> list[str]:
+        """The pipeline `__call__` runs, in words, for code outside Python that feeds an exported model (ONNX
+        metadata, /model/info): its input is the 8-bit greyscale image cxr.data.decode makes."""
+        steps = [f"crop int({self.crop_border} * side) pixels off each side"] if self.crop_border > 0 else []
+        for size in ([self.effective_size] if self.effective_size else []) + [self.image_size]:
+            steps.append(f"resize to {size} x {size} by area averaging (OpenCV INTER_AREA)")
+        if self.equalize == "clahe":
+            steps.append(f"CLAHE (OpenCV createCLAHE, clip limit {self.clahe_clip_limit}, "
+                         f"{self.clahe_tile_grid} x {self.clahe_tile_grid} tiles)")
+        elif self.equalize == "histogram":
+            steps.append("histogram equalisation (OpenCV equalizeHist)")
+        steps.append(f"repeat the grey channel {self.in_chans} times; channel c becomes (value / 255 - mean[c]) / "
+                     f"std[c] with mean {list(self.mean)} and std {list(self.std)}; float32, channels first")
+        return steps
+
     def input_region(self, height: int, width: int) -> dict:
         """The box of a `height` x `width` image that the model's square input shows (after the border crop,
         stretched to `image_size`), in that image's pixels: where a heatmap at the input size lies on the original.
