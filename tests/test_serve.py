@@ -21,7 +21,7 @@ import requests
 import torch
 from PIL import Image
 
-from conftest import CLASS_NAMES, add_feature_distance, make_tiny_checkpoint
+from conftest import CLASS_NAMES, TINY_PREPROCESSING, add_feature_distance, make_tiny_checkpoint
 from cxr.calibration import Calibration
 from cxr.data.decode import decode_image, to_uint8
 from cxr.inference import file_sha256, load_classifier
@@ -155,6 +155,8 @@ def test_model_info(server, ckpt):
     assert info["class_names"] == CLASS_NAMES
     assert info["input"]["size"] == [3, 64, 64]
     assert info["input"]["normalization"]["mean"] == [0.5, 0.5, 0.5]
+    assert info["input"]["steps"][-2:] == ["resize to 64 x 64 by area averaging (OpenCV INTER_AREA)",
+                                           TINY_PREPROCESSING.steps()[-1]]
     assert info["temperature"] == pytest.approx(0.05)
     assert info["logit_bias"] == pytest.approx({"normal": 0.0, "pneumonia": 0.2, "tuberculosis": 0.1})
     assert info["thresholds"] == THRESHOLDS and info["review_confidence"] == 0.5
