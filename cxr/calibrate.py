@@ -34,11 +34,16 @@ def main(cfg: DictConfig) -> None:
     if datamodule.split == "test" and datamodule.summary()["split_sha256"] == trained_on.get("split_sha256"):
         raise LeakageError("data.split=test is the test split of the data this checkpoint trained on, where its test "
                            "numbers come from: an operating point fitted there would make them in-sample; fit it on "
-                           "data.split=val")
+                           "data.split=val or, for a checkpoint that also trained on val (a refit), on labelled images "
+                           "of your own (data=manifest)")
     datamodule.warn_if_split_was_drawn(datamodule.split)
     record = recalibrate_checkpoint(ckpt, datamodule, datamodule.split, cfg.method, output)
-    Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)
-    (Path(cfg.paths.output_dir) / "calibration.json").write_text(json.dumps(record, indent=2))
+    try:
+        Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.paths.output_dir) / "calibration.json").write_text(json.dumps(record, indent=2))
+    except OSError:  # no checkpoint without its record: a rerun would be refused as "exists"
+        output.unlink(missing_ok=True)
+        raise
     print(output)
 
 

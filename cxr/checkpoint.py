@@ -42,7 +42,7 @@ def read_checkpoint(ckpt_path: str | Path) -> tuple[dict, dict]:
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError) as exc:
+    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, OSError) as exc:  # OSError: mmap of a cut file
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(exc).__name__})") from exc
     spec = checkpoint.get(CHECKPOINT_KEY) if isinstance(checkpoint, dict) else None
     if not spec:
@@ -92,6 +92,10 @@ def save_checkpoint(checkpoint: dict, out_path: str | Path) -> Path:
     out = Path(out_path).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")
-    torch.save(checkpoint, partial)
-    os.replace(partial, out)
+    try:
+        torch.save(checkpoint, partial)  # an unwritable folder is a RuntimeError ("open file failed") here
+        os.replace(partial, out)
+    except (RuntimeError, OSError) as exc:
+        partial.unlink(missing_ok=True)
+        raise PermissionError(f"cannot write {out}: {exc}") from exc
     return out

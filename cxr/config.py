@@ -90,8 +90,8 @@ def log_config(cfg: DictConfig, log: logging.Logger) -> None:
 def user_errors(main):
     """Wrap an entry point: an expected error (unreadable or leaking data, a missing file or checkpoint, weights
     that cannot be had, a required override left out) is printed as its message on stderr with exit status 1,
-    not as a traceback; any other exception keeps its traceback. Either way the run's log file ends with it. A run
-    stopped by Ctrl-C or SIGTERM ends its log with "interrupted" and exits non-zero (SIGTERM: 128 + 15).
+    not as a traceback; any other exception keeps its traceback. Either way the run's log file ends with it. A fit
+    or test stopped by Ctrl-C or SIGTERM ends its log with "interrupted" and exits non-zero (SIGTERM: 128 + 15).
     In a sweep (-m) the error is re-raised instead, so Hydra marks that job failed and still runs the others."""
     @functools.wraps(main)
     def wrapper(cfg: DictConfig):
@@ -111,7 +111,8 @@ def user_errors(main):
         try:
             return main(cfg)
         except (DataCheckError, DataConfigError, LeakageError, PretrainedWeightsError, CheckpointError, ResumeError,
-                ConfigError, ExportError, FileNotFoundError, FileExistsError, MissingMandatoryValue) as exc:
+                ConfigError, ExportError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
+                NotADirectoryError, MissingMandatoryValue) as exc:
             print(f"error: {exc}", file=sys.stderr)
             log_to_run_files(log, logging.ERROR, f"error: {exc}")  # the run's folder says why it stopped
             if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:

@@ -23,12 +23,18 @@ def tiny_net(seed: int) -> torch.nn.Module:
 
 def test_average_weights_is_the_mean_of_parameters_and_batchnorm_statistics():
     nets = [tiny_net(0), tiny_net(1), tiny_net(2)]
+    for net, batches in zip(nets, (0, 3, 3)):  # members that trained for different numbers of steps
+        for name, buffer in net.named_buffers():
+            if name.endswith("num_batches_tracked"):
+                buffer.fill_(batches)
     before = [{k: v.clone() for k, v in n.state_dict().items()} for n in nets]
     soup = average_weights(nets).state_dict()
     for key, value in soup.items():
         if value.is_floating_point():
             assert torch.allclose(value, sum(b[key] for b in before) / 3, atol=1e-6), key
-    assert any("running_var" in k for k in soup)
+        else:  # the integer count too: (0 + 3 + 3) / 3, not a running mean truncated at each step
+            assert value.item() == 2, key
+    assert any("running_var" in k for k in soup) and any("num_batches_tracked" in k for k in soup)
     for net, state in zip(nets, before):  # the members are left as they were
         assert all(torch.equal(net.state_dict()[k], v) for k, v in state.items())
 

@@ -542,3 +542,16 @@ def test_a_seed_makes_a_cpu_run_reproducible_and_another_seed_changes_it(tmp_pat
     assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
     assert metrics_on_test(0) == metrics_on_test(1)
     assert any(not torch.equal(first[k], other[k]) for k in first if first[k].is_floating_point())
+
+
+@pytest.mark.parametrize("kept_bytes", [100, 5000, 8192, 20000])
+def test_a_checkpoint_cut_short_anywhere_is_a_checkpoint_error(kept_bytes, tmp_path):
+    """torch.load with mmap raises OSError for some cut lengths and RuntimeError or EOFError for others."""
+    from conftest import make_tiny_checkpoint
+
+    from cxr.checkpoint import CheckpointError, read_checkpoint
+
+    whole = make_tiny_checkpoint(tmp_path / "whole.ckpt").read_bytes()
+    (tmp_path / "cut.ckpt").write_bytes(whole[:kept_bytes])
+    with pytest.raises(CheckpointError, match="is not a readable PyTorch checkpoint"):
+        read_checkpoint(tmp_path / "cut.ckpt")

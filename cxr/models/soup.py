@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
+import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
@@ -38,6 +39,10 @@ def average_weights(nets: Sequence[nn.Module]) -> nn.Module:
     averaged = AveragedModel(nets[0], use_buffers=True)
     for net in nets:
         averaged.update_parameters(net)
+    members = [dict(net.named_buffers()) for net in nets]
+    for name, buffer in averaged.module.named_buffers():
+        if not buffer.is_floating_point():  # BatchNorm's num_batches_tracked: the running mean truncated each step
+            buffer.copy_(torch.stack([m[name] for m in members]).double().mean(dim=0).round().to(buffer.dtype))
     return averaged.module
 
 
