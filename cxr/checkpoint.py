@@ -93,9 +93,12 @@ def save_checkpoint(checkpoint: dict, out_path: str | Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")
     try:
-        torch.save(checkpoint, partial)  # an unwritable folder is a RuntimeError ("open file failed") here
+        torch.save(checkpoint, partial)
         os.replace(partial, out)
-    except (RuntimeError, OSError) as exc:
+    except BaseException as exc:  # a pickling error or Ctrl-C too: no .partial left behind
+        could_not_open = not partial.exists()  # torch.save's RuntimeError "open file failed": an unwritable folder
         partial.unlink(missing_ok=True)
-        raise PermissionError(f"cannot write {out}: {exc}") from exc
+        if isinstance(exc, OSError) or isinstance(exc, RuntimeError) and could_not_open:
+            raise PermissionError(f"cannot write {out}: {exc}") from exc
+        raise
     return out
