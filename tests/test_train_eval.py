@@ -555,3 +555,15 @@ def test_a_checkpoint_cut_short_anywhere_is_a_checkpoint_error(kept_bytes, tmp_p
     (tmp_path / "cut.ckpt").write_bytes(whole[:kept_bytes])
     with pytest.raises(CheckpointError, match="is not a readable PyTorch checkpoint"):
         read_checkpoint(tmp_path / "cut.ckpt")
+
+
+def test_a_checkpoint_that_cannot_be_saved_leaves_no_file(tmp_path):
+    import pickle
+
+    from cxr.checkpoint import save_checkpoint
+
+    with pytest.raises((pickle.PicklingError, AttributeError)):
+        save_checkpoint({"not_picklable": lambda x: x}, tmp_path / "best.ckpt")
+    assert list(tmp_path.iterdir()) == []
+    assert save_checkpoint({"weights": torch.ones(2)}, tmp_path / "best.ckpt").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["best.ckpt"]
