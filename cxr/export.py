@@ -59,7 +59,7 @@ def export_onnx(classifier: Classifier, output: str | Path, opset: int = 17) -> 
     import onnx
 
     output = Path(output)
-    staged = [output.with_name(output.name + ".tmp"), sidecar_path(output).with_name(sidecar_path(output).name + ".tmp")]
+    staged = [output.with_name(output.name + ".tmp"), output.with_name(output.name + ".json.tmp")]
     size = classifier.preprocessing.image_size
     dummy = torch.zeros(1, classifier.preprocessing.in_chans, size, size)
     network, outputs = ((classifier.net, [OUTPUT_NAME]) if classifier.scored is None
@@ -93,7 +93,8 @@ def export_onnx(classifier: Classifier, output: str | Path, opset: int = 17) -> 
                           f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from exc
     finally:
         for path in staged:
-            path.unlink(missing_ok=True)
+            if path.is_file():  # not unlink(missing_ok=True): under a parent that is a file it raises
+                path.unlink()
     return output
 
 
