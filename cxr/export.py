@@ -70,12 +70,12 @@ def export_onnx(classifier: Classifier, output: str | Path, opset: int = 17) -> 
             torch.onnx.export(network, (dummy,), str(staged[0]), input_names=[INPUT_NAME], output_names=outputs,
                               dynamic_axes={name: {0: "batch"} for name in [INPUT_NAME, *outputs]},
                               opset_version=opset, dynamo=False)
-        model = onnx.load(str(staged[0]))
+        model, metadata = onnx.load(str(staged[0])), onnx_metadata(classifier)
         meta = model.metadata_props.add()
-        meta.key, meta.value = METADATA_KEY, json.dumps(onnx_metadata(classifier))
+        meta.key, meta.value = METADATA_KEY, json.dumps(metadata)
         onnx.checker.check_model(model)
         onnx.save(model, str(staged[0]))
-        staged[1].write_text(json.dumps(onnx_metadata(classifier), indent=2))
+        staged[1].write_text(json.dumps(metadata, indent=2))
         rng = np.random.default_rng(0)
         check = [rng.integers(0, 256, (300, 280), dtype=np.uint8) for _ in range(2)]
         difference = onnx_differences(classifier, staged[0], check)["probability"]

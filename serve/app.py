@@ -28,7 +28,7 @@ from starlette.responses import JSONResponse, Response
 from cxr import __version__
 from cxr.checkpoint import file_sha256, public_calibration_fit, public_data_summary, read_spec
 from cxr.config import CONFIG_DIR, ConfigError, log_config, user_errors
-from cxr.data.preprocess import Preprocessing
+from cxr.data.preprocess import MAX_PIXEL_VALUE, Preprocessing
 from serve.api import BatchAPI, ExplainAPI, PredictAPI, Settings
 from serve.audit import AuditLog
 from serve.errors import error_response, http_exception_response
@@ -48,7 +48,7 @@ def model_info(spec: dict, settings: Settings, server_cfg) -> dict:
         "ensemble_size": spec.get("ensemble_size", 1),
         "class_names": list(spec["class_names"]),
         "input": {"size": [pre["in_chans"], pre["image_size"], pre["image_size"]], "channels": pre["in_chans"],
-                  "normalization": {"mean": pre["mean"], "std": pre["std"], "max_pixel_value": 255.0},
+                  "normalization": {"mean": pre["mean"], "std": pre["std"], "max_pixel_value": MAX_PIXEL_VALUE},
                   "preprocessing": pre, "steps": Preprocessing.from_dict(pre).steps()},
         "temperature": float(spec.get("temperature", 1.0)),
         "logit_bias": spec.get("logit_bias"),

@@ -20,6 +20,9 @@ import torch
 from albumentations.pytorch import ToTensorV2
 
 EQUALIZE_CHOICES = ("none", "clahe", "histogram")
+# 8-bit pixels are divided by this before mean/std normalisation (training, serving, and what /model/info and the
+# ONNX metadata tell other code to do).
+MAX_PIXEL_VALUE = 255.0
 
 
 @dataclass(frozen=True)
@@ -72,7 +75,7 @@ class Preprocessing:
     @cached_property
     def _normalize(self) -> A.Compose:
         # Grey input is normalised per output channel after replication, so mean/std stay per channel.
-        return A.Compose([A.Normalize(mean=self.mean, std=self.std, max_pixel_value=255.0), ToTensorV2()])
+        return A.Compose([A.Normalize(mean=self.mean, std=self.std, max_pixel_value=MAX_PIXEL_VALUE), ToTensorV2()])
 
     def steps(self) -> list[str]:
         """The pipeline `__call__` runs, in words, for code outside Python that feeds an exported model (ONNX
@@ -85,8 +88,9 @@ class Preprocessing:
                          f"{self.clahe_tile_grid} x {self.clahe_tile_grid} tiles)")
         elif self.equalize == "histogram":
             steps.append("histogram equalisation (OpenCV equalizeHist)")
-        steps.append(f"repeat the grey channel {self.in_chans} times; channel c becomes (value / 255 - mean[c]) / "
-                     f"std[c] with mean {list(self.mean)} and std {list(self.std)}; float32, channels first")
+        steps.append(f"repeat the grey channel {self.in_chans} times; channel c becomes "
+                     f"(value / {MAX_PIXEL_VALUE:g} - mean[c]) / std[c] with mean {list(self.mean)} and std "
+                     f"{list(self.std)}; float32, channels first")
         return steps
 
     def input_region(self, height: int, width: int) -> dict:
