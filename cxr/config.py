@@ -87,12 +87,25 @@ def log_config(cfg: DictConfig, log: logging.Logger) -> None:
     log_to_run_files(log, logging.INFO, "config:\n" + OmegaConf.to_yaml(cfg, resolve=True))
 
 
+class Terminated(BaseException):
+    """SIGTERM outside a Lightning fit or test: raised like KeyboardInterrupt, so `finally` blocks clean up staged
+    files (Python's default action ends the process on the spot) and no `except Exception` swallows it."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    # During a fit or test Lightning has put its own handler first and calls this one after it: Lightning stops
+    # at the end of the running batch by itself (SIGTERMException), which keeps its checkpoints whole.
+    if signal.getsignal(signal.SIGTERM) is _raise_terminated:
+        raise Terminated
+
+
 def user_errors(main):
     """Wrap an entry point: an expected error (unreadable or leaking data, a missing file or checkpoint, weights
     that cannot be had, a required override left out) is printed as its message on stderr with exit status 1,
-    not as a traceback; any other exception keeps its traceback. Either way the run's log file ends with it. A fit
-    or test stopped by Ctrl-C or SIGTERM ends its log with "interrupted" and exits non-zero (SIGTERM: 128 + 15).
-    In a sweep (-m) the error is re-raised instead, so Hydra marks that job failed and still runs the others."""
+    not as a traceback; any other exception keeps its traceback. Either way the run's log file ends with it. A run
+    stopped by Ctrl-C or SIGTERM ends its log with "interrupted" and exits non-zero (SIGTERM: 128 + 15), having
+    removed what it had half written. In a sweep (-m) the error is re-raised instead, so Hydra marks that job
+    failed and still runs the others."""
     @functools.wraps(main)
     def wrapper(cfg: DictConfig):
         from hydra.core.hydra_config import HydraConfig
@@ -108,6 +121,7 @@ def user_errors(main):
         from cxr.resume import ResumeError
 
         log = logging.getLogger("cxr")
+        previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated)
         try:
             return main(cfg)
         except (DataCheckError, DataConfigError, LeakageError, PretrainedWeightsError, CheckpointError, ResumeError,
@@ -121,7 +135,7 @@ def user_errors(main):
         except KeyboardInterrupt:
             log_to_run_files(log, logging.ERROR, "interrupted")
             raise
-        except SIGTERMException:
+        except (SIGTERMException, Terminated):
             # Lightning's own exit for SIGTERM carries no status, so the process would end with 0, a success
             log_to_run_files(log, logging.ERROR, "interrupted by SIGTERM")
             raise SystemExit(128 + signal.SIGTERM) from None
@@ -132,6 +146,8 @@ def user_errors(main):
         except Exception:
             log_to_run_files(log, logging.ERROR, "failed", exc_info=sys.exc_info())
             raise
+        finally:
+            signal.signal(signal.SIGTERM, previous_sigterm)
 
     return wrapper
 

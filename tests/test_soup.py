@@ -234,3 +234,34 @@ def test_a_soup_that_fails_after_it_is_made_leaves_no_best_checkpoint(members, t
     with pytest.raises(RuntimeError, match="the feature-distance fit failed"):
         soup_module.main.__wrapped__.__wrapped__(cfg)
     assert list((tmp_path / "checkpoints").iterdir()) == []
+
+
+def test_a_soup_stopped_by_sigterm_says_so_and_leaves_no_checkpoint(members, tmp_path, monkeypatch):
+    """SIGTERM (a scheduler, `docker stop`) while the soup was being calibrated ended the process on the spot:
+    checkpoints/best.unfinished.ckpt stayed behind and the exit status did not say why."""
+    import os
+    import signal
+
+    from cxr import soup as soup_module
+
+    (first, second), cache = members
+    cfg = compose_soup(f"members=[{first},{second}]", "method=uniform", *DATA, f"paths.output_dir={tmp_path}",
+                       f"paths.cache_dir={cache}")
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not stop the soup")
+
+    def default_action(signum, frame):  # stands in for Python's default, which would end pytest too
+        raise AssertionError("SIGTERM took its default action")
+
+    monkeypatch.setattr(soup_module, "fit_feature_distance_checkpoint", terminated)
+    previous = signal.signal(signal.SIGTERM, default_action)
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            soup_module.main.__wrapped__(cfg)
+        assert signal.getsignal(signal.SIGTERM) is default_action  # the entry point gives the signal back
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert list((tmp_path / "checkpoints").iterdir()) == []
