@@ -16,7 +16,7 @@ from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from cxr.data.dataset import DataCheckError, load_standardized
-from cxr.data.decode import ImageDecodeError, decode_image, to_uint8
+from cxr.data.decode import PIXEL_DATA_TAG, ImageDecodeError, decode_image, to_uint8
 from cxr.data.preprocess import Preprocessing
 
 
@@ -106,6 +106,14 @@ def test_rescale_slope_intercept_applied_before_window():
 def test_dicom_without_pixels_has_its_own_code():
     with pytest.raises(ImageDecodeError) as info:
         decode_image(make_dicom(None))
+    assert info.value.code == "dicom_without_pixels"
+
+
+def test_dicom_cut_before_its_pixels_is_not_called_only_a_dicom_without_pixels():
+    """The file reads as a whole header: the message has to name the cut as a possible cause."""
+    data = make_dicom(np.zeros((8, 8), np.uint16))
+    with pytest.raises(ImageDecodeError, match="cut short before its pixels") as info:
+        decode_image(data[:data.find(PIXEL_DATA_TAG)])
     assert info.value.code == "dicom_without_pixels"
 
 

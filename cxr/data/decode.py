@@ -144,7 +144,9 @@ def _decode_dicom(data: bytes, max_pixels: int) -> np.ndarray:
     if "PixelData" not in ds:
         if PIXEL_DATA_TAG in data:  # pydicom drops pixel data cut short with only a warning
             raise ImageDecodeError("the DICOM file's pixel data is cut short: truncated file?")
-        raise ImageDecodeError("DICOM file has no pixel data", code="dicom_without_pixels")
+        # pydicom reads a file cut between two elements as a shorter, whole one: the cut cannot be told apart
+        raise ImageDecodeError("DICOM file has no pixel data: a DICOM object that is not an image, or a file cut "
+                               "short before its pixels", code="dicom_without_pixels")
     try:  # header values may be missing, multi-valued, of the wrong length or not numbers
         columns, rows = int(ds.get("Columns", 0)), int(ds.get("Rows", 0))
     except Exception as exc:
