@@ -126,7 +126,10 @@ def keep_earlier_curves(loggers: list, completed: int) -> None:
             continue
         curves = pd.concat([pd.read_csv(p) for p in parts], ignore_index=True)
         # drop_duplicates: a merge cut short by a kill may have left its rows in both the new file and the old ones
-        curves = curves[curves["epoch"] < completed].drop_duplicates()
+        finished = curves["epoch"] < completed
+        # LearningRateMonitor's rows have a step but no epoch: those up to the last step of a finished epoch stay
+        between_epochs = curves["epoch"].isna() & (curves["step"] <= curves.loc[finished, "step"].max())
+        curves = curves[finished | between_epochs].drop_duplicates()
         kept = folder / EARLIER_CURVES.format(last=completed - 1)
         partial = kept.with_suffix(".csv.partial")
         curves.to_csv(partial, index=False)

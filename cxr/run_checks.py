@@ -15,6 +15,11 @@ def check_run_settings(cfg: DictConfig) -> None:
     epochs = cfg.trainer.get("max_epochs")
     if epochs is not None and (not is_whole_number(epochs) or epochs < -1 or epochs == 0):
         raise ConfigError(f"trainer.max_epochs={epochs!r}: give a whole number of epochs, 1 or more (-1: no limit)")
+    decay = (cfg.get("callbacks") or {}).get("lr_decay")
+    if epochs == -1 and decay and not decay.get("total_epochs") and not decay.get("cycle_epochs"):
+        raise ConfigError("trainer.max_epochs=-1 sets no end for callbacks.lr_decay to decay towards (the rate would "
+                          "fall to its floor after one epoch): give callbacks.lr_decay.total_epochs=N, the epochs its "
+                          "cosine spans, or a number of epochs")
     if cfg.trainer.get("limit_train_batches") == 0 or cfg.trainer.get("max_steps") == 0:
         raise ConfigError("trainer.limit_train_batches=0 or trainer.max_steps=0 trains nothing: the untrained weights "
                           "would be calibrated, saved and reported as the run's model")

@@ -170,6 +170,7 @@ def test_code_version_names_the_commit_and_whether_tracked_files_differ(tmp_path
     (["model.dropout=1.5"], "model.dropout=1.5: give the share"),
     (["model.pretrained=null"], "model.pretrained=null: say which weights to start from"),
     (["data.split=all"], "data.split=all scores every image of a saved checkpoint's data"),
+    (["callbacks=cosine", "trainer.max_epochs=-1"], "give callbacks.lr_decay.total_epochs=N"),
     # the experiment sets early stopping's patience; the snapshots group has no early stopping
     (["experiment=lite0_finetune", "callbacks=snapshots"],
      "callbacks.early_stopping has settings (patience) but no _target_"),
@@ -182,6 +183,7 @@ def test_settings_that_would_fail_deep_in_a_library_are_refused_up_front(overrid
     assert message in str(refused.value)
     check_run_settings(compose_train())  # the defaults pass
     check_run_settings(compose_train("experiment=lite0_finetune", "callbacks=snapshots", "callbacks.early_stopping=null"))
+    check_run_settings(compose_train("callbacks=cosine", "trainer.max_epochs=-1", "+callbacks.lr_decay.total_epochs=20"))
 
 
 def test_a_reused_sweep_folder_starts_its_own_summary_and_keeps_the_earlier_one(tmp_path, capsys):

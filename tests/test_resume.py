@@ -34,6 +34,22 @@ def test_earlier_curves_keep_every_finished_epoch_once_across_interruptions(tmp_
     assert kept["epoch"].tolist() == [0, 1, 2, 3] and kept["train/loss"].tolist() == [1.0, 0.9, 0.6, 0.5]
 
 
+def test_earlier_curves_keep_the_learning_rates_of_finished_epochs(tmp_path):
+    """LearningRateMonitor writes its rows without an epoch, at the first step of each epoch: the rates of the
+    finished epochs were dropped with the cut-short epoch's rows."""
+    logger = CSVLogger(save_dir=str(tmp_path), name="csv", version="")
+    (tmp_path / "csv").mkdir()
+    rows = [(None, 0, 1e-3, None), (0, 0, None, 1.1), (0, 1, None, 1.0),
+            (None, 2, 8e-4, None), (1, 2, None, 0.9), (1, 3, None, 0.8),
+            (None, 4, 5e-4, None), (2, 4, None, 0.7)]  # stopped in epoch 2
+    pd.DataFrame(rows, columns=["epoch", "step", "lr-AdamW/head", "train/loss"]).to_csv(
+        tmp_path / "csv" / "metrics.csv", index=False)
+    keep_earlier_curves([logger], completed=2)
+    kept = pd.read_csv(tmp_path / "csv" / "metrics.epochs-0-1.csv")
+    assert kept["lr-AdamW/head"].dropna().tolist() == [1e-3, 8e-4]
+    assert kept["train/loss"].dropna().tolist() == [1.1, 1.0, 0.9, 0.8]
+
+
 def test_last_ckpt_is_written_after_every_other_checkpoint_of_an_epoch(tmp_path):
     best = ModelCheckpoint(dirpath=tmp_path, filename="best", monitor="val/auroc_macro", mode="max")
     resume = ResumeCheckpoint(dirpath=str(tmp_path))

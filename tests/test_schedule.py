@@ -20,6 +20,16 @@ def test_cosine_factor_shape():
     assert cosine_factor(0, 5, warmup_epochs=1) == pytest.approx(0.5)
 
 
+def test_a_decay_without_an_end_is_refused():
+    """With max_epochs=-1 (no limit) the cosine spanned -1 epochs: the rate fell to its floor after the first."""
+    from types import SimpleNamespace
+
+    with pytest.raises(ValueError, match="give total_epochs"):
+        EpochCosineDecay().setup(SimpleNamespace(max_epochs=-1), None, "fit")
+    for decay in (EpochCosineDecay(total_epochs=5), EpochCosineDecay(cycle_epochs=3)):
+        decay.setup(SimpleNamespace(max_epochs=-1), None, "fit")
+
+
 def test_cycles_restart_the_decay():
     from types import SimpleNamespace
 

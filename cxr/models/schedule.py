@@ -49,6 +49,10 @@ class EpochCosineDecay(L.Callback):
         self.factor = 1.0  # this epoch's
         self.warmup_steps = 0
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not (self.cycle_epochs or self.total_epochs or trainer.max_epochs > 0):
+            raise ValueError(f"max_epochs={trainer.max_epochs} sets no end to decay towards: give total_epochs")
+
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch, total = trainer.current_epoch, self.total_epochs or trainer.max_epochs
         if self.cycle_epochs:
