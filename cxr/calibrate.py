@@ -37,11 +37,11 @@ def main(cfg: DictConfig) -> None:
                            "data.split=val or, for a checkpoint that also trained on val (a refit), on labelled images "
                            "of your own (data=manifest)")
     datamodule.warn_if_split_was_drawn(datamodule.split)
-    record = recalibrate_checkpoint(ckpt, datamodule, datamodule.split, cfg.method, output)
     try:
+        record = recalibrate_checkpoint(ckpt, datamodule, datamodule.split, cfg.method, output)
         Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.paths.output_dir) / "calibration.json").write_text(json.dumps(record, indent=2))
-    except OSError:  # no checkpoint without its record: a rerun would be refused as "exists"
+    except BaseException:  # Ctrl-C or SIGTERM too: no checkpoint without its record (a rerun is refused as "exists")
         output.unlink(missing_ok=True)
         raise
     print(output)

@@ -426,6 +426,38 @@ def test_calibrate_writes_a_new_checkpoint_and_never_overwrites(trained_run, tmp
         assert not (tmp_path / f"{split}.ckpt").exists()
 
 
+def test_calibrate_stopped_by_sigterm_leaves_no_checkpoint_without_its_record(trained_run, tmp_path, monkeypatch):
+    """Stopped after the calibrated checkpoint was written but before calibration.json: a rerun was refused as
+    "exists" for a checkpoint whose record was never written."""
+    import os
+    import signal
+
+    from hydra import compose, initialize_config_dir
+
+    from cxr import calibrate
+    from cxr.config import CONFIG_DIR
+
+    out, cache, _ = trained_run
+    target = tmp_path / "site.ckpt"
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("calibrate", overrides=[f"ckpt_path={out / 'checkpoints' / 'best.ckpt'}", "data.n_per_class=20",
+                                              "data.size=96", f"output={target}", f"paths.output_dir={tmp_path / 'run'}",
+                                              f"paths.cache_dir={cache}"])
+    fit = calibrate.recalibrate_checkpoint
+
+    def fit_then_sigterm(*args, **kwargs):
+        record = fit(*args, **kwargs)
+        assert target.is_file()
+        os.kill(os.getpid(), signal.SIGTERM)
+        return record
+
+    monkeypatch.setattr(calibrate, "recalibrate_checkpoint", fit_then_sigterm)
+    with pytest.raises(SystemExit) as stopped:
+        calibrate.main.__wrapped__(cfg)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert not target.exists() and not (tmp_path / "run" / "calibration.json").exists()
+
+
 def test_weight_averaging_checkpoint_is_what_testing_and_evaluation_see(tmp_path_factory):
     """With callbacks=cosine_ema, best.ckpt holds the averaged weights, and trainer.test measures those
     (Lightning's own callback would put the raw weights back when testing loads the checkpoint)."""
