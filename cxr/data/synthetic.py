@@ -14,9 +14,15 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from cxr.data.index import CLASS_NAMES
+from cxr.config import is_whole_number
+from cxr.data.index import CLASS_NAMES, DataConfigError
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
+# Below this many pixels a side the lungs, ribs and lesions are a few pixels wide: lesion masks come out empty.
+MIN_SIZE = 32
+
+
+VISIBLE_OPACITY = 0.05  # twice the noise's standard deviation
 
 
 def _blur(field: np.ndarray, sigma: float) -> np.ndarray:
@@ -38,6 +44,7 @@ def _lung_masks(size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.nda
 
 
 def _base_radiograph(size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """The image and the lung fields left visible above the diaphragm, where lesions may be drawn."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
     thorax = ((xx - 0.5) / 0.42) ** 2 + ((yy - 0.55) / 0.47) ** 2 <= 1.0
     image = np.where(thorax, 0.72, 0.08).astype(np.float32)
@@ -54,7 +61,7 @@ def _base_radiograph(size: int, rng: np.random.Generator) -> tuple[np.ndarray, n
     image[diaphragm & thorax] = 0.8
     image = _blur(image, size / 128)
     image += rng.normal(0, 0.025, image.shape).astype(np.float32)
-    return image, left, right, geo
+    return image, left & ~diaphragm, right & ~diaphragm, geo
 
 
 def _pneumonia(image: np.ndarray, left: np.ndarray, right: np.ndarray, geo: dict, rng: np.random.Generator):
@@ -67,8 +74,10 @@ def _pneumonia(image: np.ndarray, left: np.ndarray, right: np.ndarray, geo: dict
         region |= lung & zone
     texture = _blur(rng.random(image.shape).astype(np.float32), size / 40)
     texture = (texture - texture.min()) / (np.ptp(texture) + 1e-6)
-    opacity = _blur(region.astype(np.float32), size / 30) * (0.25 + 0.35 * texture)
-    mask = (opacity > 0.12) & region
+    # Diffuse, so blurred past the zone's edge, but only over lung; the mask is wherever it shows (above the
+    # noise), not only inside the zone.
+    opacity = _blur(region.astype(np.float32), size / 30) * (0.25 + 0.35 * texture) * (left | right)
+    mask = opacity > VISIBLE_OPACITY
     return image + opacity, mask
 
 
@@ -78,9 +87,9 @@ def _tuberculosis(image: np.ndarray, left: np.ndarray, right: np.ndarray, geo: d
     mask = np.zeros_like(left)
     lesion = np.zeros(image.shape, np.float32)
     for lung in ([left, right] if rng.random() < 0.4 else [[left, right][rng.integers(2)]]):
-        cols = np.where(lung.any(axis=0))[0] / size
-        cx = rng.uniform(cols.min() + 0.04, cols.max() - 0.04)
         cy = geo["cy"] - geo["half_h"] * rng.uniform(0.55, 0.75)  # apical / upper zone
+        cols = np.where(lung[int(cy * size)])[0] / size  # the lung's width at that height, narrower than lower down
+        cx = rng.uniform(cols.min(), cols.max())
         r = rng.uniform(0.06, 0.09)
         blob = (((xx - cx) / r) ** 2 + ((yy - cy) / (r * 0.8)) ** 2 <= 1.0) & lung
         lesion += blob * 0.45
@@ -89,8 +98,8 @@ def _tuberculosis(image: np.ndarray, left: np.ndarray, right: np.ndarray, geo: d
             ccx, ccy = cx + rng.uniform(-0.4, 0.4) * r, cy + rng.uniform(-0.3, 0.3) * r
             cr = r * rng.uniform(0.25, 0.4)
             dist = np.sqrt((xx - ccx) ** 2 + (yy - ccy) ** 2)
-            lesion[dist < cr] -= 0.5
-            lesion[(dist >= cr) & (dist < cr * 1.35)] += 0.15
+            lesion[(dist < cr) & blob] -= 0.5
+            lesion[(dist >= cr) & (dist < cr * 1.35) & blob] += 0.15
     return image + _blur(lesion, size / 150), mask
 
 
@@ -112,6 +121,11 @@ def make_image(label: str, size: int, rng: np.random.Generator) -> tuple[np.ndar
 def generate(root: str | Path, n_per_class: int = 60, size: int = 128, seed: int = 0,
              patients_per_image: float = 0.5) -> Path:
     """Write images, masks and `manifest.csv` under root (reused if already generated with these settings)."""
+    if not is_whole_number(n_per_class) or n_per_class < 1:
+        raise DataConfigError(f"data.n_per_class={n_per_class!r}: give a whole number of images per class, 1 or more")
+    if not is_whole_number(size) or size < MIN_SIZE:
+        raise DataConfigError(f"data.size={size!r}: give a whole number of pixels, {MIN_SIZE} or more (smaller images "
+                              "are too coarse to hold the lesions)")
     root = Path(root)
     settings = {"n_per_class": n_per_class, "size": size, "seed": seed,
                 "patients_per_image": patients_per_image, "version": GENERATOR_VERSION}
