@@ -332,3 +332,41 @@ def test_calibration_scores_and_their_report_line(tmp_path):
     assert metrics["calibration"] == scores
     assert (f"expected calibration error 0.400, Brier score {scores['brier']:.3f}, NLL 1.204; the network's own "
             "softmax: expected calibration error 0.250, Brier score 0.500, NLL 0.750.") in (tmp_path / "report.md").read_text()
+
+
+def test_written_report_predictions_and_figure_keep_true_rows_predicted_columns_and_patients(tmp_path, monkeypatch):
+    """Two normals called pneumonia, none the other way, one TB film called normal and tuberculosis never called:
+    every table and the figure must put them where they belong; six images of four patients."""
+    import matplotlib.axes
+
+    drawn = {}
+    text = matplotlib.axes.Axes.text
+
+    def record(ax, x, y, s, *args, **kwargs):
+        drawn[(y, x)] = s  # imshow: x is the column (predicted), y the row (true)
+        return text(ax, x, y, s, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "text", record)
+    called = [0, 1, 1, 1, 1, 0]
+    frame = pd.DataFrame({"path": [f"{i}.png" for i in range(6)],
+                          "label": ["normal", "normal", "normal", "pneumonia", "pneumonia", "tuberculosis"],
+                          "source": ["a"] * 6, "patient_id": ["p1", "p1", "p2", "p3", "p3", "p4"]})
+    frame["target"] = [CLASSES.index(label) for label in frame["label"]]
+    probs = np.full((6, 3), 0.1)
+    probs[np.arange(6), called] = 0.8
+    probs[:, 2] = np.linspace(0.05, 0.1, 6)  # distinct: the columns must not be told apart by value alone
+    probs /= probs.sum(axis=1, keepdims=True)
+    metrics = write_report(tmp_path, probs, frame, CLASSES)
+    assert metrics["confusion_matrix"] == [[1, 2, 0], [0, 2, 0], [1, 0, 0]]
+    report = (tmp_path / "report.md").read_text()
+    assert "| normal | 1 | 2 | 0 |" in report and "| tuberculosis | 1 | 0 | 0 |" in report
+    assert drawn[(0, 1)].startswith("0.67\n(2)") and drawn[(1, 0)].startswith("0.00\n(0)")
+    assert drawn[(2, 0)].startswith("1.00\n(1)")
+    predictions = pd.read_csv(tmp_path / "predictions.csv")
+    assert predictions["predicted"].tolist() == [CLASSES[c] for c in called]
+    for c, name in enumerate(CLASSES):
+        assert np.allclose(predictions[f"p_{name}"], probs[:, c])
+    assert metrics["confidence_intervals"]["patients"] == 4
+    # Present but never called: precision 0 (sklearn's zero_division=0), counted in the macro average.
+    assert metrics["per_class"]["tuberculosis"]["precision"] == 0.0
+    assert metrics["macro_avg"]["precision"] == pytest.approx((1 / 2 + 2 / 4 + 0) / 3)
