@@ -43,6 +43,16 @@ def instantiate_datamodule(cfg, preprocessing):
     return instantiate(cfg.data, _partial_=True)(preprocessing=preprocessing, augment=augment)
 
 
+def instantiate_model(cfg, datamodule, preprocessing):
+    """The LightningModule of a composed train config, for the data module's classes, with the class weights of its
+    training split (None unless data.use_class_weights)."""
+    from hydra.utils import instantiate
+
+    weights = datamodule.class_weights()
+    return instantiate(cfg.model, _partial_=True)(class_names=datamodule.class_names, preprocessing=preprocessing,
+                                                  class_weights=None if weights is None else weights.tolist())
+
+
 def instantiate_checkpoint_datamodule(cfg, spec: dict):
     """The data module of cfg.data for a saved checkpoint: its preprocessing and class order come from the
     checkpoint's spec, never from the data config; no augmentation."""

@@ -19,8 +19,8 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig
 
 from cxr.checkpoint import TRAIN_FINGERPRINTS
-from cxr.config import (CONFIG_DIR, ConfigError, configure_threads, instantiate_datamodule, log_config,
-                        used_run_folder, user_errors)
+from cxr.config import (CONFIG_DIR, ConfigError, configure_threads, instantiate_datamodule, instantiate_model,
+                        log_config, used_run_folder, user_errors)
 from cxr.evaluation.evaluate import evaluate
 from cxr.evaluation.fit_feature_distance import check_feature_distance_config, fit_feature_distance_checkpoint
 from cxr.evaluation.recalibrate import check_calibration_plan, recalibrate_checkpoint
@@ -71,9 +71,7 @@ def train(cfg: DictConfig) -> dict:
     for split in sorted(held_out | ({calibration["split"]} if calibration["method"] != "none" else set())
                         | ({feature_distance.split} if feature_distance else set())):
         datamodule.check_unseen(split, data_summary, whose="the model", before_training=True)
-    weights = datamodule.class_weights()
-    model = instantiate(cfg.model, _partial_=True)(class_names=datamodule.class_names, preprocessing=preprocessing,
-                                                   class_weights=None if weights is None else weights.tolist())
+    model = instantiate_model(cfg, datamodule, preprocessing)
     model.data_summary = data_summary
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     pretrained = str(cfg.model.get("pretrained", "none"))

@@ -6,6 +6,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
@@ -51,6 +52,22 @@ def test_default_balances_classes_one_way():
     """The sampler alone: with class weights as well, the imbalance would be counted twice."""
     default = compose_train()
     assert default.data.weighted_sampling and not default.data.use_class_weights
+
+
+@pytest.mark.parametrize("use_class_weights", [True, False])
+def test_the_model_gets_the_class_weights_of_the_training_split_when_asked(tmp_path, use_class_weights):
+    from cxr.config import instantiate_datamodule, instantiate_model
+
+    cfg = compose_train("model=tiny", "preprocess.image_size=64", "data.n_per_class=12", "data.size=64",
+                        f"data.use_class_weights={use_class_weights}", f"paths.cache_dir={tmp_path}")
+    preprocessing = instantiate(cfg.preprocess)
+    datamodule = instantiate_datamodule(cfg, preprocessing)
+    datamodule.setup("fit")
+    model = instantiate_model(cfg, datamodule, preprocessing)
+    if use_class_weights:
+        assert torch.allclose(model.class_weights, datamodule.class_weights())
+    else:
+        assert model.class_weights is None and datamodule.class_weights() is None
 
 
 def test_seed_report_is_the_reference_recipe():

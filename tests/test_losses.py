@@ -67,6 +67,16 @@ def classifier(**kwargs) -> ChestXrayClassifier:
     return ChestXrayClassifier("test_efficientnet", CLASSES, Preprocessing(image_size=32), pretrained="none", **kwargs)
 
 
+def test_module_loss_is_the_class_weighted_label_smoothed_cross_entropy():
+    torch.manual_seed(3)
+    logits, targets = torch.randn(8, 3), torch.tensor([0, 1, 2, 0, 1, 2, 0, 0])
+    weights = [0.5, 1.0, 3.0]
+    expected = F.cross_entropy(logits, targets, weight=torch.tensor(weights), label_smoothing=0.1)
+    loss = classifier(label_smoothing=0.1, class_weights=weights).loss(logits, targets)
+    assert float(loss) == pytest.approx(float(expected))
+    assert float(loss) != pytest.approx(float(F.cross_entropy(logits, targets, label_smoothing=0.1)))
+
+
 def test_module_adds_the_weighted_term_to_the_cross_entropy():
     torch.manual_seed(2)
     logits, targets = torch.randn(8, 3), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
