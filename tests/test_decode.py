@@ -140,6 +140,10 @@ def test_pixel_limit_checked_from_header():
     with pytest.raises(ImageDecodeError) as err:
         decode_image(data, max_pixels=5_000)
     assert err.value.code == "image_too_large" and "100x100" in str(err.value)
+    data = encode(Image.fromarray(gradient(100, 100)), "PNG")
+    assert decode_image(data, max_pixels=10_000).shape == (100, 100)  # exactly the limit is within it
+    with pytest.raises(ImageDecodeError, match="over the limit of 9999"):
+        decode_image(data, max_pixels=9_999)
 
 
 @pytest.mark.parametrize("side", [10_000, 20_000])  # 100 Mpx: Pillow only warns; 400 Mpx: Pillow refuses itself

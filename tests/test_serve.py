@@ -150,6 +150,7 @@ def test_health_is_open_and_answers(server):
 
 def test_model_info(server, ckpt):
     assert requests.get(server.url + "/model/info", timeout=10).status_code == 401
+    assert requests.get(server.url + "/model/info", headers={"X-API-Key": "wrong"}, timeout=10).status_code == 401
     info = requests.get(server.url + "/model/info", headers=AUTH, timeout=10).json()
     assert info["architecture"] == "test_efficientnet" and info["ensemble_size"] == 1
     assert info["class_names"] == CLASS_NAMES
@@ -345,6 +346,9 @@ BAD_INPUTS = {
                        "malformed_json"),
     "json_not_object": (dict(json=[1, 2]), 422, "invalid_request"),
     "malformed_base64": (dict(json={"image": "this is *not* base64!"}), 422, "invalid_base64"),
+    # b64decode without validate=True would skip the '*' and decode the PNG around it
+    "base64_with_a_stray_character": (dict(json={"image": b64(png(1))[:40] + "*" + b64(png(1))[40:]}), 422,
+                                      "invalid_base64"),
     "base64_not_string": (dict(json={"image": 42}), 422, "invalid_base64"),
     "malformed_multipart": (dict(data=b"--b\r\nContent-Disposition: form-data; name=\"file\"\r\n\r\nabc",
                                  headers={**AUTH, "Content-Type": "multipart/form-data; boundary=b"}),

@@ -39,6 +39,14 @@ def test_threshold_disagreement():
     assert review and reason.startswith("low_confidence") and "threshold_disagreement" in reason
 
 
+def test_an_image_farther_from_the_training_images_than_the_threshold_is_referred():
+    rule = Referral(NAMES, 0.6, feature_distance={"threshold": 10.0, "pass_rate": 0.99, "split": "val"})
+    confident = np.array([0.05, 0.9, 0.05])
+    assert rule.decide(confident, 9.5)[2:] == (False, None)
+    assert rule.decide(confident, 10.5)[2:] == (True, "unlike_training_data: feature distance 10.5 > 10")
+    assert rule.decide(confident, None)[2] is False  # a model without a distance refers on confidence alone
+
+
 def test_thresholds_from_spec_and_validation():
     spec = {"class_names": NAMES, "thresholds": {"tuberculosis": "0.4"}}
     assert Referral.from_spec(spec, 0.6).thresholds == {"tuberculosis": 0.4}
