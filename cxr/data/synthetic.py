@@ -20,9 +20,7 @@ from cxr.data.index import CLASS_NAMES, DataConfigError
 GENERATOR_VERSION = 2
 # Below this many pixels a side the lungs, ribs and lesions are a few pixels wide: lesion masks come out empty.
 MIN_SIZE = 32
-
-
-VISIBLE_OPACITY = 0.05  # twice the noise's standard deviation
+VISIBLE_OPACITY = 0.05  # twice the noise's standard deviation: a pneumonia mask covers what shows above it
 
 
 def _blur(field: np.ndarray, sigma: float) -> np.ndarray:
