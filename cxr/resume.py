@@ -6,6 +6,8 @@ a model trained half under one configuration and half under another.
 """
 from __future__ import annotations
 
+import inspect
+import logging
 from pathlib import Path
 
 import lightning as L
@@ -13,8 +15,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 from omegaconf import DictConfig, OmegaConf
 
-from cxr.checkpoint import TRAIN_FINGERPRINTS
+from cxr.checkpoint import CHECKPOINT_KEY, TRAIN_FINGERPRINTS, CheckpointError, read_checkpoint
 
+log = logging.getLogger(__name__)
 # Where a training run keeps the state it can be resumed from (every epoch end; removed once the run finishes).
 RESUME_CHECKPOINT = Path("checkpoints") / "last.ckpt"
 # The key of a checkpoint that holds the composed configuration of the run that wrote it.
@@ -48,8 +51,6 @@ def run_config(cfg: DictConfig) -> dict:
 def check_resume(folder: Path, cfg: DictConfig) -> tuple[int, dict]:
     """The number of epochs the interrupted run in `folder` finished and the data summary it recorded (see
     `check_same_data`); ResumeError when `cfg` cannot resume it."""
-    from cxr.checkpoint import CHECKPOINT_KEY, CheckpointError, read_checkpoint
-
     if (folder / "results.json").exists():
         raise ResumeError(f"{folder} holds a finished run (results.json): there is nothing to resume")
     last = folder / RESUME_CHECKPOINT
@@ -97,10 +98,6 @@ def added_without_effect(key: str, value) -> bool:
     if value is None or value == [] or value == {}:
         return True
     if key.startswith("trainer.") and key.count(".") == 1:
-        import inspect
-
-        import lightning as L
-
         parameter = inspect.signature(L.Trainer.__init__).parameters.get(key.split(".")[1])
         return parameter is not None and parameter.default == value
     return False
@@ -185,10 +182,6 @@ def adopt_best_of_unfinished_epoch(trainer: L.Trainer) -> None:
     checkpoint's state of the epoch before, while best.ckpt holds the later epoch's weights (the earlier best is
     overwritten): take the state best.ckpt was written with, so the score reported and the weights kept belong
     together. The epoch is trained again and replaces them only if it scores higher."""
-    import logging
-
-    from cxr.checkpoint import read_checkpoint
-
     for callback in trainer.checkpoint_callbacks:
         templated = not callback.filename or "{" in callback.filename  # a new file each time: nothing overwritten
         if isinstance(callback, ResumeCheckpoint) or callback.monitor is None or templated:
@@ -200,7 +193,7 @@ def adopt_best_of_unfinished_epoch(trainer: L.Trainer) -> None:
         state = (written.get("callbacks") or {}).get(callback.state_key)
         if written.get("epoch", -1) >= trainer.current_epoch and state:
             callback.load_state_dict(state)
-            logging.getLogger(__name__).warning(
+            log.warning(
                 f"{path.name} was written by epoch {written['epoch']}, which the interruption cut short before "
                 f"{RESUME_CHECKPOINT.name}: it stays the best so far ({callback.monitor} = "
                 f"{float(callback.best_model_score):.4f})")

@@ -6,6 +6,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 
 from cxr.config import ConfigError, is_whole_number
+from cxr.models.schedule import decay_without_end
 
 
 def check_run_settings(cfg: DictConfig) -> None:
@@ -16,7 +17,7 @@ def check_run_settings(cfg: DictConfig) -> None:
     if epochs is not None and (not is_whole_number(epochs) or epochs < -1 or epochs == 0):
         raise ConfigError(f"trainer.max_epochs={epochs!r}: give a whole number of epochs, 1 or more (-1: no limit)")
     decay = (cfg.get("callbacks") or {}).get("lr_decay")
-    if epochs == -1 and decay and not decay.get("total_epochs") and not decay.get("cycle_epochs"):
+    if decay and decay_without_end(epochs, decay.get("total_epochs"), decay.get("cycle_epochs")):
         raise ConfigError("trainer.max_epochs=-1 sets no end for callbacks.lr_decay to decay towards (the rate would "
                           "fall to its floor after one epoch): give callbacks.lr_decay.total_epochs=N, the epochs its "
                           "cosine spans, or a number of epochs")

@@ -1,5 +1,7 @@
 """A training callback for tests: Ctrl-C (or SIGTERM, as a scheduler or `docker stop` sends) once, as a user
-stopping a run would, at the start of one epoch or, after the fit, when the run starts testing."""
+stopping a run would, at the start of one epoch or, after the fit, when the run starts testing; and a guard for
+tests that send SIGTERM to their own process."""
+import contextlib
 import os
 import signal
 from pathlib import Path
@@ -29,3 +31,17 @@ class InterruptOnce(L.Callback):
     def on_test_start(self, trainer, pl_module):
         if self.at_test:
             self._interrupt_once()
+
+
+@contextlib.contextmanager
+def sigterm_fails_unless_handled():
+    """Stands in for SIGTERM's default action, which would end pytest too: a SIGTERM the code under test leaves to
+    it fails the test instead. Yields the stand-in, to check the code gave the signal back."""
+    def default_action(signum, frame):
+        raise AssertionError("SIGTERM took its default action")
+
+    previous = signal.signal(signal.SIGTERM, default_action)
+    try:
+        yield default_action
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from cxr.models.soup import average_weights, check_soup_members, greedy_soup
+from tests.interrupt import sigterm_fails_unless_handled
 from tests.test_train_eval import TINY, command, run
 
 
@@ -252,16 +253,10 @@ def test_a_soup_stopped_by_sigterm_says_so_and_leaves_no_checkpoint(members, tmp
         os.kill(os.getpid(), signal.SIGTERM)
         raise AssertionError("SIGTERM did not stop the soup")
 
-    def default_action(signum, frame):  # stands in for Python's default, which would end pytest too
-        raise AssertionError("SIGTERM took its default action")
-
     monkeypatch.setattr(soup_module, "fit_feature_distance_checkpoint", terminated)
-    previous = signal.signal(signal.SIGTERM, default_action)
-    try:
+    with sigterm_fails_unless_handled() as default_action:
         with pytest.raises(SystemExit) as stopped:
             soup_module.main.__wrapped__(cfg)
         assert signal.getsignal(signal.SIGTERM) is default_action  # the entry point gives the signal back
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     assert stopped.value.code == 128 + signal.SIGTERM
     assert list((tmp_path / "checkpoints").iterdir()) == []

@@ -429,13 +429,11 @@ def test_calibrate_writes_a_new_checkpoint_and_never_overwrites(trained_run, tmp
 def test_calibrate_stopped_by_sigterm_leaves_no_checkpoint_without_its_record(trained_run, tmp_path, monkeypatch):
     """Stopped after the calibrated checkpoint was written but before calibration.json: a rerun was refused as
     "exists" for a checkpoint whose record was never written."""
-    import os
-    import signal
-
     from hydra import compose, initialize_config_dir
 
     from cxr import calibrate
     from cxr.config import CONFIG_DIR
+    from tests.interrupt import sigterm_fails_unless_handled
 
     out, cache, _ = trained_run
     target = tmp_path / "site.ckpt"
@@ -451,16 +449,9 @@ def test_calibrate_stopped_by_sigterm_leaves_no_checkpoint_without_its_record(tr
         os.kill(os.getpid(), signal.SIGTERM)
         return record
 
-    def default_action(signum, frame):  # stands in for Python's default, which would end pytest too
-        raise AssertionError("SIGTERM took its default action")
-
     monkeypatch.setattr(calibrate, "recalibrate_checkpoint", fit_then_sigterm)
-    previous = signal.signal(signal.SIGTERM, default_action)
-    try:
-        with pytest.raises(SystemExit) as stopped:
-            calibrate.main.__wrapped__(cfg)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    with sigterm_fails_unless_handled(), pytest.raises(SystemExit) as stopped:
+        calibrate.main.__wrapped__(cfg)
     assert stopped.value.code == 128 + signal.SIGTERM
     assert not target.exists() and not (tmp_path / "run" / "calibration.json").exists()
 

@@ -34,6 +34,12 @@ def base_lr(group: dict) -> float:
     return group.get(BASE_LR_KEY, group["lr"])
 
 
+def decay_without_end(max_epochs: int | None, total_epochs: int | None, cycle_epochs: int | None) -> bool:
+    """A trainer without an epoch limit (max_epochs=-1) leaves a decay that is not given its own length nothing to
+    span: the rate would fall to its floor after the first epoch."""
+    return max_epochs == -1 and not (total_epochs or cycle_epochs)
+
+
 class EpochCosineDecay(L.Callback):
     def __init__(self, total_epochs: int | None = None, warmup_epochs: int = 0, min_factor: float = 0.05,
                  cycle_epochs: int | None = None, added_group_warmup_epochs: float = 0.0):
@@ -50,7 +56,7 @@ class EpochCosineDecay(L.Callback):
         self.warmup_steps = 0
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if not (self.cycle_epochs or self.total_epochs or trainer.max_epochs > 0):
+        if decay_without_end(trainer.max_epochs, self.total_epochs, self.cycle_epochs):
             raise ValueError(f"max_epochs={trainer.max_epochs} sets no end to decay towards: give total_epochs")
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
