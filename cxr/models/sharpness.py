@@ -1,0 +1,54 @@
+"""Sharpness-aware minimisation (SAM; Foret et al., ICLR 2021) around whatever optimizer the run uses.
+
+Each step takes the gradient at the weights w, moves to the worst nearby point w + e, e = rho * g / ||g||
+(the norm over every parameter the optimizer trains), takes the gradient there, steps back to w and lets the
+optimizer apply that second gradient. The optimizer itself is untouched: its state, its parameter groups (the
+ones progressive unfreezing adds), learning-rate schedules and checkpoints work as without SAM, at the cost of a
+second forward and backward pass per step.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterable, Iterator
+
+import torch
+from torch.nn.modules.batchnorm import _BatchNorm
+
+
+def trained_parameters(param_groups: Iterable[dict]) -> list[torch.nn.Parameter]:
+    """The parameters an optimizer step would change: in its groups and given a gradient by the backward pass."""
+    return [p for group in param_groups for p in group["params"] if p.grad is not None]
+
+
+@contextmanager
+def ascended(parameters: list[torch.nn.Parameter], rho: float) -> Iterator[None]:
+    """Weights moved by rho along their normalised gradient for the block's duration, and moved back after it
+    (the same tensors subtracted, so w comes back to within rounding)."""
+    with torch.no_grad():
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in parameters]))
+        scale = rho / (norm + 1e-12)
+        steps = [p.grad * scale for p in parameters]
+        for p, step in zip(parameters, steps):
+            p.add_(step)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, step in zip(parameters, steps):
+                p.sub_(step)
+
+
+@contextmanager
+def batchnorm_statistics_kept(module: torch.nn.Module) -> Iterator[None]:
+    """BatchNorm layers in training mode normalise with their batch's statistics but do not fold them into their
+    running statistics: the batch was already counted once, at the unperturbed weights."""
+    layers = [m for m in module.modules() if isinstance(m, _BatchNorm) and m.training and m.track_running_stats]
+    kept = [(m.momentum, m.num_batches_tracked.clone()) for m in layers]
+    for layer in layers:
+        layer.momentum = 0.0
+    try:
+        yield
+    finally:
+        for layer, (momentum, batches) in zip(layers, kept):
+            layer.momentum = momentum
+            layer.num_batches_tracked.copy_(batches)
