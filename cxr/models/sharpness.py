@@ -22,20 +22,23 @@ def trained_parameters(param_groups: Iterable[dict]) -> list[torch.nn.Parameter]
 
 @contextmanager
 def ascended(parameters: list[torch.nn.Parameter], rho: float) -> Iterator[None]:
-    """Weights moved by rho along their normalised gradient for the block's duration, and moved back after it
-    (the same tensors subtracted, so w comes back to within rounding)."""
+    """Weights moved by rho along their normalised gradient for the block's duration, and put back exactly after
+    it."""
+    if not parameters:
+        yield
+        return
     with torch.no_grad():
+        start = [p.detach().clone() for p in parameters]
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in parameters]))
         scale = rho / (norm + 1e-12)
-        steps = [p.grad * scale for p in parameters]
-        for p, step in zip(parameters, steps):
-            p.add_(step)
+        for p in parameters:
+            p.add_(p.grad * scale)
     try:
         yield
     finally:
         with torch.no_grad():
-            for p, step in zip(parameters, steps):
-                p.sub_(step)
+            for p, weights in zip(parameters, start):
+                p.copy_(weights)
 
 
 @contextmanager
