@@ -1,10 +1,10 @@
 """Sharpness-aware minimisation (SAM; Foret et al., ICLR 2021) around whatever optimizer the run uses.
 
-Each step takes the gradient at the weights w, moves to the worst nearby point w + e, e = rho * g / ||g||
-(the norm over every parameter the optimizer trains), takes the gradient there, steps back to w and lets the
-optimizer apply that second gradient. The optimizer itself is untouched: its state, its parameter groups (the
-ones progressive unfreezing adds), learning-rate schedules and checkpoints work as without SAM, at the cost of a
-second forward and backward pass per step.
+Each step takes the gradient g at the weights w, moves to w + e with e = rho * g / ||g|| (the norm over every
+parameter the optimizer trains; to first order the worst point within distance rho), takes the gradient there,
+steps back to w and lets the optimizer apply that second gradient. The optimizer itself is untouched: its state,
+its parameter groups (the ones progressive unfreezing adds), learning-rate schedules and checkpoints work as without
+SAM, at the cost of a second forward and backward pass per step.
 """
 from __future__ import annotations
 
